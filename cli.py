@@ -1,0 +1,245 @@
+"""winnow command line: thin over engine/.
+
+    python cli.py score INPUT... --out DIR      score every row (one row out per row in) into DIR/scores/
+    python cli.py select DIR --out SEL          pick a budget of kept rows into SEL/
+    python cli.py run [INPUT...] --out DIR      score, then select into DIR/selected/ (no INPUT: the demo corpus)
+    python cli.py inspect DIR                   summary of a run folder
+
+Exit codes: 0 success, 2 user error (one line naming the file, line and field), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+# (flag, section, field, type, help). Each flag maps onto one config field; --config FILE.toml sets any field.
+OPTIONS = [
+    ("--format", "read", "format", str, "input format: auto | alpaca | chat | sharegpt | classification | text "
+     "(default: auto, from the column names)"),
+    ("--batch-rows", "read", "batch_rows", int, "rows per Arrow batch (default: 8192)"),
+    ("--jsonl-block-bytes", "read", "jsonl_block_bytes", int, "bytes of JSONL parsed per block (default: 8 MiB)"),
+    ("--normalize-form", "normalize", "form", str, "Unicode normal form NFC | NFKC | NFD | NFKD (default: NFC)"),
+    ("--min-response-chars", "rules", "min_response_chars", int,
+     "responses shorter than this many characters get verdict too_short (default: 1)"),
+    ("--max-response-chars", "rules", "max_response_chars", int,
+     "responses longer than this get verdict too_long, characters (default: 32768; -1 = no limit)"),
+    ("--max-prompt-chars", "rules", "max_prompt_chars", int,
+     "prompts longer than this get verdict prompt_too_long, characters (default: 32768; -1 = no limit)"),
+    ("--workers", "run", "workers", int, "processes for the map phase (default: 0 = one per core)"),
+    ("--seed", "run", "seed", int, "seed for every random choice (default: 0)"),
+]
+SWITCHES = [
+    ("--no-normalize", "normalize", "enabled", "skip Unicode normalisation"),
+    ("--no-exact-dedup", "exact", "enabled", "skip exact deduplication"),
+]
+SELECT_OPTIONS = [
+    ("--method", "select", "method", str, "topk | random | auto (default: auto = topk if --score is given, else random)"),
+    ("--score", "select", "score", str, "score column for topk, higher is better (see --ascending)"),
+    ("--budget", "select", "budget", str,
+     "how much to select: a count (5000), a fraction of kept rows (0.2 or 20%%), or tokens (tokens:2e6); "
+     "default: 0.2"),
+]
+
+
+def _add_score_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scoring")
+    for flag, _s, _f, typ, help_ in OPTIONS:
+        g.add_argument(flag, type=typ, default=None, help=help_)
+    for flag, _s, _f, help_ in SWITCHES:
+        g.add_argument(flag, action="store_true", help=help_)
+    g.add_argument("--map", default=None, metavar="CANON=COL,...",
+                   help="map input columns onto canonical ones, e.g. prompt=question,response=answer,label=y")
+
+
+def _add_select_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("selection")
+    for flag, _s, _f, typ, help_ in SELECT_OPTIONS:
+        g.add_argument(flag, type=typ, default=None, help=help_)
+    g.add_argument("--ascending", action="store_true", help="topk takes the lowest scores (e.g. a loss)")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file setting any config field")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cli.py", description="winnow: score and select supervised fine-tuning data.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score every row of INPUT into OUT/scores/ with a verdict per row")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs (.parquet .arrow .jsonl "
+                   ".jsonl.gz .json)")
+    p.add_argument("--out", required=True, help="run folder to write (manifest.json, scores/, work/)")
+    _add_score_options(p)
+    _common(p)
+
+    p = sub.add_parser("select", help="select a budget of kept rows from a scored run folder")
+    p.add_argument("scores", metavar="DIR", help="run folder (or its scores/ folder) written by `score`")
+    p.add_argument("--out", required=True, help="folder for selected.parquet, selected.jsonl, manifest.json")
+    _add_select_options(p)
+    p.add_argument("--seed", type=int, default=None, help="seed for --method random (default: 0)")
+    _common(p)
+
+    p = sub.add_parser("run", help="score then select; with no INPUT, runs on the generated demo corpus")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="files, folders or globs (default: the demo corpus)")
+    p.add_argument("--out", required=True, help="run folder (scores/ and selected/ go inside)")
+    _add_score_options(p)
+    _add_select_options(p)
+    _common(p)
+
+    p = sub.add_parser("inspect", help="summary of a run folder: rows, verdicts, columns, score ranges")
+    p.add_argument("run", metavar="DIR", help="run folder written by `score` or `run`")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return ap
+
+
+def _overrides(args: argparse.Namespace, with_select: bool) -> dict:
+    from engine.errors import UserError
+
+    ov: dict = {}
+    for flag, sec, fld, _t, _h in OPTIONS + (SELECT_OPTIONS if with_select else []):
+        v = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if v is not None:
+            ov.setdefault(sec, {})[fld] = v
+    for flag, sec, fld, _h in SWITCHES:
+        if getattr(args, flag.lstrip("-").replace("-", "_"), False):
+            ov.setdefault(sec, {})[fld] = False
+    if getattr(args, "map", None):
+        mapping = {}
+        for item in args.map.split(","):
+            if "=" not in item:
+                raise UserError(f"--map {args.map}: expected CANON=COLUMN pairs separated by commas")
+            k, v = item.split("=", 1)
+            if k.strip() not in ("prompt", "response", "label", "id"):
+                raise UserError(f"--map: '{k}' is not a canonical column (prompt, response, label, id)")
+            mapping[k.strip()] = v.strip()
+        ov.setdefault("read", {})["map"] = mapping
+    if with_select and getattr(args, "ascending", False):
+        ov.setdefault("select", {})["ascending"] = True
+    return ov
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), transient=True)
+
+
+def _summary(manifest: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("verdict")
+    t.add_column("rows", justify="right")
+    t.add_column("share", justify="right")
+    n = manifest["rows_in"]
+    for v, c in manifest["verdicts"].items():
+        t.add_row(v, f"{c:,}", f"{100 * c / max(n, 1):.1f}%")
+    t.add_row("[b]rows in[/b]", f"[b]{n:,}[/b]", "")
+    Console(stderr=False).print(t)
+    for w in manifest.get("warnings", [])[:10]:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def cmd_score(args, with_select=False) -> dict:
+    from engine.config import load_config
+    from engine.runner import score
+
+    cfg = load_config(args.config, _overrides(args, with_select))
+    prog = _progress(args.quiet)
+    if prog:
+        with prog:
+            m = score(args.inputs, args.out, cfg, progress=prog, command=args.command)
+    else:
+        m = score(args.inputs, args.out, cfg, command=args.command)
+    if not args.quiet:
+        t = m["timings"]
+        _summary(m, f"{args.out}: {m['rows_in']:,} rows in {t['total_s']:.1f}s "
+                    f"({t['shards_done']} shard(s) scored, {t['shards_reused']} reused)")
+    return m
+
+
+def cmd_select(args, scores_dir=None, cfg=None) -> dict:
+    from engine.config import load_config
+    from engine.select import select
+
+    if cfg is None:
+        cfg = load_config(args.config, _overrides(args, True))
+    sc = cfg.select
+    seed = args.seed if getattr(args, "seed", None) is not None else cfg.run.seed
+    out = args.out if scores_dir is None else os.path.join(args.out, "selected")
+    m = select(scores_dir or args.scores, out, sc, seed=seed)
+    if not args.quiet:
+        print(f"selected {m['selected']:,} of {m['rows_kept']:,} kept rows ({m['method']}"
+              f"{' on ' + m['score'] if m['score'] else ''}, budget {m['budget']}, ~{m['tokens_selected']:,.0f} "
+              f"tokens) -> {out}/selected.jsonl")
+    return m
+
+
+def cmd_run(args) -> None:
+    from engine.config import load_config
+
+    if not args.inputs:
+        from engine.demo import make_demo
+
+        demo = Path(args.out) / "demo"
+        if not (demo / "truth.json").exists():
+            make_demo(demo, seed=args.seed or 0)
+        args.inputs = [str(demo / "input")]
+        if not args.quiet:
+            print(f"no INPUT given: running on the generated demo corpus in {demo}/input")
+    cfg = load_config(args.config, _overrides(args, True))
+    cmd_score(args, with_select=True)
+    cmd_select(args, scores_dir=args.out, cfg=cfg)
+
+
+def cmd_inspect(args) -> None:
+    from engine.inspect import inspect_run
+
+    summary = inspect_run(args.run)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    from engine.inspect import print_summary
+
+    print_summary(summary)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.errors import UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "score":
+            cmd_score(args)
+        elif args.command == "select":
+            cmd_select(args)
+        elif args.command == "run":
+            cmd_run(args)
+        elif args.command == "inspect":
+            cmd_inspect(args)
+        return 0
+    except UserError as e:
+        print(f"winnow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("winnow: interrupted; rerun the same command to resume (finished shards are kept)", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - internal error: full traceback, exit 1
+        traceback.print_exc()
+        print("winnow: internal error (a bug); please report it with the traceback above", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

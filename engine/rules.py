@@ -1,0 +1,63 @@
+"""Basic rules on canonical rows: empty prompt or response, length bounds, response identical to prompt.
+
+Each rule sets a verdict named after it on rows still kept, with the measured value in ``detail``. Classification
+rows are judged on their text (``prompt``); plain-text rows have no prompt, so ``empty_prompt`` does not apply.
+Adds ``prompt_chars`` and ``response_chars`` (Unicode code points, after normalisation).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine.config import RulesConfig
+from engine.stage import Stage, reject, set_column
+
+STR = pa.large_string()
+
+
+class RulesStage(Stage):
+    name = "rules"
+
+    def __init__(self, config: RulesConfig | None = None):
+        super().__init__(config or RulesConfig())
+
+    def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        c = self.config
+        fmt = batch.column("format")
+        is_cls = pc.equal(fmt, "classification").to_numpy(zero_copy_only=False)
+        is_text = pc.equal(fmt, "text").to_numpy(zero_copy_only=False)
+        pchars = pc.utf8_length(batch.column("prompt")).to_numpy(zero_copy_only=False).astype(np.int64)
+        rchars = pc.utf8_length(batch.column("response")).to_numpy(zero_copy_only=False).astype(np.int64)
+        batch = set_column(batch, "prompt_chars", pa.array(pchars, pa.int32()))
+        batch = set_column(batch, "response_chars", pa.array(rchars, pa.int32()))
+
+        def rule(name: str, mask: np.ndarray, detail):
+            nonlocal batch
+            batch, k = reject(batch, mask, name, detail)
+            self.count(name, k)
+
+        rule("empty_text", is_cls & (pchars == 0), "classification text is empty")
+        rule("empty_prompt", ~is_cls & ~is_text & (pchars == 0), "prompt is empty")
+        rule("empty_response", ~is_cls & (rchars == 0), "response is empty")
+        if c.min_response_chars > 1:
+            rule("too_short", ~is_cls & (rchars < c.min_response_chars),
+                 _measured("response_chars", rchars, "<", c.min_response_chars))
+        if c.max_response_chars >= 0:
+            rule("too_long", ~is_cls & (rchars > c.max_response_chars),
+                 _measured("response_chars", rchars, ">", c.max_response_chars))
+        if c.max_prompt_chars >= 0:
+            rule("prompt_too_long", pchars > c.max_prompt_chars,
+                 _measured("prompt_chars", pchars, ">", c.max_prompt_chars))
+        if c.reject_response_equals_prompt:
+            same = pc.equal(batch.column("prompt"), batch.column("response")).to_numpy(zero_copy_only=False)
+            rule("response_equals_prompt", ~is_cls & ~is_text & same & (rchars > 0), "response repeats the prompt verbatim")
+        return batch
+
+
+def _measured(name: str, values: np.ndarray, op: str, bound: int) -> pa.Array:
+    """Per-row detail like 'response_chars=12 < 16' (built as Arrow strings, no Python loop)."""
+    v = pc.cast(pa.array(values), STR)
+    return pc.binary_join_element_wise(pa.scalar(f"{name}=", STR), v, pa.scalar(f" {op} {bound}", STR),
+                                       pa.scalar("", STR))

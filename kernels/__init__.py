@@ -1,0 +1,1 @@
+"""Compute kernels: no I/O, no pipeline logic. One file per operation."""
