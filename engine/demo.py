@@ -2,7 +2,7 @@
 
 ``make_demo(folder)`` writes
 - ``input/alpaca.jsonl``: instruction/input/output rows, with planted exact duplicates (some differing only in
-  whitespace or line endings), near duplicates (two words of the response edited), junk (empty, refusal,
+  no-break spaces and leading/trailing whitespace), near duplicates (two words of the response edited), junk (empty, refusal,
   truncated, repeated text, response = prompt, placeholder) and three malformed lines;
 - ``input/chat.jsonl`` (``messages``, some multi-turn) and ``input/sharegpt.jsonl`` (``conversations``);
 - ``input/sentiment.parquet``: ``text``/``label``/``label_name`` classification rows, 5% of labels flipped;
@@ -133,7 +133,7 @@ def make_demo(folder: str | Path, seed: int = 0, n_alpaca: int = 1800, n_chat: i
             row = add(dict(src), ("exact_duplicate",))
             truth["exact_duplicate_of"].append([["alpaca.jsonl", row], ["alpaca.jsonl", src_row]])
         elif kind == "exact_ws":  # differs only in whitespace and line endings: equal after normalisation
-            rec = dict(src, output="  " + src["output"].replace(". ", ".\r\n", 1) + " \n")
+            rec = dict(src, output="  " + src["output"].replace(" ", "\u00a0", 2) + " \r\n")
             row = add(rec, ("exact_duplicate",))
             truth["exact_duplicate_of"].append([["alpaca.jsonl", row], ["alpaca.jsonl", src_row]])
         elif kind == "near":

@@ -69,12 +69,14 @@ def _kind_of(path: str) -> str | None:
     return None
 
 
-def discover(inputs: list[str]) -> tuple[list[Shard], list[str]]:
+def discover(inputs: list[str], exclude: str | None = None) -> tuple[list[Shard], list[str]]:
     """Resolve files, folders (recursive) and globs to shards, sorted and de-duplicated.
 
     Returns (shards, warnings). A path that does not exist, a glob that matches nothing, or a file of an
     unsupported type named explicitly is a UserError; unsupported files inside a folder are skipped with a warning.
+    Files under ``exclude`` (the run folder itself, when it sits inside an input folder) are never inputs.
     """
+    ex = os.path.abspath(exclude) + os.sep if exclude else None
     found: list[str] = []
     warnings: list[str] = []
     for item in inputs:
@@ -91,7 +93,18 @@ def discover(inputs: list[str]) -> tuple[list[Shard], list[str]]:
         if os.path.isdir(item):
             n_before = len(found)
             for root, dirs, files in os.walk(item):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                keep = []
+                for d in sorted(dirs):
+                    full = os.path.join(root, d)
+                    if d.startswith(".") or (ex and os.path.abspath(full) + os.sep == ex):
+                        continue
+                    if os.path.exists(os.path.join(full, "manifest.json")) and os.path.isdir(
+                        os.path.join(full, "scores")
+                    ):
+                        warnings.append(f"{full}: skipped (a winnow run folder, not input)")
+                        continue
+                    keep.append(d)
+                dirs[:] = keep
                 for f in sorted(files):
                     p = os.path.join(root, f)
                     if f.startswith(".") or f.endswith(".tmp"):

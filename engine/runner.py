@@ -134,6 +134,12 @@ def process_shard(index: int, shard: Shard, config: Config, map_dir: str, stages
 
     def canonical() -> Iterator[pa.RecordBatch]:
         for batch in read_shard(shard, rc.batch_rows, rc.jsonl_block_bytes):
+            if not any(not c.startswith("__") for c in batch.schema.names):
+                # Every row of this batch was unreadable: nothing to detect a format from yet.
+                out = canonicalize(batch, "unknown", shard.path, None)
+                counts["rows"] += out.num_rows
+                yield out
+                continue
             if "fmt" not in fmt_box:
                 try:
                     fmt_box["fmt"] = detect_format(
@@ -375,7 +381,7 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
           map_stages: list[Stage] | None = None, global_stages: list[GlobalStage] | None = None) -> dict:
     """Score ``inputs`` into the run folder ``out``; returns the manifest (also written to OUT/manifest.json)."""
     t_start = time.perf_counter()
-    shards, warnings = discover(inputs)
+    shards, warnings = discover(inputs, exclude=str(out))
     out = Path(out)
     work = out / "work"
     map_dir = work / "map"

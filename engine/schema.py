@@ -80,8 +80,8 @@ def detect_format(columns: list[str], override: str = "auto", mapping: dict[str,
         return "chat"
     if "conversations" in cols:
         return "sharegpt"
-    if "instruction" in cols and "output" in cols:
-        return "alpaca"
+    if "instruction" in cols:
+        return "alpaca"  # rows without `output` are flagged one by one as missing it
     if "text" in cols and "label" in cols:
         return "classification"
     if "text" in cols:
@@ -217,6 +217,9 @@ def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str
         response = _as_text(batch, "text", problems)
         prompt = pa.array([""] * n, STR) if n else pa.array([], STR)
         needed = [("text", response)]
+    elif fmt == "unknown":  # a batch of unreadable lines only: every row already carries its error
+        prompt, response = pa.nulls(n, STR), pa.nulls(n, STR)
+        needed = []
     elif fmt == "mapped":
         mapping = mapping or {}
         for k in ("prompt", "response"):

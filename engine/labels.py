@@ -1,0 +1,231 @@
+"""Label-noise scores for text + label rows: which given labels does the text itself disagree with?
+
+Proxy model: multinomial logistic regression on the row embeddings (engine/embed.py; for labelled rows the
+embedding is of the text alone, never the label). Probabilities are out-of-fold: stratified K-fold (K = 5), each
+row scored by the model trained on the other folds, so no row is scored by a model that saw its label.
+
+Per row, from the out-of-fold probabilities ``p`` and the given label ``y``:
+- ``label_quality`` = p[y] (cleanlab's "self_confidence" label quality score; low = suspicious);
+- ``label_loss`` = -log p[y] (cross-entropy of the given label);
+- ``label_margin`` = p[y] - max_{j != y} p[j] (negative when another class is preferred);
+- ``label_el2n`` = || p - onehot(y) ||_2 (EL2N, Paul et al. 2021, with out-of-fold p instead of early training);
+- ``label_issue`` = confident learning (Northcutt et al. 2021, cleanlab's ``find_label_issues`` default
+  ``filter_by="prune_by_noise_rate"``): per-class thresholds t_j = mean p[j] over rows labelled j; the confident
+  joint counts rows of given label i whose p[j] >= t_j (ties: argmax), calibrated to the class counts; for each
+  off-diagonal (i, j) the C[i, j] rows of given label i with the largest margin p[j] - p[i] are flagged; rows
+  whose argmax equals the given label are never flagged.
+Reimplemented here (numpy only) rather than depending on ``cleanlab``, whose install pulls pandas.
+
+Memory: n x (d + 2K) floats for n labelled rows (embeddings as float32 in the folds' training matrices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from engine.stage import GlobalStage
+
+
+@dataclass
+class LabelNoiseConfig:
+    # Score labelled rows at all (needs the `embedding` column; rows without a label are skipped).
+    enabled: bool = True
+    # Folds of the out-of-fold proxy; lowered to the smallest class's row count when that is smaller (>= 2).
+    n_folds: int = 5
+    # Inverse L2 strength of the logistic regression (sklearn C) on standardised embeddings.
+    C: float = 1.0
+    # lbfgs iterations per fold.
+    max_iter: int = 300
+    # Seed of the fold split.
+    seed: int = 0
+    # Fewer labelled rows than this: skip (a 5-fold proxy on a handful of rows says nothing).
+    min_rows: int = 20
+    # prune_by_noise_rate (cleanlab default) | confident_learning (off-diagonal of the confident joint) | both.
+    filter_by: str = "prune_by_noise_rate"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Out-of-fold probabilities
+
+
+def out_of_fold_probs(x: np.ndarray, y: np.ndarray, n_classes: int, n_folds: int = 5, C: float = 1.0,
+                      max_iter: int = 300, seed: int = 0) -> np.ndarray:
+    """(n, n_classes) probabilities; row i comes from a model fitted without row i's fold."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(x, np.float32)
+    probs = np.zeros((len(y), n_classes), np.float64)
+    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for train, test in folds.split(x, y):
+        scaler = StandardScaler().fit(x[train])
+        clf = LogisticRegression(C=C, max_iter=max_iter)
+        clf.fit(scaler.transform(x[train]), y[train])
+        p = clf.predict_proba(scaler.transform(x[test]))
+        # A class absent from this training fold gets probability 0 for the test rows.
+        probs[np.ix_(test, clf.classes_)] = p
+    return probs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Confident learning
+
+
+def _round_preserving_row_totals(m: np.ndarray) -> np.ndarray:
+    """Integer matrix with each row summing to round(row sum): floor, then +1 on the largest remainders."""
+    totals = np.round(m.sum(1)).astype(np.int64)
+    fl = np.floor(m).astype(np.int64)
+    rem = m - fl
+    for i in range(m.shape[0]):
+        need = totals[i] - fl[i].sum()
+        if need > 0:
+            fl[i, np.argsort(-rem[i], kind="stable")[:need]] += 1
+    return fl
+
+
+def confident_joint(labels: np.ndarray, probs: np.ndarray, calibrate: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(K x K counts C[given, guessed true], per-row guessed class or -1 when no class is confident)."""
+    n, k = probs.shape
+    counts = np.bincount(labels, minlength=k)
+    thresholds = np.array([probs[labels == j, j].mean() if counts[j] else 1.0 for j in range(k)])
+    confident = probs >= thresholds - 1e-6
+    n_conf = confident.sum(1)
+    guess = np.where(n_conf > 1, probs.argmax(1), confident.argmax(1))
+    guess = np.where(n_conf > 0, guess, -1)
+    ok = guess >= 0
+    cj = np.zeros((k, k), np.float64)
+    np.add.at(cj, (labels[ok], guess[ok]), 1)
+    # At least one confident row on the diagonal of every class (cleanlab does the same).
+    np.fill_diagonal(cj, np.maximum(np.diag(cj), 1))
+    if calibrate:
+        cj = (cj.T / np.clip(cj.sum(1), 1e-6, None) * counts).T
+        cj = cj / max(cj.sum(), 1e-6) * counts.sum()
+        cj = _round_preserving_row_totals(cj)
+    return cj.astype(np.int64), guess
+
+
+def find_label_issues(labels: np.ndarray, probs: np.ndarray, filter_by: str = "prune_by_noise_rate") -> np.ndarray:
+    """Boolean mask of rows whose given label is likely wrong (see the module docstring)."""
+    labels = np.asarray(labels, np.int64)
+    n, k = probs.shape
+    cj, guess = confident_joint(labels, probs)
+    cl_mask = (guess >= 0) & (guess != labels)
+    prune = np.zeros(n, bool)
+    if filter_by in ("prune_by_noise_rate", "both"):
+        for i in range(k):
+            rows = np.flatnonzero(labels == i)
+            if len(rows) == 0:
+                continue
+            for j in range(k):
+                m = int(cj[i, j]) if j != i else 0
+                if m <= 0:
+                    continue
+                margin = probs[rows, j] - probs[rows, i]
+                top = rows[np.argsort(-margin, kind="stable")[:m]]
+                prune[top] = True
+    if filter_by == "prune_by_noise_rate":
+        mask = prune
+    elif filter_by == "confident_learning":
+        mask = cl_mask
+    elif filter_by == "both":
+        mask = prune & cl_mask
+    else:
+        raise ValueError(f"filter_by must be prune_by_noise_rate, confident_learning or both, got {filter_by!r}")
+    # A row the proxy predicts as its given label is not an issue, whatever the counts say.
+    return mask & (probs.argmax(1) != labels)
+
+
+def label_noise_scores(x: np.ndarray, labels: np.ndarray, n_folds: int = 5, C: float = 1.0, max_iter: int = 300,
+                       seed: int = 0, filter_by: str = "prune_by_noise_rate") -> dict[str, np.ndarray]:
+    """Scores for rows ``x`` ((n, d) embeddings) with ``labels`` (any hashable values, no nulls).
+
+    Classes with a single row cannot be held out: their rows get NaN scores and ``label_issue`` False
+    (``scored`` says which rows were scored). Returns ``classes``, ``label_index``, ``probs`` and the per-row
+    columns ``label_quality``, ``label_loss``, ``label_margin``, ``label_el2n``, ``label_issue``, ``scored``.
+    """
+    labels = np.asarray(labels)
+    classes, y = np.unique(labels, return_inverse=True)
+    n = len(y)
+    counts = np.bincount(y, minlength=len(classes))
+    scored = counts[y] >= 2
+    out = {
+        "classes": classes,
+        "label_index": y,
+        "probs": np.full((n, len(classes)), np.nan),
+        "label_quality": np.full(n, np.nan),
+        "label_loss": np.full(n, np.nan),
+        "label_margin": np.full(n, np.nan),
+        "label_el2n": np.full(n, np.nan),
+        "label_issue": np.zeros(n, bool),
+        "scored": scored,
+    }
+    rows = np.flatnonzero(scored)
+    kept_classes = np.flatnonzero(counts >= 2)
+    if len(kept_classes) < 2:
+        out["scored"] = np.zeros(n, bool)
+        return out
+    # Re-index to the scorable classes only.
+    remap = np.full(len(classes), -1)
+    remap[kept_classes] = np.arange(len(kept_classes))
+    ys = remap[y[rows]]
+    folds = int(max(2, min(n_folds, counts[kept_classes].min())))
+    p = out_of_fold_probs(x[rows], ys, len(kept_classes), folds, C, max_iter, seed)
+    k = p.shape[1]
+    py = p[np.arange(len(rows)), ys]
+    other = p.copy()
+    other[np.arange(len(rows)), ys] = -np.inf
+    onehot = np.eye(k)[ys]
+    out["probs"][np.ix_(rows, kept_classes)] = p
+    out["label_quality"][rows] = py
+    out["label_loss"][rows] = -np.log(np.clip(py, 1e-12, None))
+    out["label_margin"][rows] = py - other.max(1)
+    out["label_el2n"][rows] = np.linalg.norm(p - onehot, axis=1)
+    out["label_issue"][rows] = find_label_issues(ys, p, filter_by)
+    return out
+
+
+class LabelNoise(GlobalStage):
+    """Global stage: ``label_quality`` (float64), ``label_issue`` (bool), ``label_loss``, ``label_margin``,
+    ``label_el2n`` on rows with a label and an embedding (null elsewhere). Verdicts are left alone: a label issue
+    is a score for selection and review, not a rejection. Stats: ``rows_scored``, ``label_issue`` and
+    ``issues.<label>`` per class (the manifest's per-class issue counts)."""
+
+    name = "label_noise"
+
+    def __init__(self, config: LabelNoiseConfig | None = None):
+        super().__init__(config or LabelNoiseConfig())
+
+    def run(self, ctx) -> pl.DataFrame | None:
+        cfg = self.config
+        if not cfg.enabled:
+            return None
+        df = ctx.frame(["label", "embedding"])
+        if "embedding" not in df.columns:
+            return None
+        df = df.filter(pl.col("label").is_not_null() & pl.col("embedding").is_not_null())
+        if df.height < cfg.min_rows:
+            self.stats["rows_scored"] = 0
+            return None
+        x = df["embedding"].to_numpy().astype(np.float32)
+        labels = df["label"].cast(pl.String).to_numpy()
+        res = label_noise_scores(x, labels, cfg.n_folds, cfg.C, cfg.max_iter, cfg.seed, cfg.filter_by)
+        scored = res["scored"]
+        self.stats["rows_scored"] = int(scored.sum())
+        self.stats["label_issue"] = int(res["label_issue"].sum())
+        for ci, name in enumerate(res["classes"]):
+            self.stats[f"issues.{name}"] = int((res["label_issue"] & (res["label_index"] == ci)).sum())
+        return pl.DataFrame(
+            {
+                "_shard": df["_shard"].to_numpy()[scored],
+                "row": df["row"].to_numpy()[scored],
+                "label_quality": res["label_quality"][scored],
+                "label_issue": res["label_issue"][scored],
+                "label_loss": res["label_loss"][scored],
+                "label_margin": res["label_margin"][scored],
+                "label_el2n": res["label_el2n"][scored],
+            }
+        )
