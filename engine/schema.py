@@ -215,7 +215,7 @@ def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str
         needed = [("text", prompt), ("label", label)]
     elif fmt == "text":
         response = _as_text(batch, "text", problems)
-        prompt = pa.array([""] * n, STR) if n else pa.array([], STR)
+        prompt = pa.repeat(pa.scalar("", STR), n)
         needed = [("text", response)]
     elif fmt == "unknown":  # a batch of unreadable lines only: every row already carries its error
         prompt, response = pa.nulls(n, STR), pa.nulls(n, STR)
@@ -282,9 +282,9 @@ def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str
         "prompt": prompt,
         "response": response,
         "label": label.cast(STR),
-        "source": pa.array([source] * n, STR) if n else pa.array([], STR),
+        "source": pa.repeat(pa.scalar(source, STR), n),
         "row": rows,
-        "format": pa.array([fmt] * n, STR) if n else pa.array([], STR),
+        "format": pa.repeat(pa.scalar(fmt, STR), n),
         "verdict": verdict.cast(STR),
         "detail": detail,
         "duplicate_of": pa.nulls(n, STR),
