@@ -207,7 +207,12 @@ def _count_verdicts(batch: pa.RecordBatch, acc: dict[str, int]) -> None:
 
 
 def _process_shard_entry(args):
-    index, shard, config_dict, map_dir = args
+    index, shard, config_dict, map_dir, threads = args
+    # One worker process per core already fills the machine: more threads per process only oversubscribe it.
+    import numba
+
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    pa.set_cpu_count(max(1, threads))
     config = _config_from_dict(config_dict)
     return process_shard(index, shard, config, map_dir)
 
@@ -417,9 +422,13 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
     workers = max(1, min(workers, len(pending)))
     task = progress.add_task("map", total=sum(shards[i].size for i in pending) or 1) if progress else None
     if workers > 1 and map_stages is None:
-        ctx = mp.get_context("spawn")
+        # forkserver: workers fork from a clean server process that has the engine imported once (spawn would
+        # re-import pyarrow/polars/numba per worker, ~1.5 s each; plain fork would copy this process's threads).
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["engine.runner", "engine.normalize", "engine.rules", "engine.exact"])
+        threads = max(1, (os.cpu_count() or 1) // workers)
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
-            futs = {ex.submit(_process_shard_entry, (i, shards[i], config.to_dict(), str(map_dir))): i
+            futs = {ex.submit(_process_shard_entry, (i, shards[i], config.to_dict(), str(map_dir), threads)): i
                     for i in pending}
             for done_n, fut in enumerate(cf.as_completed(futs), 1):
                 i = futs[fut]

@@ -1,0 +1,23 @@
+"""The manifest invariant on the real sets in ../shared/data (skipped where they are absent, as on a user's
+machine)."""
+
+import pytest
+
+from engine.config import Config
+from engine.runner import score
+from tests.conftest import SHARED_DATA
+
+SETS = ["alpaca_52k", "alpaca_chinese", "t0_train_50k", "financial_phrasebank", "code_alpaca_2k"]
+
+
+@pytest.mark.parametrize("name", SETS)
+def test_invariant_on_real_sets(name, tmp_path):
+    folder = SHARED_DATA / name
+    if not folder.exists():
+        pytest.skip(f"{folder} not present")
+    cfg = Config()
+    cfg.run.workers = 1
+    m = score([str(folder)], tmp_path / "out", cfg)
+    assert m["rows_in"] > 0 and sum(m["verdicts"].values()) == m["rows_in"]
+    assert m["verdicts"]["kept"] / m["rows_in"] > 0.9
+    assert "malformed" not in m["verdicts"]
