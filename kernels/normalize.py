@@ -22,7 +22,7 @@ import unicodedata
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from numba import njit, prange
+from numba import njit
 
 from kernels.strings import utf8_view
 
@@ -59,6 +59,14 @@ def _normalize_row(data, start, end, out):
     i = start
     while i < end:
         b = data[i]
+        if b > 32 and b < 127:  # fast path: a printable ASCII character (most bytes)
+            started = True
+            ws_start = -1
+            nl = 0
+            out[o] = b
+            o += 1
+            i += 1
+            continue
         c = np.int64(-1)  # byte to emit (ASCII), -1 = copy a multi-byte sequence, -2 = drop
         width = 1
         if b < 0x80:
@@ -133,7 +141,62 @@ def _normalize_row(data, start, end, out):
     return o, non_ascii
 
 
-@njit(parallel=True, cache=True)
+@njit(nogil=True, cache=True)
+def needs_normalize_numba(data, offsets):
+    """Read-only pre-pass: (row needs a byte-level rewrite, row holds a non-ASCII byte). Clean rows (most of them)
+    then skip the rewrite and keep their bytes, zero copy."""
+    n = offsets.shape[0] - 1
+    need = np.zeros(n, dtype=np.bool_)
+    non_ascii = np.zeros(n, dtype=np.bool_)
+    for r in range(n):
+        s = offsets[r]
+        e = offsets[r + 1]
+        if e == s:
+            continue
+        if _is_ws(data[s]) or _is_ws(data[e - 1]) or data[s] == 13 or data[e - 1] == 13:
+            need[r] = True
+        i = s
+        prev = np.uint8(0)
+        nl = 0
+        while i < e and not need[r]:
+            b = data[i]
+            if b > 32 and b < 127:
+                nl = 0
+            elif b == 10:
+                if prev == 32 or prev == 9 or nl >= 2:
+                    need[r] = True
+                nl += 1
+            elif b == 32 or b == 9:
+                nl = 0
+            elif b < 32 or b == 127:
+                need[r] = True
+            else:
+                nl = 0
+                non_ascii[r] = True
+                if b == 0xC2 and i + 1 < e:
+                    b1 = data[i + 1]
+                    if b1 <= 0x9F or b1 == 0xA0 or b1 == 0xAD:
+                        need[r] = True
+                elif b == 0xE2 and i + 2 < e:
+                    b1 = data[i + 1]
+                    b2 = data[i + 2]
+                    if (b1 == 0x80 and (b2 <= 0x8B or b2 == 0xAF)) or (b1 == 0x81 and b2 == 0x9F):
+                        need[r] = True
+                elif b == 0xEF and i + 2 < e and data[i + 1] == 0xBB and data[i + 2] == 0xBF:
+                    need[r] = True
+            prev = b
+            i += 1
+        if need[r]:
+            for k in range(i, e):  # finish the non-ASCII flag for the NFC step
+                if data[k] >= 0x80:
+                    non_ascii[r] = True
+                    break
+    return need, non_ascii
+
+
+# Serial and nogil: one batch takes milliseconds, and a parallel region measured 2.5x slower than one thread when
+# the cores are shared (0.06 s vs 0.024 s per 8k Alpaca responses); the runner parallelises across shards.
+@njit(nogil=True, cache=True)
 def normalize_numba(data, offsets):
     """(bytes, offsets) -> (bytes, offsets, non_ascii mask) of the normalised column (NFC not applied here).
 
@@ -143,7 +206,7 @@ def normalize_numba(data, offsets):
     lens = np.empty(n, dtype=np.int64)
     non_ascii = np.zeros(n, dtype=np.bool_)
     changed = np.zeros(n, dtype=np.bool_)
-    for i in prange(n):
+    for i in range(n):
         s = offsets[i]
         e, na = _normalize_row(data, s, offsets[i + 1], scratch)
         lens[i] = e - s
@@ -162,7 +225,7 @@ def normalize_numba(data, offsets):
     for i in range(n):
         new_off[i + 1] = new_off[i] + lens[i]
     out = np.empty(max(new_off[n], 1), dtype=np.uint8)
-    for i in prange(n):
+    for i in range(n):
         s = offsets[i]
         d = new_off[i]
         for k in range(lens[i]):
@@ -178,15 +241,16 @@ def normalize(arr: pa.Array | pa.ChunkedArray, form: str = "NFC") -> pa.Array:
     if n == 0:
         return arr.cast(STR)
     data, offsets = utf8_view(arr)
-    out, new_off, non_ascii = normalize_numba(data, offsets)
-    if len(new_off) == 0:  # unchanged by the byte-level rules
-        result = arr.cast(STR)
-    else:
-        validity = arr.buffers()[0] if arr.null_count else None
-        if validity is not None and arr.offset:
-            validity = pc.is_valid(arr).buffers()[1]
-        result = pa.LargeStringArray.from_buffers(n, pa.py_buffer(new_off), pa.py_buffer(out), validity,
-                                                  arr.null_count)
+    need, non_ascii = needs_normalize_numba(data, offsets)
+    result = arr.cast(STR)
+    if need.any():
+        mask = pa.array(need)
+        sub = pc.filter(result, mask)
+        sd, so = utf8_view(sub)
+        out, new_off, _ = normalize_numba(sd, so)
+        if len(new_off):
+            fixed = pa.LargeStringArray.from_buffers(len(sub), pa.py_buffer(new_off), pa.py_buffer(out))
+            result = pc.replace_with_mask(result, mask, fixed)
     if form and non_ascii.any():
         mask = pa.array(non_ascii)
         sub = pc.utf8_normalize(pc.filter(result, mask), form=form)
