@@ -3,6 +3,7 @@
     python cli.py score INPUT... --out DIR      score every row (one row out per row in) into DIR/scores/
     python cli.py select DIR --out SEL          pick a budget of kept rows into SEL/
     python cli.py run [INPUT...] --out DIR      score, then select into DIR/selected/ (no INPUT: the demo corpus)
+    python cli.py split DIR                     train/val/test splits, no near-duplicate cluster across splits
     python cli.py inspect DIR                   summary of a run folder
 
 Exit codes: 0 success, 2 user error (one line naming the file, line and field), 1 internal error.
@@ -30,12 +31,23 @@ OPTIONS = [
      "responses longer than this get verdict too_long, characters (default: 32768; -1 = no limit)"),
     ("--max-prompt-chars", "rules", "max_prompt_chars", int,
      "prompts longer than this get verdict prompt_too_long, characters (default: 32768; -1 = no limit)"),
+    ("--dedup-threshold", "dedup", "threshold", float,
+     "MinHash near-duplicate Jaccard threshold on word 5-gram shingles (default: 0.8)"),
+    ("--num-perm", "dedup", "num_perm", int, "MinHash permutations per signature (default: 128)"),
+    ("--minhash-compat", "dedup", "family", str,
+     "permutation family: fast (default) | datasketch (signatures equal datasketch.MinHash hashvalues)"),
+    ("--minhash-scheme", "dedup", "scheme", str,
+     "datasketch scheme with --minhash-compat datasketch: affine32 (datasketch 2.x default) | affine64 | legacy"),
+    ("--dedup-verify", "dedup", "verify", str,
+     "candidate check: signature (estimated Jaccard, default) | exact (shingle sets; ~2x slower, more disk)"),
     ("--workers", "run", "workers", int, "processes for the map phase (default: 0 = one per core)"),
     ("--seed", "run", "seed", int, "seed for every random choice (default: 0)"),
 ]
 SWITCHES = [
     ("--no-normalize", "normalize", "enabled", "skip Unicode normalisation"),
     ("--no-exact-dedup", "exact", "enabled", "skip exact deduplication"),
+    ("--no-near-dedup", "dedup", "enabled", "skip MinHash near-duplicate detection"),
+    ("--no-clean", "clean", "enabled", "measure the quality signals but reject nothing by them"),
 ]
 SELECT_OPTIONS = [
     ("--method", "select", "method", str, "topk | random | auto (default: auto = topk if --score is given, else random)"),
@@ -52,6 +64,9 @@ def _add_score_options(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=typ, default=None, help=help_)
     for flag, _s, _f, help_ in SWITCHES:
         g.add_argument(flag, action="store_true", help=help_)
+    g.add_argument("--against", nargs="+", default=None, metavar="EVAL",
+                   help="evaluation sets (Parquet/JSONL files or folders): rows whose 13-grams or MinHash "
+                   "(J >= 0.8 on the prompt) hit one get verdict contaminated")
     g.add_argument("--map", default=None, metavar="CANON=COL,...",
                    help="map input columns onto canonical ones, e.g. prompt=question,response=answer,label=y")
 
@@ -93,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select_options(p)
     _common(p)
 
+    p = sub.add_parser("split", help="train/val/test splits of the kept rows; no near-duplicate cluster crosses")
+    p.add_argument("run", metavar="DIR", help="run folder written by `score` (with near-duplicate detection)")
+    p.add_argument("--to", default=None, help="output folder (default: DIR/splits)")
+    p.add_argument("--fractions", default="0.8,0.1,0.1", help="train,val,test fractions (default: 0.8,0.1,0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+
     p = sub.add_parser("inspect", help="summary of a run folder: rows, verdicts, columns, score ranges")
     p.add_argument("run", metavar="DIR", help="run folder written by `score` or `run`")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -110,6 +132,8 @@ def _overrides(args: argparse.Namespace, with_select: bool) -> dict:
     for flag, sec, fld, _h in SWITCHES:
         if getattr(args, flag.lstrip("-").replace("-", "_"), False):
             ov.setdefault(sec, {})[fld] = False
+    if getattr(args, "against", None):
+        ov.setdefault("contamination", {})["against"] = list(args.against)
     if getattr(args, "map", None):
         mapping = {}
         for item in args.map.split(","):
@@ -196,11 +220,33 @@ def cmd_run(args) -> None:
         if not (demo / "truth.json").exists():
             make_demo(demo, seed=args.seed or 0)
         args.inputs = [str(demo / "input")]
+        if not args.against:  # the demo ships an evaluation prompt set, some of it planted in the training rows
+            args.against = [str(demo / "eval")]
         if not args.quiet:
-            print(f"no INPUT given: running on the generated demo corpus in {demo}/input")
+            print(f"no INPUT given: running on the generated demo corpus in {demo}/input "
+                  f"(contamination checked against {args.against[0]})")
     cfg = load_config(args.config, _overrides(args, True))
     cmd_score(args, with_select=True)
     cmd_select(args, scores_dir=args.out, cfg=cfg)
+
+
+def cmd_split(args) -> None:
+    from engine.errors import UserError
+    from engine.split import split_run
+
+    try:
+        fractions = tuple(float(x) for x in args.fractions.split(","))
+    except ValueError:
+        raise UserError(f"--fractions {args.fractions}: expected numbers like 0.8,0.1,0.1") from None
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise UserError(f"--fractions {args.fractions}: three non-negative fractions summing to 1")
+    scores = Path(args.run) / "scores"
+    if not scores.is_dir():
+        raise UserError(f"{args.run}: no scores/ folder (run `cli.py score` first)")
+    to = Path(args.to or Path(args.run) / "splits")
+    counts = split_run(scores, to, fractions, args.seed)
+    if not args.quiet:
+        print(f"splits in {to}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
 
 def cmd_inspect(args) -> None:
@@ -226,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_select(args)
         elif args.command == "run":
             cmd_run(args)
+        elif args.command == "split":
+            cmd_split(args)
         elif args.command == "inspect":
             cmd_inspect(args)
         return 0

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.clean import CleanConfig
+from engine.contamination import ContaminationConfig
+from engine.dedup import DedupConfig
 from engine.errors import UserError
 
 
@@ -63,7 +66,10 @@ class Config:
     read: ReadConfig = field(default_factory=ReadConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)  # Gopher/C4 + SFT quality rules (engine/clean.py)
     exact: ExactDedupConfig = field(default_factory=ExactDedupConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)  # MinHash near duplicates (engine/dedup.py)
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)  # engine/contamination.py
     run: RunConfig = field(default_factory=RunConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
 

@@ -2,7 +2,7 @@
 
 ``make_demo(folder)`` writes
 - ``input/alpaca.jsonl``: instruction/input/output rows, with planted exact duplicates (some differing only in
-  no-break spaces and leading/trailing whitespace), near duplicates (two words of the response edited), junk (empty, refusal,
+  no-break spaces and leading/trailing whitespace), near duplicates (two adjacent words of a long response edited), junk (empty, refusal,
   truncated, repeated text, response = prompt, placeholder) and three malformed lines;
 - ``input/chat.jsonl`` (``messages``, some multi-turn) and ``input/sharegpt.jsonl`` (``conversations``);
 - ``input/sentiment.parquet``: ``text``/``label``/``label_name`` classification rows, 5% of labels flipped;
@@ -73,9 +73,10 @@ def _response(rng: random.Random, topic: str, n_sent: int) -> str:
 
 
 def _edit_words(rng: random.Random, text: str, k: int) -> str:
+    """Replace ``k`` adjacent words: on a response of >= 80 words this keeps word-5-gram Jaccard >= 0.86."""
     words = text.split(" ")
-    for _ in range(k):
-        i = rng.randrange(len(words))
+    i0 = rng.randrange(len(words) - k)
+    for i in range(i0, i0 + k):
         words[i] = rng.choice(WORDS) + ("." if words[i].endswith(".") else "")
     return " ".join(words)
 
@@ -137,6 +138,8 @@ def make_demo(folder: str | Path, seed: int = 0, n_alpaca: int = 1800, n_chat: i
             row = add(rec, ("exact_duplicate",))
             truth["exact_duplicate_of"].append([["alpaca.jsonl", row], ["alpaca.jsonl", src_row]])
         elif kind == "near":
+            long_src = [(r, o) for r, o in originals[-200:] if len(o["output"].split()) >= 80]
+            src_row, src = rng.choice(long_src) if long_src else (src_row, src)
             rec = dict(src, output=_edit_words(rng, src["output"], 2))
             row = add(rec, ("near_duplicate",))
             truth["near_duplicate_of"].append([["alpaca.jsonl", row], ["alpaca.jsonl", src_row]])

@@ -43,17 +43,48 @@ from engine.stage import GlobalStage, Stage
 from engine.writers import META_FORMAT, META_INPUT_COLUMNS, PartWriter, write_json_atomic
 
 # Sections of the config that change what the map phase writes: a finished shard is reused only if they match.
-MAP_SECTIONS = ("read", "normalize", "rules")
+MAP_SECTIONS = ("read", "normalize", "rules", "clean", "dedup", "contamination")
 STR = pa.large_string()
 
 
 # ---------------------------------------------------------------------------------------------------- stages
+def validate(config: Config) -> None:
+    """Option errors are user errors: one line, exit 2."""
+    try:
+        config.dedup.validate()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if config.contamination.against:
+        from engine.contamination import eval_files
+
+        try:
+            eval_files(config.contamination.against)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(f"--against: {e}") from None
+
+
 def build_map_stages(config: Config) -> list[Stage]:
     from engine.exact import ContentHashStage
     from engine.normalize import NormalizeStage
     from engine.rules import RulesStage
 
-    return [NormalizeStage(config.normalize), RulesStage(config.rules), ContentHashStage()]
+    from engine.clean import CleanStage
+
+    stages: list[Stage] = [
+        NormalizeStage(config.normalize),
+        RulesStage(config.rules),
+        CleanStage(config.clean),
+        ContentHashStage(),
+    ]
+    if config.contamination.against:
+        from engine.contamination import ContaminationStage
+
+        stages.append(ContaminationStage(config.contamination))
+    if config.dedup.enabled:
+        from engine.dedup import MinHashStage
+
+        stages.append(MinHashStage(config.dedup))
+    return stages
 
 
 def build_global_stages(config: Config) -> list[GlobalStage]:
@@ -62,6 +93,10 @@ def build_global_stages(config: Config) -> list[GlobalStage]:
     stages: list[GlobalStage] = []
     if config.exact.enabled:
         stages.append(ExactDedup(config.exact))
+    if config.dedup.enabled:  # after exact dedup, so exact copies take no part in near-duplicate clusters
+        from engine.dedup import NearDedup
+
+        stages.append(NearDedup(config.dedup))
     return stages
 
 
@@ -386,6 +421,7 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
           map_stages: list[Stage] | None = None, global_stages: list[GlobalStage] | None = None) -> dict:
     """Score ``inputs`` into the run folder ``out``; returns the manifest (also written to OUT/manifest.json)."""
     t_start = time.perf_counter()
+    validate(config)
     shards, warnings = discover(inputs, exclude=str(out))
     out = Path(out)
     work = out / "work"
@@ -425,7 +461,9 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
         # forkserver: workers fork from a clean server process that has the engine imported once (spawn would
         # re-import pyarrow/polars/numba per worker, ~1.5 s each; plain fork would copy this process's threads).
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["engine.runner", "engine.normalize", "engine.rules", "engine.exact"])
+        ctx.set_forkserver_preload(
+            ["engine.runner", "engine.normalize", "engine.rules", "engine.exact", "engine.clean", "engine.dedup"]
+        )
         threads = max(1, (os.cpu_count() or 1) // workers)
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
             futs = {ex.submit(_process_shard_entry, (i, shards[i], config.to_dict(), str(map_dir), threads)): i
@@ -499,6 +537,8 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
             "shards_reused": len(shards) - len(pending),
         },
         "stages": map_stats,
+        "contamination": {k.split(".", 1)[1]: v for k, v in map_stats.get("contamination", {}).items()
+                          if k.startswith("contaminated.")},
         "warnings": warnings,
         "scores": sorted(p.name for p in (out / "scores").glob("part-*.parquet")),
     }

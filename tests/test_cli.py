@@ -43,7 +43,22 @@ def test_demo_end_to_end_finds_the_planted_truth(demo_run):
         assert verdict[(f, r)] == "empty_response"
     for f, r in truth["response_equals_prompt"]:
         assert verdict[(f, r)] == "response_equals_prompt"
+    for cat, v in (("refusal", "refusal"), ("truncated", "truncated"), ("repetition", "gopher_repetition"),
+                   ("placeholder", "placeholder")):
+        got = [verdict[tuple(k)] for k in truth[cat]]
+        assert got and set(got) == {v}, (cat, got)
     assert sorted(k for k, v in verdict.items() if v == "malformed") == sorted(map(tuple, truth["malformed"]))
+    cluster = {(f, r): c for f, r, c in df.select("file", "row", "minhash_cluster").iter_rows()}
+    kept_per_cluster = df.filter(pl.col("verdict") == "kept").group_by("minhash_cluster").len()
+    kept_per_cluster = dict(kept_per_cluster.iter_rows())
+    for (f, r), (sf, sr) in truth["near_duplicate_of"]:
+        # the planted copy and its source share a cluster with exactly one survivor (the better of the two)
+        assert cluster[(f, r)] == cluster[(sf, sr)] is not None, (f, r)
+        assert kept_per_cluster[cluster[(f, r)]] == 1
+        assert {verdict[(f, r)], verdict[(sf, sr)]} == {"kept", "near_duplicate"}
+    for f, r in truth["contaminated"]:
+        assert verdict[(f, r)] in ("contaminated", "exact_duplicate"), (f, r)
+    assert m["contamination"] == {"eval_prompts": sum(1 for v in verdict.values() if v == "contaminated")}
     found = {k for k, v in verdict.items() if v == "exact_duplicate"}
     planted = set(map(tuple, truth["exact_duplicate"]))
     junk = {tuple(x) for c in ("refusal", "placeholder") for x in truth[c]}
@@ -114,3 +129,16 @@ def test_help_on_every_subcommand():
         assert r.returncode == 0 and "usage" in r.stdout
     assert "(default: 32768; -1 = no limit)" in cli("score", "--help").stdout.replace("\n", " ").replace("  ", " ") \
         or "-1 = no limit" in cli("score", "--help").stdout
+
+
+def test_split_keeps_clusters_together(demo_run, tmp_path):
+    r = cli("split", demo_run, "--to", tmp_path / "sp", "--fractions", "0.8,0.1,0.1", "-q")
+    assert r.returncode == 0, r.stderr
+    parts = {n: pl.read_parquet(tmp_path / "sp" / f"{n}.parquet") for n in ("train", "val", "test")}
+    kept = json.loads((demo_run / "manifest.json").read_text())["verdicts"]["kept"]
+    assert sum(p.height for p in parts.values()) == kept
+    clusters = [set(p["minhash_cluster"].drop_nulls().to_list()) for p in parts.values()]
+    assert not (clusters[0] & clusters[1]) and not (clusters[0] & clusters[2]) and not (clusters[1] & clusters[2])
+    assert parts["train"].height > parts["val"].height > 0
+    r = cli("split", demo_run, "--fractions", "0.5,0.6,0.1")
+    assert r.returncode == 2 and "summing to 1" in r.stderr

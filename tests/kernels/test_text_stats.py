@@ -1,0 +1,183 @@
+"""kernels/text_stats.py: the Numba kernel against the plain-Python reference, and planted values by hand."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels.text_stats import (
+    C_SPACE,
+    REPETITION_SIGNALS,
+    SCRIPT_ID,
+    SIGNALS,
+    char_tables,
+    contains_prompt,
+    contains_prompt_reference,
+    gopher_repetition_reference,
+    text_stats,
+    text_stats_reference,
+)
+from tests.conftest import SHARED_DATA
+
+STR = pa.large_string()
+# Pieces that exercise every branch: CJK words, fullwidth punctuation, Unicode spaces (NBSP, U+3000, U+2028,
+# the \x1c-\x1f separators str.isspace accepts), bullets, ellipses, fences, URL prefixes, 2/3/4-byte UTF-8.
+PIECES = list("ab c\n\n  ...…#-*•`hw.tps:/é") + [
+    "http://", "https://", "www.", "```", "你", "好", "。", "，", "ー", "々", "\u3000", "\xa0", "\x1c", "\u2028",
+    "Ж", "ا", "ก", "한", "😀", "\t", "\r\n", "the cat ", "the cat sat ", "猫",
+]  # fmt: skip
+
+
+def assert_same(a: dict, b: dict, texts: list[str]) -> None:
+    """Every signal equal (fractions within 1e-9), naming the first text where one differs."""
+    for k in SIGNALS + ("script_letters",):
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        assert x.shape == y.shape, k
+        if x.dtype.kind == "f":
+            bad = ~np.isclose(x, y, rtol=0, atol=1e-9)
+        else:
+            bad = x != y if x.ndim == 1 else (x != y).any(axis=1)
+        if bad.any():
+            i = int(np.nonzero(bad)[0][0])
+            raise AssertionError(f"{k} differs on {bad.sum()} rows; first {i}: {texts[i][:120]!r}: {x[i]} vs {y[i]}")
+
+
+def random_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        out.append("".join(rng.choice(PIECES) for _ in range(rng.randint(0, 80))))
+    for _ in range(n // 4):  # repetitive word sequences: the n-gram rules' territory
+        out.append(" ".join(rng.choice(["a", "bb", "the", "cat", "你", "x."]) for _ in range(rng.randint(0, 60))))
+    return out
+
+
+def test_kernel_matches_reference_on_generated_texts():
+    texts = random_texts(1200, seed=0) + ["", " ", "\n\n", "a", "你"]
+    assert_same(text_stats(texts), text_stats_reference(texts), texts)
+
+
+def test_repetition_only_reference_agrees():
+    texts = random_texts(300, seed=7)
+    ours, ref = text_stats(texts), gopher_repetition_reference(texts)
+    for k in REPETITION_SIGNALS:
+        assert np.allclose(ours[k], ref[k], rtol=0, atol=1e-9), k
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "alpaca_52k").exists(), reason="shared datasets absent")
+def test_kernel_matches_reference_on_real_texts():
+    import polars as pl
+
+    texts = []
+    for name, col in [("alpaca_52k", "output"), ("alpaca_chinese", "output"), ("t0_train_50k", "instruction")]:
+        texts += (
+            pl.read_parquet(SHARED_DATA / name / "train.parquet", columns=[col])[col].sample(400, seed=1).to_list()
+        )
+    assert_same(text_stats(texts), text_stats_reference(texts), texts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(PIECES), max_size=40).map("".join), min_size=1, max_size=8))
+def test_kernel_matches_reference_property(texts):
+    assert_same(text_stats(texts), text_stats_reference(texts), texts)
+
+
+def test_long_texts_and_chunk_boundaries():
+    """Texts of 100k words next to tiny ones (scratch sized per chunk of 256 rows for the longest row)."""
+    rng = random.Random(1)
+    big = " ".join(rng.choice(["a", "bb", "the", "cat", "你好", "x.", "\n"]) for _ in range(100_000))
+    texts = random_texts(300, seed=11)
+    texts[5] = big
+    texts[260] = "你" * 50_000 + "ab " * 30_000
+    assert_same(text_stats(texts), text_stats_reference(texts), texts)
+
+
+def test_planted_values():
+    texts = [
+        "a b a b a b",  # 0
+        "x1 x2 x3 x4 x5 y x1 x2 x3 x4 x5",  # 1
+        "foo\nbar\nfoo\n\n  foo  \n",  # 2
+        "你好你好你好",  # 3
+        "我爱Python编程",  # 4
+        "see http://a.b and https://c.d/x, www.e.f; http:// nothing",  # 5
+        "```py\nx\n```\n```",  # 6
+        "- one\n* two\n• three\nfour...\nfive…",  # 7
+        "# A ## B ... C",  # 8
+    ]
+    s = text_stats(texts)
+    # 0: "a b" occurs 3 times and covers all 6 word characters; the 3-grams "a b a" and "b a b" tie at 2 and the
+    # first seen wins: positions 0 and 2 cover words 0..4 = 5 of 6 characters.
+    assert s["n_words"][0] == 6 and s["top_2gram_frac"][0] == 1.0 and s["top_3gram_frac"][0] == 5 / 6
+    # 1: the 5-gram x1..x5 occurs twice: 10 of 11 words, 20 of 21 characters; no 6-gram repeats
+    assert s["dup_5gram_frac"][1] == 20 / 21 and s["dup_6gram_frac"][1] == 0.0
+    assert s["top_2gram_frac"][1] == 8 / 21  # "x1 x2" twice, tying with 3 later 2-grams: the first seen wins
+    # 2: stripped non-empty lines foo, bar, foo, foo: two duplicates of 3 characters over 21 characters
+    assert s["n_lines"][2] == 4 and s["frac_dup_line"][2] == 0.5 and s["frac_dup_line_chars"][2] == 6 / 21
+    # 3: every Han character is a word: six one-character words, "你好" three times
+    assert s["n_words"][3] == 6 and s["mean_word_len"][3] == 1.0 and s["top_2gram_frac"][3] == 1.0
+    assert s["script"][3] == SCRIPT_ID["han"] and s["frac_script"][3] == 1.0
+    # 4: 我 | 爱 | Python | 编 | 程; letters: 6 Latin, 4 Han -> Latin dominant at 0.6
+    assert s["n_words"][4] == 5 and s["script"][4] == SCRIPT_ID["latin"] and s["frac_script"][4] == 0.6
+    assert s["script_letters"][4][SCRIPT_ID["han"]] == 4
+    # 5: three URLs ("http://" followed by a space is not one)
+    assert s["n_urls"][5] == 3
+    # 6: three fences (odd: an unclosed block)
+    assert s["n_code_fences"][6] == 3
+    # 7: three bullet lines and two ellipsis lines out of five
+    assert s["frac_bullet_lines"][7] == 3 / 5 and s["frac_ellipsis_lines"][7] == 2 / 5
+    # 8: three '#' and one ellipsis over 6 words: max(3, 1) / 6; '#' and '.' are punctuation (Po)
+    assert s["symbol_word_ratio"][8] == 3 / 6
+    assert s["frac_punct"][8] == 6 / 14 and s["frac_space"][8] == 5 / 14
+
+
+def test_whitespace_table_is_str_isspace():
+    cls, _ = char_tables()
+    ours = np.nonzero(cls & C_SPACE)[0]
+    want = [i for i in range(0x110000) if chr(i).isspace()]
+    assert ours.tolist() == want
+
+
+def test_nulls_sliced_and_small_offsets():
+    arr = pa.array(["hello world", None, "你好 世界", "x x x x"], STR)
+    s = text_stats(arr)
+    assert s["n_words"].tolist() == [2, 0, 4, 4]
+    sliced = text_stats(arr.slice(2, 2))
+    assert sliced["n_words"].tolist() == [4, 4]
+    small = text_stats(arr.cast(pa.string()))  # int32 offsets
+    assert small["n_words"].tolist() == [2, 0, 4, 4]
+
+
+def test_device_cuda_is_refused_with_advice():
+    with pytest.raises(ValueError, match="device='cpu'"):
+        text_stats(["x"], device="cuda")
+
+
+def test_contains_prompt_kernel_matches_reference():
+    rng = random.Random(3)
+    base = random_texts(400, seed=5)
+    responses, prompts = [], []
+    for t in base:
+        responses.append(t)
+        r = rng.random()
+        if r < 0.2:
+            prompts.append(t)  # equal
+        elif r < 0.7:
+            start = rng.randint(0, len(t))
+            prompts.append(t[start : start + rng.randint(0, 30)])  # a substring: contained
+        else:
+            prompts.append(rng.choice(base))  # unrelated, mostly
+    ours = contains_prompt(pa.array(responses, STR), pa.array(prompts, STR))
+    ref = contains_prompt_reference(responses, prompts)
+    assert np.array_equal(ours, ref)
+    assert set(np.unique(ref)) == {0, 1, 2}  # the sample exercises all three outcomes
+
+
+def test_contains_prompt_planted():
+    r = pa.array(["Say  HELLO\nworld now", "hello world", "hello", "abc", ""], STR)
+    p = pa.array(["hello world", "Hello   World ", "hello world", "", "x"], STR)
+    assert contains_prompt(r, p).tolist() == [1, 2, 0, 0, 0]
