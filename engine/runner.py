@@ -136,6 +136,26 @@ def _prefetch(it: Iterator, depth: int = 2) -> Iterator:
                 t.join(0.05)
 
 
+def _timed(it: Iterator, acc: list[float]) -> Iterator:
+    """Yield from ``it``, adding the seconds spent inside ``next(it)`` to a new slot of ``acc``."""
+    slot = len(acc)
+    acc.append(0.0)
+
+    def gen():
+        src = iter(it)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                x = next(src)
+            except StopIteration:
+                acc[slot] += time.perf_counter() - t0
+                return
+            acc[slot] += time.perf_counter() - t0
+            yield x
+
+    return gen()
+
+
 def file_hash(path: str, block: int = 8 << 20) -> str:
     """xxh3-128 of the file's bytes (streamed), for the manifest's ``inputs``."""
     import xxhash
@@ -192,9 +212,12 @@ def process_shard(index: int, shard: Shard, config: Config, map_dir: str, stages
             counts["rows"] += out.num_rows
             yield out
 
-    batches: Iterator[pa.RecordBatch] = _prefetch(canonical())
+    # Inclusive seconds spent pulling from each step of the fold; a stage's own time is its inclusive time minus
+    # its upstream's (reported per stage in the manifest as ``seconds``).
+    inclusive: list[float] = []
+    batches: Iterator[pa.RecordBatch] = _timed(_prefetch(canonical()), inclusive)
     for s in stages:
-        batches = s(batches)
+        batches = _timed(s(batches), inclusive)
     writer = None
     verdicts: dict[str, int] = {}
     try:
@@ -214,6 +237,8 @@ def process_shard(index: int, shard: Shard, config: Config, map_dir: str, stages
         raise
     for s in stages:
         s.end_shard()
+    for k, s in enumerate(stages):
+        s.stats["seconds"] = round(inclusive[k + 1] - inclusive[k], 3)
     content = file_hash(shard.path)
     stats = {
         "index": index,
