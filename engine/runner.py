@@ -84,7 +84,7 @@ def build_map_stages(config: Config) -> list[Stage]:
         from engine.dedup import MinHashStage
 
         stages.append(MinHashStage(config.dedup))
-    return stages
+    return [s for s in stages if s.name not in config.run.skip_stages]
 
 
 def build_global_stages(config: Config) -> list[GlobalStage]:
@@ -97,7 +97,8 @@ def build_global_stages(config: Config) -> list[GlobalStage]:
         from engine.dedup import NearDedup
 
         stages.append(NearDedup(config.dedup))
-    return stages
+    skip = set(config.run.skip_stages) | ({"near_dedup"} if "minhash" in config.run.skip_stages else set())
+    return [s for s in stages if s.name not in skip]
 
 
 # ---------------------------------------------------------------------------------------------------- map phase
@@ -168,7 +169,8 @@ def file_hash(path: str, block: int = 8 << 20) -> str:
 
 
 def _shard_key(shard: Shard, config: Config) -> str:
-    blob = f"{shard.path}|{shard.size}|{shard.mtime_ns}|{config.section_hash(*MAP_SECTIONS)}|{__version__}"
+    blob = (f"{shard.path}|{shard.size}|{shard.mtime_ns}|{config.section_hash(*MAP_SECTIONS)}|"
+            f"{sorted(config.run.skip_stages)}|{__version__}")
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -220,21 +222,36 @@ def process_shard(index: int, shard: Shard, config: Config, map_dir: str, stages
         batches = _timed(s(batches), inclusive)
     writer = None
     verdicts: dict[str, int] = {}
-    try:
-        for batch in batches:
-            if writer is None:
-                writer = PartWriter(map_dir, index, config.run.compression, config.run.compression_level,
-                                    {META_INPUT_COLUMNS: json.dumps(fmt_box.get("input_cols", [])).encode(),
-                                     META_FORMAT: fmt_box.get("fmt", "").encode()})
-            writer.write(batch)
-            _count_verdicts(batch, verdicts)
-            if on_rows:
-                on_rows(batch.num_rows)
-        files = writer.close() if writer else []
-    except BaseException:
-        if writer:
-            writer.abort()
-        raise
+
+    def write(batch: pa.RecordBatch) -> None:
+        writer.write(batch)
+        _count_verdicts(batch, verdicts)
+
+    # Write-behind: Parquet encoding + zstd of batch k (GIL released) overlaps the stages on batch k+1; one writer
+    # thread keeps the order. With the prefetch thread that makes reading, compute and writing a 3-step pipeline.
+    pending: list[cf.Future] = []
+    with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="winnow-write") as wpool:
+        try:
+            for batch in batches:
+                if writer is None:
+                    writer = PartWriter(map_dir, index, config.run.compression, config.run.compression_level,
+                                        {META_INPUT_COLUMNS: json.dumps(fmt_box.get("input_cols", [])).encode(),
+                                         META_FORMAT: fmt_box.get("fmt", "").encode()})
+                while len(pending) >= 2:
+                    pending.pop(0).result()
+                pending.append(wpool.submit(write, batch))
+                if on_rows:
+                    on_rows(batch.num_rows)
+            for f in pending:
+                f.result()
+            files = writer.close() if writer else []
+        except BaseException:
+            for f in pending:
+                f.cancel()
+            wpool.shutdown(wait=True)
+            if writer:
+                writer.abort()
+            raise
     for s in stages:
         s.end_shard()
     for k, s in enumerate(stages):
@@ -479,7 +496,13 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
 
     t_map = time.perf_counter()
     crash_after = int(os.environ.get("WINNOW_CRASH_AFTER_SHARDS", "-1"))  # tests: simulate a kill mid-run
-    workers = config.run.workers or (os.cpu_count() or 1)
+    if config.run.workers:
+        workers = config.run.workers
+    else:
+        # One process per core, but only with enough input to pay for starting them (~2 s each, mostly loading
+        # the compiled kernels): below ~64 MB per extra process one process with its read/write threads wins.
+        pending_bytes = sum(shards[i].size for i in pending)
+        workers = min(os.cpu_count() or 1, 1 + pending_bytes // (64 << 20))
     workers = max(1, min(workers, len(pending)))
     task = progress.add_task("map", total=sum(shards[i].size for i in pending) or 1) if progress else None
     if workers > 1 and map_stages is None:

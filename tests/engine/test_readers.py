@@ -115,3 +115,12 @@ def test_parquet_reader_never_loads_more_than_a_batch(tmp_path):
     (sh,), _ = discover([str(tmp_path / "big.parquet")])
     sizes = [b.num_rows for b in read_shard(sh, batch_rows=1000)]
     assert max(sizes) <= 1000 and sum(sizes) == n
+
+
+def test_jsonl_lines_longer_than_a_parse_block(tmp_path):
+    rows = [{"text": "a" * 100}] * 50 + [{"text": "b" * (3 << 20)}] + [{"text": "c"}] * 5
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (sh,), _ = discover([str(tmp_path / "long.jsonl")])
+    t, _ = _collect(sh, jsonl_block_bytes=4 << 20)
+    assert t.num_rows == 56 and t.column(ERROR).null_count == 56
+    assert len(t.column("text")[50].as_py()) == 3 << 20
