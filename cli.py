@@ -40,6 +40,21 @@ OPTIONS = [
      "datasketch scheme with --minhash-compat datasketch: affine32 (datasketch 2.x default) | affine64 | legacy"),
     ("--dedup-verify", "dedup", "verify", str,
      "candidate check: signature (estimated Jaccard, default) | exact (shingle sets; ~2x slower, more disk)"),
+    ("--embedder", "embed", "embedder", str,
+     "auto | none | minilm | static | PATH (local HF encoder) | static:PATH (default: auto = MiniLM on a GPU or "
+     "for <= 20,000 rows on CPU, else the static tier; the choice and why go into the manifest)"),
+    ("--embed-device", "embed", "device", str, "auto | cpu | cuda (default: auto)"),
+    ("--semdedup-threshold", "semdedup", "threshold", float,
+     "cosine for semantic duplicates (default: -1 = calibrated per tier: 0.95 MiniLM, 0.99 static)"),
+    ("--label-folds", "labels", "n_folds", int, "folds of the out-of-fold label-noise proxy (default: 5)"),
+    ("--loss-model", "loss", "model", str,
+     "reference causal LM for losses/IFD: smollm2 (SmolLM2-135M-Instruct, shipped offline) or a local folder"),
+    ("--loss-budget", "loss", "loss_budget", str,
+     "limit LM scoring to rows ('2000') or minutes ('10m'), kept rows only, --loss-priority order (-1 = no limit)"),
+    ("--loss-priority", "loss", "priority", str, "score column ordering which kept rows get LM losses first"),
+    ("--loss-max-tokens", "loss", "max_tokens", int, "tokens per sequence; longer ones are cut and flagged (512)"),
+    ("--loss-batch-tokens", "loss", "batch_tokens", int, "padded tokens per forward pass (default: 8192)"),
+    ("--loss-device", "loss", "device", str, "auto | cpu | cuda (default: auto)"),
     ("--workers", "run", "workers", int, "processes for the map phase (default: 0 = one per core)"),
     ("--seed", "run", "seed", int, "seed for every random choice (default: 0)"),
 ]
@@ -48,6 +63,7 @@ SWITCHES = [
     ("--no-exact-dedup", "exact", "enabled", "skip exact deduplication"),
     ("--no-near-dedup", "dedup", "enabled", "skip MinHash near-duplicate detection"),
     ("--no-clean", "clean", "enabled", "measure the quality signals but reject nothing by them"),
+    ("--no-label-noise", "labels", "enabled", "skip label-noise scores (label_quality, label_issue)"),
 ]
 SELECT_OPTIONS = [
     ("--method", "select", "method", str, "topk | random | auto (default: auto = topk if --score is given, else random)"),
@@ -64,6 +80,11 @@ def _add_score_options(p: argparse.ArgumentParser) -> None:
         g.add_argument(flag, type=typ, default=None, help=help_)
     for flag, _s, _f, help_ in SWITCHES:
         g.add_argument(flag, action="store_true", help=help_)
+    g.add_argument("--loss", dest="loss_on", action="store_true",
+                   help="score per-sample LM losses and IFD (default: only when a CUDA GPU is present)")
+    g.add_argument("--no-loss", dest="loss_off", action="store_true", help="never score LM losses")
+    g.add_argument("--semdedup", action="store_true",
+                   help="mark semantic near duplicates (embedding cosine; off by default, see docs/EMBED.md)")
     g.add_argument("--against", nargs="+", default=None, metavar="EVAL",
                    help="evaluation sets (Parquet/JSONL files or folders): rows whose 13-grams or MinHash "
                    "(J >= 0.8 on the prompt) hit one get verdict contaminated")
@@ -132,6 +153,12 @@ def _overrides(args: argparse.Namespace, with_select: bool) -> dict:
     for flag, sec, fld, _h in SWITCHES:
         if getattr(args, flag.lstrip("-").replace("-", "_"), False):
             ov.setdefault(sec, {})[fld] = False
+    if getattr(args, "loss_on", False) and getattr(args, "loss_off", False):
+        raise UserError("--loss and --no-loss contradict each other")
+    if getattr(args, "loss_on", False) or getattr(args, "loss_off", False):
+        ov.setdefault("loss", {})["enabled"] = "on" if args.loss_on else "off"
+    if getattr(args, "semdedup", False):
+        ov.setdefault("semdedup", {})["enabled"] = True
     if getattr(args, "against", None):
         ov.setdefault("contamination", {})["against"] = list(args.against)
     if getattr(args, "map", None):

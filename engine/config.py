@@ -15,7 +15,11 @@ from typing import Any
 from engine.clean import CleanConfig
 from engine.contamination import ContaminationConfig
 from engine.dedup import DedupConfig
+from engine.embed import EmbedConfig
 from engine.errors import UserError
+from engine.labels import LabelNoiseConfig
+from engine.loss import LossConfig
+from engine.semdedup import SemDedupConfig
 
 
 @dataclass
@@ -71,6 +75,10 @@ class Config:
     exact: ExactDedupConfig = field(default_factory=ExactDedupConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)  # MinHash near duplicates (engine/dedup.py)
     contamination: ContaminationConfig = field(default_factory=ContaminationConfig)  # engine/contamination.py
+    embed: EmbedConfig = field(default_factory=EmbedConfig)  # embeddings: MiniLM or the static tier (engine/embed.py)
+    semdedup: SemDedupConfig = field(default_factory=SemDedupConfig)  # semantic near duplicates, off by default
+    labels: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)  # label-noise scores (engine/labels.py)
+    loss: LossConfig = field(default_factory=LossConfig)  # per-sample LM losses and IFD (engine/loss.py)
     run: RunConfig = field(default_factory=RunConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
 

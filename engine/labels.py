@@ -35,8 +35,10 @@ class LabelNoiseConfig:
     enabled: bool = True
     # Folds of the out-of-fold proxy; lowered to the smallest class's row count when that is smaller (>= 2).
     n_folds: int = 5
-    # Inverse L2 strength of the logistic regression (sklearn C) on standardised embeddings.
-    C: float = 1.0
+    # Inverse L2 strength of the logistic regression (sklearn C) on standardised embeddings. 0.02: on
+    # financial_phrasebank (MiniLM, 10% flips) proxy accuracy 0.755 vs 0.734 at C=1, precision of the 485 lowest
+    # label_quality rows 0.59 vs 0.56, and lbfgs converges ~2x faster.
+    C: float = 0.02
     # lbfgs iterations per fold.
     max_iter: int = 300
     # Seed of the fold split.
@@ -51,8 +53,9 @@ class LabelNoiseConfig:
 # Out-of-fold probabilities
 
 
-def out_of_fold_probs(x: np.ndarray, y: np.ndarray, n_classes: int, n_folds: int = 5, C: float = 1.0,
-                      max_iter: int = 300, seed: int = 0) -> np.ndarray:
+def out_of_fold_probs(
+    x: np.ndarray, y: np.ndarray, n_classes: int, n_folds: int = 5, C: float = 0.02, max_iter: int = 300, seed: int = 0
+) -> np.ndarray:
     """(n, n_classes) probabilities; row i comes from a model fitted without row i's fold."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
@@ -89,7 +92,7 @@ def _round_preserving_row_totals(m: np.ndarray) -> np.ndarray:
 
 def confident_joint(labels: np.ndarray, probs: np.ndarray, calibrate: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(K x K counts C[given, guessed true], per-row guessed class or -1 when no class is confident)."""
-    n, k = probs.shape
+    k = probs.shape[1]
     counts = np.bincount(labels, minlength=k)
     thresholds = np.array([probs[labels == j, j].mean() if counts[j] else 1.0 for j in range(k)])
     confident = probs >= thresholds - 1e-6
@@ -139,8 +142,15 @@ def find_label_issues(labels: np.ndarray, probs: np.ndarray, filter_by: str = "p
     return mask & (probs.argmax(1) != labels)
 
 
-def label_noise_scores(x: np.ndarray, labels: np.ndarray, n_folds: int = 5, C: float = 1.0, max_iter: int = 300,
-                       seed: int = 0, filter_by: str = "prune_by_noise_rate") -> dict[str, np.ndarray]:
+def label_noise_scores(
+    x: np.ndarray,
+    labels: np.ndarray,
+    n_folds: int = 5,
+    C: float = 0.02,
+    max_iter: int = 300,
+    seed: int = 0,
+    filter_by: str = "prune_by_noise_rate",
+) -> dict[str, np.ndarray]:
     """Scores for rows ``x`` ((n, d) embeddings) with ``labels`` (any hashable values, no nulls).
 
     Classes with a single row cannot be held out: their rows get NaN scores and ``label_issue`` False

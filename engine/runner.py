@@ -37,13 +37,13 @@ import pyarrow.parquet as pq
 from engine import __version__
 from engine.config import Config
 from engine.errors import UserError
-from engine.readers import Shard, discover, read_shard
+from engine.readers import Shard, discover, estimate_rows, read_shard
 from engine.schema import CANONICAL_TYPES, canonicalize, detect_format, required_columns
 from engine.stage import GlobalStage, Stage
 from engine.writers import META_FORMAT, META_INPUT_COLUMNS, PartWriter, write_json_atomic
 
 # Sections of the config that change what the map phase writes: a finished shard is reused only if they match.
-MAP_SECTIONS = ("read", "normalize", "rules", "clean", "dedup", "contamination")
+MAP_SECTIONS = ("read", "normalize", "rules", "clean", "dedup", "contamination", "embed")
 STR = pa.large_string()
 
 
@@ -63,7 +63,9 @@ def validate(config: Config) -> None:
             raise UserError(f"--against: {e}") from None
 
 
-def build_map_stages(config: Config) -> list[Stage]:
+def build_map_stages(config: Config, work_dir: str | None = None, n_rows: int | None = None) -> list[Stage]:
+    """The map stages in order; ``work_dir`` (OUT/work) and ``n_rows`` (the corpus size, an estimate) are for the
+    embedder (its cache, and ``auto``'s choice by corpus size)."""
     from engine.exact import ContentHashStage
     from engine.normalize import NormalizeStage
     from engine.rules import RulesStage
@@ -84,7 +86,27 @@ def build_map_stages(config: Config) -> list[Stage]:
         from engine.dedup import MinHashStage
 
         stages.append(MinHashStage(config.dedup))
+    if config.embed.embedder != "none" and "embed" not in config.run.skip_stages:
+        from engine.embed import EmbedStage
+
+        stages.append(EmbedStage(config.embed, work_dir=work_dir, n_rows=n_rows))
     return [s for s in stages if s.name not in config.run.skip_stages]
+
+
+def loss_enabled(config: Config) -> bool:
+    """LM losses run when asked (``loss.enabled = on``) or, with ``auto``, when a CUDA GPU is present: on CPU the
+    reference model costs seconds per batch, so there they are opt-in and bounded by ``--loss-budget``."""
+    mode = config.loss.enabled
+    if mode not in ("auto", "on", "off"):
+        raise UserError(f"loss.enabled must be auto, on or off, got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
 
 
 def build_global_stages(config: Config) -> list[GlobalStage]:
@@ -97,6 +119,18 @@ def build_global_stages(config: Config) -> list[GlobalStage]:
         from engine.dedup import NearDedup
 
         stages.append(NearDedup(config.dedup))
+    if config.semdedup.enabled:
+        from engine.semdedup import SemDedup
+
+        stages.append(SemDedup(config.semdedup))
+    if config.labels.enabled:
+        from engine.labels import LabelNoise
+
+        stages.append(LabelNoise(config.labels))
+    if loss_enabled(config):
+        from engine.loss import LossGlobalStage
+
+        stages.append(LossGlobalStage(config))
     skip = set(config.run.skip_stages) | ({"near_dedup"} if "minhash" in config.run.skip_stages else set())
     return [s for s in stages if s.name not in skip]
 
@@ -175,13 +209,13 @@ def _shard_key(shard: Shard, config: Config) -> str:
 
 
 def process_shard(index: int, shard: Shard, config: Config, map_dir: str, stages: list[Stage] | None = None,
-                  on_rows: Callable[[int], None] | None = None) -> dict[str, Any]:
+                  on_rows: Callable[[int], None] | None = None, n_rows: int | None = None) -> dict[str, Any]:
     """Map phase of one shard; returns its stats (also written as the completion marker)."""
     t0 = time.perf_counter()
     map_dir = Path(map_dir)
     for stale in map_dir.glob(f"part-{index:05d}-*"):
         stale.unlink()
-    stages = stages if stages is not None else build_map_stages(config)
+    stages = stages if stages is not None else build_map_stages(config, str(map_dir.parent), n_rows)
     for s in stages:
         s.stats = {}
         s.begin_shard(index, str(map_dir.parent))
@@ -284,14 +318,14 @@ def _count_verdicts(batch: pa.RecordBatch, acc: dict[str, int]) -> None:
 
 
 def _process_shard_entry(args):
-    index, shard, config_dict, map_dir, threads = args
+    index, shard, config_dict, map_dir, threads, n_rows = args
     # One worker process per core already fills the machine: more threads per process only oversubscribe it.
     import numba
 
     numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     pa.set_cpu_count(max(1, threads))
     config = _config_from_dict(config_dict)
-    return process_shard(index, shard, config, map_dir)
+    return process_shard(index, shard, config, map_dir, n_rows=n_rows)
 
 
 def _config_from_dict(d: dict) -> Config:
@@ -495,6 +529,7 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
         pending.append(i)
 
     t_map = time.perf_counter()
+    est_rows = estimate_rows(shards)
     crash_after = int(os.environ.get("WINNOW_CRASH_AFTER_SHARDS", "-1"))  # tests: simulate a kill mid-run
     if config.run.workers:
         workers = config.run.workers
@@ -510,11 +545,13 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
         # re-import pyarrow/polars/numba per worker, ~1.5 s each; plain fork would copy this process's threads).
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(
-            ["engine.runner", "engine.normalize", "engine.rules", "engine.exact", "engine.clean", "engine.dedup"]
+            ["engine.runner", "engine.normalize", "engine.rules", "engine.exact", "engine.clean", "engine.dedup",
+             "engine.embed"]
         )
         threads = max(1, (os.cpu_count() or 1) // workers)
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
-            futs = {ex.submit(_process_shard_entry, (i, shards[i], config.to_dict(), str(map_dir), threads)): i
+            futs = {ex.submit(_process_shard_entry,
+                              (i, shards[i], config.to_dict(), str(map_dir), threads, est_rows)): i
                     for i in pending}
             for done_n, fut in enumerate(cf.as_completed(futs), 1):
                 i = futs[fut]
@@ -524,7 +561,7 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
                 if crash_after >= 0 and done_n >= crash_after:
                     raise RuntimeError("WINNOW_CRASH_AFTER_SHARDS: simulated crash")
     else:
-        stages = map_stages if map_stages is not None else build_map_stages(config)
+        stages = map_stages if map_stages is not None else build_map_stages(config, str(work), est_rows)
         for done_n, i in enumerate(pending, 1):
             results[i] = process_shard(i, shards[i], config, str(map_dir), stages)
             if progress:
@@ -585,6 +622,10 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
             "shards_reused": len(shards) - len(pending),
         },
         "stages": map_stats,
+        "embedder": json.loads((work / "embed_info.json").read_text()) if (work / "embed_info.json").exists()
+        else None,
+        "label_issues": {k.split(".", 1)[1]: v for k, v in map_stats.get("label_noise", {}).items()
+                         if k.startswith("issues.")},
         "contamination": {k.split(".", 1)[1]: v for k, v in map_stats.get("contamination", {}).items()
                           if k.startswith("contaminated.")},
         "warnings": warnings,

@@ -4,22 +4,32 @@ Method: spherical k-means (faiss) splits the unit vectors into clusters of ~``cl
 cluster every pair's cosine is computed (BLAS, in row blocks) and pairs at or above ``threshold`` are joined by
 union-find into duplicate groups (connected components). A row near a cluster boundary is also placed in its
 second-nearest cluster when that centroid is within ``boundary`` cosine of the first, so a pair split by the
-partition is still compared (on alpaca_52k MiniLM vectors this recovers pairs k-means alone would miss; the cost
-is ~1.3x more pair work). One row per group is kept by the quality key shared with MinHash dedup: fewest rule
-violations, then the longer response, then the earliest (shard, row). The others get verdict
-``semantic_duplicate``, ``duplicate_of`` = the keeper's id, ``detail`` = the cosine to the keeper.
+partition is still compared: on 12,000 alpaca rows (MiniLM, threshold 0.95, 24 clusters) k-means alone found 24 of
+the 25 duplicate rows that exact all-pairs search finds, boundary 0.05 found all 25, for at most 1.2x the time.
+One row per group is kept by the quality key shared with MinHash dedup: fewest rule violations, then the longer
+response, then the earliest (shard, row). The others get verdict ``semantic_duplicate``, ``duplicate_of`` = the
+keeper's id, ``detail`` = the cosine to the keeper.
 
 Groups are connected components, so a chain a~b~c joins a and c even if cos(a, c) < threshold; at the thresholds
-below, chains are short (a group's smallest cosine to its keeper is reported in ``detail``).
+below groups are small (12,000 alpaca rows: 18 pairs, two triples, one group of 4; the lowest cosine to a keeper
+through a chain was 0.936), and ``detail`` reports each row's cosine to its keeper, so a chain shows up there.
 
-Threshold (cosine, unit vectors), calibrated on /work/shared/data (alpaca_52k, code_alpaca_2k, gsm8k train,
-financial_phrasebank), by reading pairs at each cosine band (bench/bench_embed.py prints the counts):
-- MiniLM (all-MiniLM-L6-v2 over prompt + response): 0.95. Pairs >= 0.95 were the same task with the same answer
-  worded differently or with trivially different inputs ("Generate a list of 5 ..." twice with overlapping
-  answers); at 0.90-0.95 about half were different tasks on the same topic (two different questions about
-  photosynthesis with different answers), which must not be removed.
-- static tier (model2vec distillation of the same model, 256 dims): 0.97. Static vectors of unrelated texts are
-  more alike than MiniLM's (bag of weighted tokens), so the same precision needs a higher cut.
+Threshold (cosine, unit vectors), calibrated on /work/shared/data with bench/calibrate_semdedup.py (every row's
+exact nearest neighbour; 8 pairs read per cosine band per set): alpaca_52k (first 12,000 rows), code_alpaca_2k,
+gsm8k train (first 3,000), financial_phrasebank.
+- MiniLM (all-MiniLM-L6-v2 over prompt + response): **0.95**. At >= 0.95, 15 of the 16 pairs read in alpaca and
+  code_alpaca were the same task with an equivalent answer ("Define entropy" / "Give a definition for entropy";
+  two quicksort implementations); the exception was Celsius->Fahrenheit vs Fahrenheit->Celsius (0.958). At
+  0.90-0.93 about half were different tasks on one topic ("Remove the redundant verb" vs "Reorganize the
+  sentence"), which must stay. Known misses at 0.95: GSM8K's inverted problems (same story, known and unknown
+  swapped: 0.95-0.98, 12 of 3,000 rows) and financial_phrasebank template sentences with different figures
+  (0.95-0.99), which MiniLM barely tells apart. Rows whose nearest neighbour is >= 0.95: alpaca 0.4% (of 12k),
+  code_alpaca 1.0%, gsm8k 0.4%, financial_phrasebank 4.4%.
+- static tier (model2vec distillation of the same model): **0.99**. Static vectors are bags of weighted tokens:
+  at 0.98-0.99 only 6 of 10 pairs read were duplicates (the rest: one template with different numbers, "8X+6=14"
+  vs "2X+4=14"); >= 0.99 all 6 read were. Against MiniLM >= 0.95 as reference, the static tier at 0.97 had
+  precision 0.23 and recall 0.12 on alpaca pairs: it finds lexical near-duplicates (MinHash's job), not
+  paraphrases, so semantic dedup should run on encoder vectors where the budget allows.
 The stage is off by default (``SemDedupConfig.enabled``): it removes real data on a judgement about meaning.
 
 Memory: the embeddings of kept rows as float16 (n x d x 2 B: 768 MB per million MiniLM rows), plus one cluster's
@@ -41,7 +51,7 @@ from engine.stage import GlobalStage
 
 SEMANTIC_DUPLICATE = "semantic_duplicate"
 # Calibrated cosine thresholds per embedder tier (see the module docstring).
-DEFAULT_THRESHOLDS = {"encoder": 0.95, "static": 0.97}
+DEFAULT_THRESHOLDS = {"encoder": 0.95, "static": 0.99}
 
 
 @dataclass
@@ -49,7 +59,7 @@ class SemDedupConfig:
     # Run semantic dedup at all (off by default: it removes data on a judgement about meaning).
     enabled: bool = False
     # Cosine at or above which two rows are duplicates; -1 = the calibrated default for the embedder tier
-    # (0.95 MiniLM / any encoder, 0.97 static).
+    # (0.95 MiniLM / any encoder, 0.99 static).
     threshold: float = -1.0
     # Target rows per k-means cluster; clusters = ceil(kept rows / cluster_size). Pair work ~ n x cluster_size.
     cluster_size: int = 500
@@ -61,9 +71,11 @@ class SemDedupConfig:
     seed: int = 0
     # Rows per block of the within-cluster similarity matrix (block x cluster x 4 B of memory).
     block_rows: int = 2048
-    # Column counting a row's rule violations (null or absent = 0): the quality key's first part.
-    violations_column: str = "rule_violations"
-    # Column with the response length (rules stage: response_chars): the quality key's second part.
+    # Column counting a row's rule violations (null or absent = 0; "" = none, as MinHash dedup's default): the
+    # quality key's first part. Set it to the same column as dedup.violations_column.
+    violations_column: str = ""
+    # Column with the response length (rules stage: response_chars, code points; MinHash uses bytes, which orders
+    # rows the same way except on non-ASCII text): the quality key's second part.
     length_column: str = "response_chars"
 
 
@@ -110,8 +122,9 @@ def _all_roots(parent):
     return out
 
 
-def kmeans_assign(x: np.ndarray, n_clusters: int, niter: int = 20, seed: int = 0, boundary: float = 0.0
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def kmeans_assign(
+    x: np.ndarray, n_clusters: int, niter: int = 20, seed: int = 0, boundary: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """(primary cluster per row, secondary cluster per row or -1) by spherical k-means on unit rows ``x``.
 
     faiss-cpu when importable (``Kmeans(spherical=True)``), else scikit-learn MiniBatchKMeans on the same vectors.
@@ -124,8 +137,9 @@ def kmeans_assign(x: np.ndarray, n_clusters: int, niter: int = 20, seed: int = 0
     try:
         import faiss
 
-        km = faiss.Kmeans(xf.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False,
-                          max_points_per_centroid=256)
+        km = faiss.Kmeans(
+            xf.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False, max_points_per_centroid=256
+        )
         km.train(xf)
         sims, assign = km.index.search(xf, 2)
         c1, c2 = assign[:, 0].astype(np.int64), assign[:, 1].astype(np.int64)
@@ -242,21 +256,28 @@ class SemDedup(GlobalStage):
         cfg = self.config
         if not cfg.enabled:
             return None
-        cols = ["id", "embedding", cfg.violations_column, cfg.length_column]
+        cols = ["id", "embedding"] + [c for c in (cfg.violations_column, cfg.length_column) if c]
         df = ctx.frame(cols).filter((pl.col("verdict") == "kept") & pl.col("embedding").is_not_null())
         if df.height < 2:
             return None
         threshold = self.threshold_for(getattr(ctx, "work_dir", None))
         emb = df["embedding"].to_numpy()
-        viol = df[cfg.violations_column].cast(pl.Int64, strict=False).fill_null(0).to_numpy()
-        length = df[cfg.length_column].cast(pl.Int64, strict=False).fill_null(0).to_numpy()
+        zeros = np.zeros(df.height, np.int64)
+
+        def column(name: str) -> np.ndarray:
+            if not name or name not in df.columns:
+                return zeros
+            return df[name].cast(pl.Int64, strict=False).fill_null(0).to_numpy()
+
+        viol, length = column(cfg.violations_column), column(cfg.length_column)
         rank = quality_rank(viol, length, df["_shard"].to_numpy(), df["row"].to_numpy())
-        res = semantic_duplicates(emb, threshold, rank, cfg.cluster_size, cfg.niter, cfg.boundary, cfg.seed,
-                                  cfg.block_rows)
+        res = semantic_duplicates(
+            emb, threshold, rank, cfg.cluster_size, cfg.niter, cfg.boundary, cfg.seed, cfg.block_rows
+        )
         dup = res["duplicate"]
         self.stats.update(
             semantic_duplicate=int(dup.sum()),
-            groups=int(len(np.unique(res["keeper"][dup]))),
+            groups=len(np.unique(res["keeper"][dup])),
             pairs=res["pairs"],
             threshold=threshold,
             clusters=math.ceil(df.height / max(1, cfg.cluster_size)),

@@ -41,7 +41,7 @@ class Stage:
 
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """Map one batch to one batch of the same length; override this or ``__call__``."""
-        raise NotImplementedError(f"{type(self).__name__} must override process() or __call__()")
+        raise TypeError(f"{type(self).__name__} must override process() or __call__()")
 
     def begin_shard(self, shard_index: int, work_dir: str) -> None:
         """Called by the runner before a shard's batches (stages that write side files key them by shard)."""
@@ -105,4 +105,4 @@ class GlobalStage:
         self.stats: dict[str, float] = {}
 
     def run(self, ctx: Any):  # pragma: no cover - interface
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must override run(ctx)")
