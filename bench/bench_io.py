@@ -88,9 +88,9 @@ def ours(paths: list[Path], out: Path, workers: int) -> float:
     cfg = Config()
     cfg.run.workers = workers
     # This benchmark is the I/O path: read -> canonical schema -> normalise (+ basic rules, content hash) -> write.
-    # Cleaning signals and MinHash signatures have their own benchmarks (bench_clean.py, bench_dedup.py).
+    # Cleaning signals, MinHash signatures and embeddings have their own benchmarks (bench_clean, _dedup, _embed).
     cfg.exact.enabled = False
-    cfg.run.skip_stages = ["clean", "minhash"]
+    cfg.run.skip_stages = ["clean", "minhash", "embed"]
     t0 = time.perf_counter()
     score([str(p) for p in paths], out, cfg)
     return time.perf_counter() - t0
@@ -101,7 +101,7 @@ def rss_of_score(paths: list[Path], out: Path) -> float:
     code = (
         "import sys, json, resource; sys.path.insert(0, %r)\n"
         "from engine.config import Config; from engine.runner import score\n"
-        "c = Config(); c.run.workers = 1; c.run.skip_stages = ['clean', 'minhash']\n"
+        "c = Config(); c.run.workers = 1; c.run.skip_stages = ['clean', 'minhash', 'embed']\n"
         "score(%r, %r, c)\n"
         "print(json.dumps(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
         " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024))\n"

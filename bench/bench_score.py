@@ -1,4 +1,5 @@
-"""The whole ``cli.py score`` (read, normalise, rules, cleaning, exact + MinHash dedup, write) on generated
+"""The whole ``cli.py score`` (read, normalise, rules, cleaning, exact + MinHash dedup, write; embeddings off
+unless ``--embedder`` says otherwise) on generated
 documents, with the floor beside it: a plain pyarrow read + zstd write of the same shards in the same run.
 
 Corpus: ``--docs`` documents of ~1 KB (bench/bench_dedup.py's generator: 80% unique, 10% exact copies, 10% near
@@ -36,6 +37,8 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=1_000_000, help="generated documents (default 1,000,000)")
     ap.add_argument("--work", default=str(ROOT / "bench" / "_data" / "score"), help="scratch folder")
     ap.add_argument("--workers", type=int, default=0, help="map-phase processes (0 = one per core)")
+    ap.add_argument("--embedder", default="none",
+                    help="embedder for the run (default none: issue 3's budget covers cleaning and dedup)")
     args = ap.parse_args()
     work = Path(args.work)
     data = work / f"docs_{args.docs}"
@@ -63,7 +66,7 @@ def main() -> None:
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", RSS_WRAPPER % str(ROOT), str(ROOT / "cli.py"), "score", str(data), "--out",
-           str(out), "--quiet", "--workers", str(args.workers)]
+           str(out), "--quiet", "--workers", str(args.workers), "--embedder", args.embedder, "--no-loss"]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     t_score = time.perf_counter() - t0

@@ -265,6 +265,35 @@ def normalize_numba(data, offsets, need):
     return out[:o], new_off
 
 
+@njit(nogil=True, cache=True)
+def splice_numba(data, offsets, mask, sub_data, sub_offsets):
+    """Rows where ``mask`` is set taken in order from (sub_data, sub_offsets), the others from (data, offsets): one
+    copy pass. (pyarrow's replace_with_mask on strings took 0.5 s per 50 MB here; this is a memcpy.)"""
+    n = offsets.shape[0] - 1
+    new_off = np.zeros(n + 1, dtype=np.int64)
+    j = 0
+    for i in range(n):
+        if mask[i]:
+            new_off[i + 1] = new_off[i] + (sub_offsets[j + 1] - sub_offsets[j])
+            j += 1
+        else:
+            new_off[i + 1] = new_off[i] + (offsets[i + 1] - offsets[i])
+    out = np.empty(max(new_off[n], 1), dtype=np.uint8)
+    j = 0
+    for i in range(n):
+        o = new_off[i]
+        if mask[i]:
+            s = sub_offsets[j]
+            ln = sub_offsets[j + 1] - s
+            out[o : o + ln] = sub_data[s : s + ln]
+            j += 1
+        else:
+            s = offsets[i]
+            ln = offsets[i + 1] - s
+            out[o : o + ln] = data[s : s + ln]
+    return out[: new_off[n]], new_off
+
+
 def normalize(arr: pa.Array | pa.ChunkedArray, form: str = "NFC") -> pa.Array:
     """Normalise a string column (see the module docstring); nulls stay null; returns large_string."""
     if isinstance(arr, pa.ChunkedArray):
@@ -287,7 +316,13 @@ def normalize(arr: pa.Array | pa.ChunkedArray, form: str = "NFC") -> pa.Array:
     if form and non_ascii.mean() > 0.5:  # mostly non-Latin text: one pass beats filter + scatter back
         result = pc.utf8_normalize(result, form=form).cast(STR)
     elif form and non_ascii.any():
-        mask = pa.array(non_ascii)
-        sub = pc.utf8_normalize(pc.filter(result, mask), form=form)
-        result = pc.replace_with_mask(result, mask, sub.cast(STR))
+        sub = pc.utf8_normalize(pc.filter(result, pa.array(non_ascii)), form=form).cast(STR)
+        rd, ro = utf8_view(result)
+        sd, so = utf8_view(sub)
+        out, new_off = splice_numba(rd, ro, non_ascii, sd, so)
+        validity = None
+        if result.null_count:
+            validity = pc.is_valid(result).buffers()[1]
+        result = pa.LargeStringArray.from_buffers(n, pa.py_buffer(new_off), pa.py_buffer(out), validity,
+                                                  result.null_count)
     return result
