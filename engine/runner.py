@@ -251,8 +251,16 @@ def process_shard(index: int, shard: Shard, config: Config, map_dir: str, stages
     # Inclusive seconds spent pulling from each step of the fold; a stage's own time is its inclusive time minus
     # its upstream's (reported per stage in the manifest as ``seconds``).
     inclusive: list[float] = []
-    batches: Iterator[pa.RecordBatch] = _timed(_prefetch(canonical()), inclusive)
-    for s in stages:
+    # The reader thread also runs the first stage (normalisation, a nogil kernel): with the main thread on the
+    # other stages and the writer thread on Parquet encoding, the three keep 2 cores busy (Parquet I/O bench:
+    # 0.35 s -> 0.30 s per 52k-row Alpaca shard).
+    head = stages[:1] if stages and stages[0].name == "normalize" else []
+    in_thread: list[float] = []  # inclusive seconds of the steps run in the reader thread
+    batches: Iterator[pa.RecordBatch] = _timed(canonical(), in_thread)
+    for s in head:
+        batches = _timed(s(batches), in_thread)
+    batches = _timed(_prefetch(batches), inclusive)
+    for s in stages[len(head):]:
         batches = _timed(s(batches), inclusive)
     writer = None
     verdicts: dict[str, int] = {}
@@ -288,7 +296,9 @@ def process_shard(index: int, shard: Shard, config: Config, map_dir: str, stages
             raise
     for s in stages:
         s.end_shard()
-    for k, s in enumerate(stages):
+    for k, s in enumerate(head):
+        s.stats["seconds"] = round(in_thread[k + 1] - in_thread[k], 3)
+    for k, s in enumerate(stages[len(head):]):
         s.stats["seconds"] = round(inclusive[k + 1] - inclusive[k], 3)
     content = file_hash(shard.path)
     stats = {
