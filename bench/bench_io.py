@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -25,11 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.json as pj  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow as pa
+import pyarrow.json as pj
+import pyarrow.parquet as pq
 
-from bench._common import ROOT, SHARED_DATA, append_result, print_json  # noqa: E402
+from bench._common import ROOT, SHARED_DATA, append_result, print_json
 
 DATA = ROOT / "bench" / "_data"
 

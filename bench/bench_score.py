@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import ROOT, append_result, print_json  # noqa: E402
+from bench._common import ROOT, append_result, print_json
 
 RSS_WRAPPER = (
     "import resource, runpy, sys, json; sys.argv = sys.argv[1:]; sys.path.insert(0, %r)\n"

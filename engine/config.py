@@ -7,10 +7,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from engine.clean import CleanConfig
 from engine.contamination import ContaminationConfig

@@ -23,36 +23,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TOPICS = (
-    "photosynthesis volcanoes compound_interest the_french_revolution black_holes vaccines machine_learning "
-    "coral_reefs the_roman_empire climate_change blockchain sleep_hygiene plate_tectonics jazz_music "
-    "renewable_energy the_immune_system supply_chains urban_gardening quantum_computing the_water_cycle "
-    "inflation honeybees the_printing_press solar_eclipses marathon_training sourdough_bread typography "
-    "public_libraries electric_cars the_silk_road cloud_computing wetlands chess_openings the_human_heart "
-    "recycling glaciers remote_work bird_migration microfinance the_periodic_table"
-).split()
+TOPICS = ["photosynthesis", "volcanoes", "compound_interest", "the_french_revolution", "black_holes", "vaccines", "machine_learning", "coral_reefs", "the_roman_empire", "climate_change", "blockchain", "sleep_hygiene", "plate_tectonics", "jazz_music", "renewable_energy", "the_immune_system", "supply_chains", "urban_gardening", "quantum_computing", "the_water_cycle", "inflation", "honeybees", "the_printing_press", "solar_eclipses", "marathon_training", "sourdough_bread", "typography", "public_libraries", "electric_cars", "the_silk_road", "cloud_computing", "wetlands", "chess_openings", "the_human_heart", "recycling", "glaciers", "remote_work", "bird_migration", "microfinance", "the_periodic_table"]
 VERBS = (
     "Explain", "Describe", "Summarize what is known about", "Write a short paragraph about",
     "List the main facts about", "Give practical advice related to", "Teach a beginner about",
     "Outline the history of", "Discuss the benefits and drawbacks of", "Write a brief report on",
 )
-WORDS = (
-    "system energy process people water light growth change history market structure layer signal pattern "
-    "balance pressure surface network memory cell region method result value cycle factor source effect "
-    "model record theory practice design level range rate form power heat field stage route chain policy "
-    "branch trade season material habit device signal core layer index border crew tool metal grain river "
-    "forest cloud engine bridge garden harbor island valley planet orbit vessel thread fabric mirror "
-    "lantern compass ladder anchor candle basket canvas marble pepper ribbon saddle timber velvet whistle "
-    "quickly slowly carefully often rarely usually clearly mostly nearly simply gently firmly widely "
-    "bright steady careful ancient modern rural urban formal gentle narrow broad hidden obvious rapid "
-    "strong subtle typical unusual vital weak fragile robust common scarce dense sparse fertile arid "
-    "builds shapes drives limits moves holds keeps turns forms links lifts guides feeds tests shows "
-    "protects reduces improves supports creates changes affects requires explains connects measures"
-).split()
-POSITIVE = "excellent wonderful delightful reliable impressive pleasant superb helpful great lovely".split()
-NEGATIVE = "terrible awful disappointing broken rude useless poor horrible faulty annoying".split()
-NEUTRAL = "average standard ordinary typical regular usual plain moderate routine common".split()
-PRODUCTS = "phone laptop hotel restaurant service delivery camera movie book airline app keyboard".split()
+WORDS = ["system", "energy", "process", "people", "water", "light", "growth", "change", "history", "market", "structure", "layer", "signal", "pattern", "balance", "pressure", "surface", "network", "memory", "cell", "region", "method", "result", "value", "cycle", "factor", "source", "effect", "model", "record", "theory", "practice", "design", "level", "range", "rate", "form", "power", "heat", "field", "stage", "route", "chain", "policy", "branch", "trade", "season", "material", "habit", "device", "signal", "core", "layer", "index", "border", "crew", "tool", "metal", "grain", "river", "forest", "cloud", "engine", "bridge", "garden", "harbor", "island", "valley", "planet", "orbit", "vessel", "thread", "fabric", "mirror", "lantern", "compass", "ladder", "anchor", "candle", "basket", "canvas", "marble", "pepper", "ribbon", "saddle", "timber", "velvet", "whistle", "quickly", "slowly", "carefully", "often", "rarely", "usually", "clearly", "mostly", "nearly", "simply", "gently", "firmly", "widely", "bright", "steady", "careful", "ancient", "modern", "rural", "urban", "formal", "gentle", "narrow", "broad", "hidden", "obvious", "rapid", "strong", "subtle", "typical", "unusual", "vital", "weak", "fragile", "robust", "common", "scarce", "dense", "sparse", "fertile", "arid", "builds", "shapes", "drives", "limits", "moves", "holds", "keeps", "turns", "forms", "links", "lifts", "guides", "feeds", "tests", "shows", "protects", "reduces", "improves", "supports", "creates", "changes", "affects", "requires", "explains", "connects", "measures"]
+POSITIVE = ["excellent", "wonderful", "delightful", "reliable", "impressive", "pleasant", "superb", "helpful", "great", "lovely"]
+NEGATIVE = ["terrible", "awful", "disappointing", "broken", "rude", "useless", "poor", "horrible", "faulty", "annoying"]
+NEUTRAL = ["average", "standard", "ordinary", "typical", "regular", "usual", "plain", "moderate", "routine", "common"]
+PRODUCTS = ["phone", "laptop", "hotel", "restaurant", "service", "delivery", "camera", "movie", "book", "airline", "app", "keyboard"]
 REFUSALS = (
     "As an AI language model, I cannot help with that request.",
     "I'm sorry, but I cannot provide that information.",

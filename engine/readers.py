@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
+from pyarrow import ipc
 
 from engine.errors import UserError
 

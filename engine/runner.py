@@ -66,11 +66,10 @@ def validate(config: Config) -> None:
 def build_map_stages(config: Config, work_dir: str | None = None, n_rows: int | None = None) -> list[Stage]:
     """The map stages in order; ``work_dir`` (OUT/work) and ``n_rows`` (the corpus size, an estimate) are for the
     embedder (its cache, and ``auto``'s choice by corpus size)."""
+    from engine.clean import CleanStage
     from engine.exact import ContentHashStage
     from engine.normalize import NormalizeStage
     from engine.rules import RulesStage
-
-    from engine.clean import CleanStage
 
     stages: list[Stage] = [
         NormalizeStage(config.normalize),
@@ -430,8 +429,7 @@ def _apply(batch: pa.RecordBatch, upd_rows: np.ndarray, upd_table: pa.Table, onl
             new = pa.nulls(len(rows), col.type)
         if name in names:
             old = batch.column(name)
-            new = pc.if_else(mask, new.cast(old.type), old) if name in ("verdict", "detail", "duplicate_of") else (
-                pc.if_else(mask, new.cast(old.type), old))
+            new = pc.if_else(mask, new.cast(old.type), old)
             batch = batch.set_column(names.index(name), name, new)
         else:
             batch = batch.append_column(name, new)

@@ -40,7 +40,7 @@ class Budget:
     value: float
 
     @classmethod
-    def parse(cls, text: str) -> "Budget":
+    def parse(cls, text: str) -> Budget:
         t = str(text).strip().lower()
         try:
             if t.startswith("tokens:"):
@@ -134,7 +134,7 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
     if budget.kind == "count":
         n = min(int(budget.value), kept.height)
     elif budget.kind == "fraction":
-        n = min(kept.height, int(math.floor(budget.value * kept.height + 1e-9)))
+        n = min(kept.height, math.floor(budget.value * kept.height + 1e-9))
     else:
         cum = kept["_tokens"].cum_sum().to_numpy() if kept.height else np.zeros(0)
         n = int(np.searchsorted(cum, budget.value, side="right"))

@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
+from pyarrow import ipc
 
 from engine.errors import UserError
 from engine.readers import ERROR, RAW, ROW, discover, read_shard
