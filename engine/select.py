@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from engine.config import SelectConfig
 from engine.errors import UserError
 from engine.schema import CANONICAL_TYPES, ORIG_PREFIX
-from engine.writers import META_INPUT_COLUMNS, write_json_atomic
+from engine.writers import META_INPUT_COLUMNS, align_table, write_json_atomic
 
 CHARS_PER_TOKEN = 4.0
 
@@ -197,7 +197,7 @@ def _write_selected(files: list[Path], chosen: pl.DataFrame, out: Path) -> list[
                     writer = pq.ParquetWriter(tmp_pq, schema0, compression="zstd")
                 t = pa.Table.from_batches([sel])
                 if not t.schema.equals(schema0, check_metadata=False):
-                    t = _align(t, schema0)
+                    t = align_table(t, schema0)
                 if t is not None:
                     writer.write_table(t)
                 _write_jsonl(sel, in_cols, jl)
@@ -208,17 +208,6 @@ def _write_selected(files: list[Path], chosen: pl.DataFrame, out: Path) -> list[
     os.replace(tmp_pq, pq_path)
     os.replace(tmp_jl, jl_path)
     return [pq_path.name, jl_path.name]
-
-
-def _align(t: pa.Table, schema: pa.Schema) -> pa.Table:
-    cols = []
-    for f in schema:
-        if f.name in t.column_names:
-            c = t.column(f.name)
-            cols.append(c if c.type.equals(f.type) else c.cast(f.type, safe=False))
-        else:
-            cols.append(pa.nulls(t.num_rows, f.type))
-    return pa.Table.from_arrays(cols, schema=schema)
 
 
 def _write_jsonl(batch: pa.RecordBatch, in_cols: list[str], fh) -> None:

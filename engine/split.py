@@ -104,6 +104,8 @@ def split_run(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    from engine.writers import align_table
+
     p = Path(scores)
     files = sorted(p.glob("part-*.parquet")) if p.is_dir() else [p]
     keys = []
@@ -132,7 +134,7 @@ def split_run(
                 t = t.filter(pc.is_in(t.column("row"), value_set=pa.array(rows)))
                 if name not in writers:
                     writers[name] = pq.ParquetWriter(out / f"{name}.parquet", unified, compression="zstd")
-                writers[name].write_table(_align(t, unified))
+                writers[name].write_table(align_table(t, unified))
                 counts[name] += t.num_rows
     finally:
         for w in writers.values():
@@ -142,14 +144,3 @@ def split_run(
             pq.write_table(unified.empty_table(), out / f"{name}.parquet")
     return counts
 
-
-def _align(t: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``t`` in ``schema`` (a superset of its columns): missing columns as nulls."""
-    cols = []
-    for f in schema:
-        if f.name in t.column_names:
-            c = t.column(f.name)
-            cols.append(c if c.type.equals(f.type) else c.cast(f.type, safe=False))
-        else:
-            cols.append(pa.nulls(t.num_rows, f.type))
-    return pa.Table.from_arrays(cols, schema=schema)

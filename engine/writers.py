@@ -124,3 +124,16 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def align_table(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``t`` in ``schema`` (a superset of its columns, or the same names with other types): missing columns as
+    nulls, other types cast."""
+    cols = []
+    for f in schema:
+        if f.name in t.column_names:
+            c = t.column(f.name)
+            cols.append(c if c.type.equals(f.type) else c.cast(f.type, safe=False))
+        else:
+            cols.append(pa.nulls(t.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
