@@ -204,7 +204,7 @@ def _summary(manifest: dict, title: str) -> None:
 
 def cmd_score(args, with_select=False) -> dict:
     from engine.config import load_config
-    from engine.runner import score
+    from engine.run.local import score
 
     cfg = load_config(args.config, _overrides(args, with_select))
     prog = _progress(args.quiet)
@@ -222,7 +222,7 @@ def cmd_score(args, with_select=False) -> dict:
 
 def cmd_select(args, scores_dir=None, cfg=None) -> dict:
     from engine.config import load_config
-    from engine.select import select
+    from engine.select.selection import select
 
     if cfg is None:
         cfg = load_config(args.config, _overrides(args, True))
@@ -241,7 +241,7 @@ def cmd_run(args) -> None:
     from engine.config import load_config
 
     if not args.inputs:
-        from engine.demo import make_demo
+        from engine.io.demo import make_demo
 
         demo = Path(args.out) / "demo"
         if not (demo / "truth.json").exists():
@@ -259,7 +259,7 @@ def cmd_run(args) -> None:
 
 def cmd_split(args) -> None:
     from engine.errors import UserError
-    from engine.split import split_run
+    from engine.train.split import split_run
 
     try:
         fractions = tuple(float(x) for x in args.fractions.split(","))
@@ -277,13 +277,13 @@ def cmd_split(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from engine.inspect import inspect_run
+    from engine.report.inspect import inspect_run
 
     summary = inspect_run(args.run)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return
-    from engine.inspect import print_summary
+    from engine.report.inspect import print_summary
 
     print_summary(summary)
 

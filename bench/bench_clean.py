@@ -87,7 +87,7 @@ def main() -> None:
     t_rep = time.perf_counter() - t0
 
     # the whole map stage (signals of prompt and response, every rule) on canonical batches of 8,192 rows
-    from engine.clean import CleanStage
+    from engine.stages.clean import CleanStage
 
     stage = CleanStage()
     k = len(texts)

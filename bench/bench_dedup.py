@@ -231,7 +231,7 @@ def part_b(args, out):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from engine.dedup import DedupConfig, MinHashStage, NearDedup, load_signatures
+    from engine.stages.dedup import DedupConfig, MinHashStage, NearDedup, load_signatures
 
     root = Path(args.work or tempfile.mkdtemp(prefix="winnow_bench_dedup_"))
     data = root / f"data_{args.e2e_docs}"
@@ -389,7 +389,7 @@ def part_c(args, out):
     import pyarrow as pa
     from datasketch import MinHash, MinHashLSH
 
-    from engine.dedup import DedupConfig, near_duplicate_clusters
+    from engine.stages.dedup import DedupConfig, near_duplicate_clusters
     from kernels.minhash import minhash
 
     rng = np.random.default_rng(1)

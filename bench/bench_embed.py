@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import SHARED_DATA, append_result, print_json
-from engine.embed import EncoderEmbedder, StaticEmbedder, default_model_path
-from engine.semdedup import DEFAULT_THRESHOLDS
+from engine.stages.embed import EncoderEmbedder, StaticEmbedder, default_model_path
+from engine.stages.semdedup import DEFAULT_THRESHOLDS
 
 STR = pa.large_string()
 # Word swaps for paraphrase-like copies (no paraphrase model is available offline): common instruction verbs and

@@ -39,7 +39,7 @@ def make_shards(copies: int, kind: str) -> tuple[list[Path], int, int]:
     if src.exists():
         base = pq.read_table(src)
     else:
-        from engine.demo import make_demo
+        from engine.io.demo import make_demo
 
         tmp = DATA / "demo"
         make_demo(tmp, n_alpaca=20000)
@@ -82,7 +82,7 @@ def floor(paths: list[Path], out: Path, kind: str) -> float:
 
 def ours(paths: list[Path], out: Path, workers: int) -> float:
     from engine.config import Config
-    from engine.runner import score
+    from engine.run.local import score
 
     cfg = Config()
     cfg.run.workers = workers
@@ -99,7 +99,7 @@ def rss_of_score(paths: list[Path], out: Path) -> float:
     """Peak RSS (MiB) of a fresh process scoring ``paths`` (its own plus its workers')."""
     code = (
         "import sys, json, resource; sys.path.insert(0, %r)\n"
-        "from engine.config import Config; from engine.runner import score\n"
+        "from engine.config import Config; from engine.run.local import score\n"
         "c = Config(); c.run.workers = 1; c.run.skip_stages = ['clean', 'minhash', 'embed']\n"
         "score(%r, %r, c)\n"
         "print(json.dumps(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"

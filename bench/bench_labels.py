@@ -5,7 +5,7 @@
 
 For each set (financial_phrasebank; TweetEval emotion train by default) and each flip rate (0%, 10%, 20%): flip
 that share of labels at random (seeded; the new label is uniform over the other classes), score with
-engine.labels (5-fold out-of-fold logistic regression on the embeddings of the text alone), and compare
+engine.stages.labels (5-fold out-of-fold logistic regression on the embeddings of the text alone), and compare
 ``label_issue`` with the flipped set. The 0% run shows how many rows the method flags on the set's own labels
 (real annotation noise or proxy errors): those count as false positives at 10% / 20%, so precision is a lower
 bound. Random flagging would have precision = the flip rate. Embeddings are cached under the user cache dir.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import SHARED_DATA, append_result, print_json
 from bench.calibrate_semdedup import embed_set, load_set
-from engine.labels import label_noise_scores
+from engine.stages.labels import label_noise_scores
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 The anchor is what Cherry LLM and Superfiltering run: for every row, one forward per sequence (the response given
 the prompt, then the response alone), ``model(ids).logits`` over the whole sequence, ``cross_entropy(reduction=
 "none")`` and a mean over the response positions. winnow scores the same sequences (same model object, same
-tokenisation, same ``max_tokens`` truncation, both built by ``engine.loss.build_plan`` inside the timed region) in
+tokenisation, same ``max_tokens`` truncation, both built by ``engine.stages.loss.build_plan`` inside the timed region) in
 length-sorted batches under a token budget, with the backbone only and ``kernels.xent`` on the response positions.
 Both paths run in this process on the same rows, alternating over groups of ``--group`` rows; the JSON line reports
 rows/s of each, the ratio and the largest relative difference of the per-row losses.
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from bench._common import SHARED_DATA, append_result, print_json
-from engine.loss import LossConfig, LossScorer, build_plan
+from engine.stages.loss import LossConfig, LossScorer, build_plan
 
 
 def alpaca_conversations(rows: int, seed: int) -> list[list[dict]]:
@@ -40,7 +40,7 @@ def alpaca_conversations(rows: int, seed: int) -> list[list[dict]]:
     pick = np.random.default_rng(seed).choice(len(t["instruction"]), size=rows, replace=False)
     convs = []
     for i in pick:
-        # engine.schema's alpaca prompt: instruction, plus "\n\n" + input when there is one.
+        # engine.io.schema's alpaca prompt: instruction, plus "\n\n" + input when there is one.
         prompt = t["instruction"][i] + ("\n\n" + t["input"][i] if t["input"][i] else "")
         convs.append([{"role": "user", "content": prompt}, {"role": "assistant", "content": t["output"][i]}])
     return convs

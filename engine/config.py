@@ -13,14 +13,14 @@ from typing import Any
 
 import tomllib
 
-from engine.clean import CleanConfig
-from engine.contamination import ContaminationConfig
-from engine.dedup import DedupConfig
-from engine.embed import EmbedConfig
+from engine.stages.clean import CleanConfig
+from engine.stages.contamination import ContaminationConfig
+from engine.stages.dedup import DedupConfig
+from engine.stages.embed import EmbedConfig
 from engine.errors import UserError
-from engine.labels import LabelNoiseConfig
-from engine.loss import LossConfig
-from engine.semdedup import SemDedupConfig
+from engine.stages.labels import LabelNoiseConfig
+from engine.stages.loss import LossConfig
+from engine.stages.semdedup import SemDedupConfig
 
 
 @dataclass
@@ -72,14 +72,14 @@ class Config:
     read: ReadConfig = field(default_factory=ReadConfig)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
     rules: RulesConfig = field(default_factory=RulesConfig)
-    clean: CleanConfig = field(default_factory=CleanConfig)  # Gopher/C4 + SFT quality rules (engine/clean.py)
+    clean: CleanConfig = field(default_factory=CleanConfig)  # Gopher/C4 + SFT quality rules (engine/stages/clean.py)
     exact: ExactDedupConfig = field(default_factory=ExactDedupConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)  # MinHash near duplicates (engine/dedup.py)
-    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)  # engine/contamination.py
-    embed: EmbedConfig = field(default_factory=EmbedConfig)  # embeddings: MiniLM or the static tier (engine/embed.py)
+    dedup: DedupConfig = field(default_factory=DedupConfig)  # MinHash near duplicates (engine/stages/dedup.py)
+    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)  # engine/stages/contamination.py
+    embed: EmbedConfig = field(default_factory=EmbedConfig)  # embeddings: MiniLM or the static tier (engine/stages/embed.py)
     semdedup: SemDedupConfig = field(default_factory=SemDedupConfig)  # semantic near duplicates, off by default
-    labels: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)  # label-noise scores (engine/labels.py)
-    loss: LossConfig = field(default_factory=LossConfig)  # per-sample LM losses and IFD (engine/loss.py)
+    labels: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)  # label-noise scores (engine/stages/labels.py)
+    loss: LossConfig = field(default_factory=LossConfig)  # per-sample LM losses and IFD (engine/stages/loss.py)
     run: RunConfig = field(default_factory=RunConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
 

@@ -96,7 +96,7 @@ def reject(
 
 
 class GlobalStage:
-    """A stage that needs the whole corpus. ``run(ctx)`` returns an update table (see ``engine.runner``)."""
+    """A stage that needs the whole corpus. ``run(ctx)`` returns an update table (see ``engine.run.local``)."""
 
     name: str = "global"
 

@@ -1,5 +1,5 @@
 """Per-text quality signals in one pass over the UTF-8 bytes: the Gopher quality and repetition measures and
-the character statistics the SFT cleaning rules (``engine/clean.py``) judge.
+the character statistics the SFT cleaning rules (``engine/stages/clean.py``) judge.
 
 Definitions (both implementations below follow them exactly; "characters" are Unicode code points):
 

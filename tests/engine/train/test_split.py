@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.split import assign_splits, split_run
+from engine.train.split import assign_splits, split_run
 
 
 def _ids(n):

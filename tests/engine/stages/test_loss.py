@@ -1,4 +1,4 @@
-"""engine/loss.py with a tiny random Llama (2 layers, 211-word vocabulary) and a word-level tokenizer with a ChatML
+"""engine/stages/loss.py with a tiny random Llama (2 layers, 211-word vocabulary) and a word-level tokenizer with a ChatML
 template, both built here and saved to a tmp folder: no downloads. The scorer (backbone + kernels.xent, batched,
 sorted by length) must equal a naive per-sequence ``model(...).logits`` + ``cross_entropy`` computation whose
 response positions are found independently (from token counts, not from the scorer's character spans)."""
@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from engine import loss as L
+from engine.stages import loss as L
 from kernels import xent as X
 
 WORDS = str.split(

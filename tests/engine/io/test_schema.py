@@ -4,8 +4,8 @@ import pyarrow as pa
 import pytest
 
 from engine.errors import UserError
-from engine.readers import discover, read_shard
-from engine.schema import CANONICAL, canonicalize, detect_format
+from engine.io.readers import discover, read_shard
+from engine.io.schema import CANONICAL, canonicalize, detect_format
 
 
 def _canon(tmp_path, rows, name="x.jsonl", fmt="auto", mapping=None):

@@ -205,7 +205,7 @@ class MinHashStage(Stage):
         if self._dir is None:
             raise RuntimeError(
                 "MinHashStage: the runner must call stage.begin_shard(shard_index, work_dir) before a shard's "
-                "batches (engine/dedup.py docstring)"
+                "batches (engine/stages/dedup.py docstring)"
             )
         c = self.cfg
         if c.verify == "exact":  # signature and shingle sets from one pass over the text
@@ -620,7 +620,7 @@ class NearDedup(GlobalStage):
             }
         )
         upd = upd.with_columns(
-            # Survivors: null verdict = no change (engine.runner.run_global drops null verdicts), so their verdict,
+            # Survivors: null verdict = no change (engine.run.local.run_global drops null verdicts), so their verdict,
             # detail and duplicate_of stay as they were; they still get minhash_cluster.
             pl.when(pl.col("_is_dup")).then(pl.lit("near_duplicate")).otherwise(None).alias("verdict"),
             pl.when(pl.col("_is_dup"))

@@ -37,10 +37,10 @@ import pyarrow.parquet as pq
 from engine import __version__
 from engine.config import Config
 from engine.errors import UserError
-from engine.readers import Shard, discover, estimate_rows, read_shard
-from engine.schema import CANONICAL_TYPES, canonicalize, detect_format, required_columns
+from engine.io.readers import Shard, discover, estimate_rows, read_shard
+from engine.io.schema import CANONICAL_TYPES, canonicalize, detect_format, required_columns
 from engine.stage import GlobalStage, Stage
-from engine.writers import META_FORMAT, META_INPUT_COLUMNS, PartWriter, write_json_atomic
+from engine.io.writers import META_FORMAT, META_INPUT_COLUMNS, PartWriter, write_json_atomic
 
 # Sections of the config that change what the map phase writes: a finished shard is reused only if they match.
 MAP_SECTIONS = ("read", "normalize", "rules", "clean", "dedup", "contamination", "embed")
@@ -55,7 +55,7 @@ def validate(config: Config) -> None:
     except ValueError as e:
         raise UserError(str(e)) from None
     if config.contamination.against:
-        from engine.contamination import eval_files
+        from engine.stages.contamination import eval_files
 
         try:
             eval_files(config.contamination.against)
@@ -66,10 +66,10 @@ def validate(config: Config) -> None:
 def build_map_stages(config: Config, work_dir: str | None = None, n_rows: int | None = None) -> list[Stage]:
     """The map stages in order; ``work_dir`` (OUT/work) and ``n_rows`` (the corpus size, an estimate) are for the
     embedder (its cache, and ``auto``'s choice by corpus size)."""
-    from engine.clean import CleanStage
-    from engine.exact import ContentHashStage
-    from engine.normalize import NormalizeStage
-    from engine.rules import RulesStage
+    from engine.stages.clean import CleanStage
+    from engine.stages.exact import ContentHashStage
+    from engine.stages.normalize import NormalizeStage
+    from engine.stages.rules import RulesStage
 
     stages: list[Stage] = [
         NormalizeStage(config.normalize),
@@ -78,15 +78,15 @@ def build_map_stages(config: Config, work_dir: str | None = None, n_rows: int | 
         ContentHashStage(),
     ]
     if config.contamination.against:
-        from engine.contamination import ContaminationStage
+        from engine.stages.contamination import ContaminationStage
 
         stages.append(ContaminationStage(config.contamination))
     if config.dedup.enabled:
-        from engine.dedup import MinHashStage
+        from engine.stages.dedup import MinHashStage
 
         stages.append(MinHashStage(config.dedup))
     if config.embed.embedder != "none" and "embed" not in config.run.skip_stages:
-        from engine.embed import EmbedStage
+        from engine.stages.embed import EmbedStage
 
         stages.append(EmbedStage(config.embed, work_dir=work_dir, n_rows=n_rows))
     return [s for s in stages if s.name not in config.run.skip_stages]
@@ -109,25 +109,25 @@ def loss_enabled(config: Config) -> bool:
 
 
 def build_global_stages(config: Config) -> list[GlobalStage]:
-    from engine.exact import ExactDedup
+    from engine.stages.exact import ExactDedup
 
     stages: list[GlobalStage] = []
     if config.exact.enabled:
         stages.append(ExactDedup(config.exact))
     if config.dedup.enabled:  # after exact dedup, so exact copies take no part in near-duplicate clusters
-        from engine.dedup import NearDedup
+        from engine.stages.dedup import NearDedup
 
         stages.append(NearDedup(config.dedup))
     if config.semdedup.enabled:
-        from engine.semdedup import SemDedup
+        from engine.stages.semdedup import SemDedup
 
         stages.append(SemDedup(config.semdedup))
     if config.labels.enabled:
-        from engine.labels import LabelNoise
+        from engine.stages.labels import LabelNoise
 
         stages.append(LabelNoise(config.labels))
     if loss_enabled(config):
-        from engine.loss import LossGlobalStage
+        from engine.stages.loss import LossGlobalStage
 
         stages.append(LossGlobalStage(config))
     skip = set(config.run.skip_stages) | ({"near_dedup"} if "minhash" in config.run.skip_stages else set())
@@ -553,8 +553,8 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
         # re-import pyarrow/polars/numba per worker, ~1.5 s each; plain fork would copy this process's threads).
         ctx = mp.get_context("forkserver")
         ctx.set_forkserver_preload(
-            ["engine.runner", "engine.normalize", "engine.rules", "engine.exact", "engine.clean", "engine.dedup",
-             "engine.embed"]
+            ["engine.run.local", "engine.stages.normalize", "engine.stages.rules", "engine.stages.exact", "engine.stages.clean", "engine.stages.dedup",
+             "engine.stages.embed"]
         )
         threads = max(1, (os.cpu_count() or 1) // workers)
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:

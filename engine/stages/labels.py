@@ -1,6 +1,6 @@
 """Label-noise scores for text + label rows: which given labels does the text itself disagree with?
 
-Proxy model: multinomial logistic regression on the row embeddings (engine/embed.py; for labelled rows the
+Proxy model: multinomial logistic regression on the row embeddings (engine/stages/embed.py; for labelled rows the
 embedding is of the text alone, never the label). Probabilities are out-of-fold: stratified K-fold (K = 5), each
 row scored by the model trained on the other folds, so no row is scored by a model that saw its label.
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.dedup import DedupConfig, MinHashStage, NearDedup, load_signatures, near_duplicate_clusters
+from engine.stages.dedup import DedupConfig, MinHashStage, NearDedup, load_signatures, near_duplicate_clusters
 from kernels.minhash import minhash
 
 
@@ -48,7 +48,7 @@ def _batch(texts, verdicts=None, start=0):
 
 
 class _Ctx:
-    """The slice of engine.runner.GlobalContext that NearDedup uses."""
+    """The slice of engine.run.local.GlobalContext that NearDedup uses."""
 
     def __init__(self, work_dir, frames):
         self.work_dir = work_dir
@@ -197,7 +197,7 @@ def test_property_conservation(groups, kept_flags):
 
 
 def test_dedup_text_skips_empty_side():
-    from engine.dedup import dedup_text
+    from engine.stages.dedup import dedup_text
 
     b = _batch(["alpha beta gamma delta epsilon zeta", "eta theta iota kappa lambda mu"])
     empty_prompt = b.set_column(b.schema.get_field_index("prompt"), "prompt", pa.array(["", ""], pa.large_string()))
@@ -210,12 +210,12 @@ def test_dedup_text_skips_empty_side():
 
 
 def test_with_runner(tmp_path):
-    """Through engine.runner.score: the begin_shard / ctx.frame / update contract, two shards, conservation."""
+    """Through engine.run.local.score: the begin_shard / ctx.frame / update contract, two shards, conservation."""
     import inspect
 
     import pyarrow.parquet as pq
 
-    runner = pytest.importorskip("engine.runner")
+    runner = pytest.importorskip("engine.run.local")
     if "map_stages" not in inspect.signature(runner.score).parameters:
         pytest.skip("runner has no map_stages/global_stages hooks")
     from engine.config import Config

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.config import Config
-from engine.runner import score
+from engine.run.local import score
 
 
 def _cfg():

@@ -1,7 +1,7 @@
 """Train / validation / test splits in which no near-duplicate cluster crosses splits.
 
 ``assign_splits(ids, clusters, fractions, seed)`` works on arrays: every row of a cluster (``minhash_cluster`` from
-engine/dedup.py; a null / negative cluster means a singleton) goes to the same split. Clusters are visited in a
+engine/stages/dedup.py; a null / negative cluster means a singleton) goes to the same split. Clusters are visited in a
 seeded random order (a hash of (seed, cluster key), so the result does not depend on row order or platform) and
 each goes to the split whose row count is furthest below its target ``fraction x rows``, relative to that target.
 Targets are met to within the largest cluster's size; with singletons only, exactly up to rounding.
@@ -104,7 +104,7 @@ def split_run(
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from engine.writers import align_table
+    from engine.io.writers import align_table
 
     p = Path(scores)
     files = sorted(p.glob("part-*.parquet")) if p.is_dir() else [p]

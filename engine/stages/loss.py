@@ -50,7 +50,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.schema import ROLE_MAP  # ShareGPT human/gpt and friends -> user/assistant
+from engine.io.schema import ROLE_MAP  # ShareGPT human/gpt and friends -> user/assistant
 from engine.stage import GlobalStage, Stage, kept_mask, set_column
 
 if TYPE_CHECKING:

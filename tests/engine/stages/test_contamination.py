@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from engine.contamination import ContaminationConfig, ContaminationStage, eval_set_name
+from engine.stages.contamination import ContaminationConfig, ContaminationStage, eval_set_name
 from tests.conftest import SHARED_DATA
 
 EVAL_A = [

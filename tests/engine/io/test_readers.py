@@ -8,7 +8,7 @@ import pytest
 from pyarrow import ipc
 
 from engine.errors import UserError
-from engine.readers import ERROR, RAW, ROW, discover, read_shard
+from engine.io.readers import ERROR, RAW, ROW, discover, read_shard
 
 ROWS = [{"instruction": f"q{i}", "input": "", "output": f"answer number {i}"} for i in range(25)]
 

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.dedup import dedup_text
+from engine.stages.dedup import dedup_text
 from engine.stage import Stage, kept_mask, reject
 from kernels.minhash import (
     DEFAULT_HASH_SEED,

@@ -3,7 +3,7 @@ tier distilled from the same encoder (model2vec's method) that is >100x faster o
 
 What is embedded: ``prompt + "\\n" + response``; for rows with a ``label`` (classification data) only ``prompt``,
 because the response is the label's name there, and an embedding that contains the label would let the label-noise
-proxy (engine/labels.py) read the given label back instead of judging it from the text.
+proxy (engine/stages/labels.py) read the given label back instead of judging it from the text.
 
 Encoder tier (``EncoderEmbedder``): mean pooling over non-pad tokens + L2 norm, exactly sentence-transformers'
 ``Transformer -> Pooling(mean) -> Normalize`` for all-MiniLM-L6-v2, truncated at the model's ``max_seq_length``

@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 
 from engine.config import SelectConfig
 from engine.errors import UserError
-from engine.schema import CANONICAL_TYPES, ORIG_PREFIX
-from engine.writers import META_INPUT_COLUMNS, align_table, write_json_atomic
+from engine.io.schema import CANONICAL_TYPES, ORIG_PREFIX
+from engine.io.writers import META_INPUT_COLUMNS, align_table, write_json_atomic
 
 CHARS_PER_TOKEN = 4.0
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.errors import UserError
-from engine.readers import ERROR, RAW, ROW
+from engine.io.readers import ERROR, RAW, ROW
 from kernels.strings import combine_hashes, hash_strings
 
 STR = pa.large_string()

@@ -5,7 +5,7 @@ definitions): ``n_words``, ``mean_word_len``, ``frac_letters``, ``frac_digits``,
 ``frac_non_ascii``, ``frac_alpha_words``, ``n_lines``, ``max_line_len``, ``frac_dup_line``, ``frac_dup_line_chars``,
 ``top_{2,3,4}gram_frac``, ``dup_{5..10}gram_frac``, ``symbol_word_ratio``, ``frac_bullet_lines``,
 ``frac_ellipsis_lines``, ``n_urls``, ``n_code_fences``, ``script`` (dominant script's name), ``frac_script``.
-Characters are counted by engine/rules.py already (``prompt_chars``, ``response_chars``), so not again here.
+Characters are counted by engine/stages/rules.py already (``prompt_chars``, ``response_chars``), so not again here.
 
 Verdicts, checked in this order on rows still ``kept`` (``detail`` = the measured value and the bound, prefixed
 ``prompt.`` when the prompt was judged):
@@ -20,7 +20,7 @@ Verdicts, checked in this order on rows still ``kept`` (``detail`` = the measure
   has 5+ words and makes up at least half of the response's characters: the model echoed its input and added
   little. An answer that restates the question and then answers it passes (plain containment flagged 15
   alpaca_52k rows, most of them such answers), and so does one that repeats only the *input* part (edit tasks
-  that leave a sentence unchanged). Exact equality is engine/rules.py's ``response_equals_prompt``.
+  that leave a sentence unchanged). Exact equality is engine/stages/rules.py's ``response_equals_prompt``.
 - ``truncated``: an unclosed ```` ``` ```` block; a last character that cannot end a text ("(", "[", "{", "–",
   "、"); in responses of 8+ words a last word that cannot end an English sentence ("and", "the", "of",
   "because", ...); in responses of 20+ words a "," closing a line of 5+ words (a letter's "Sincerely," passes), a

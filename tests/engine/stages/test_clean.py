@@ -1,4 +1,4 @@
-"""engine/clean.py: every rule on a planted positive and a planted negative (English and CJK), the judged field
+"""engine/stages/clean.py: every rule on a planted positive and a planted negative (English and CJK), the judged field
 per format, conservation of rows, and the kept share on the real Chinese set."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from engine.clean import CleanConfig, CleanStage
+from engine.stages.clean import CleanConfig, CleanStage
 from tests.conftest import SHARED_DATA
 
 STR = pa.large_string()
