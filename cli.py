@@ -18,78 +18,40 @@ import sys
 import traceback
 from pathlib import Path
 
-# (flag, section, field, type, help). Each flag maps onto one config field; --config FILE.toml sets any field.
-OPTIONS = [
-    ("--format", "read", "format", str, "input format: auto | alpaca | chat | sharegpt | classification | text "
-     "(default: auto, from the column names)"),
-    ("--batch-rows", "read", "batch_rows", int, "rows per Arrow batch (default: 8192)"),
-    ("--jsonl-block-bytes", "read", "jsonl_block_bytes", int, "bytes of JSONL parsed per block (default: 8 MiB)"),
-    ("--normalize-form", "normalize", "form", str, "Unicode normal form NFC | NFKC | NFD | NFKD (default: NFC)"),
-    ("--min-response-chars", "rules", "min_response_chars", int,
-     "responses shorter than this many characters get verdict too_short (default: 1)"),
-    ("--max-response-chars", "rules", "max_response_chars", int,
-     "responses longer than this get verdict too_long, characters (default: 32768; -1 = no limit)"),
-    ("--max-prompt-chars", "rules", "max_prompt_chars", int,
-     "prompts longer than this get verdict prompt_too_long, characters (default: 32768; -1 = no limit)"),
-    ("--dedup-threshold", "dedup", "threshold", float,
-     "MinHash near-duplicate Jaccard threshold on word 5-gram shingles (default: 0.8)"),
-    ("--num-perm", "dedup", "num_perm", int, "MinHash permutations per signature (default: 128)"),
-    ("--minhash-compat", "dedup", "family", str,
-     "permutation family: fast (default) | datasketch (signatures equal datasketch.MinHash hashvalues)"),
-    ("--minhash-scheme", "dedup", "scheme", str,
-     "datasketch scheme with --minhash-compat datasketch: affine32 (datasketch 2.x default) | affine64 | legacy"),
-    ("--dedup-verify", "dedup", "verify", str,
-     "candidate check: signature (estimated Jaccard, default) | exact (shingle sets; ~2x slower, more disk)"),
-    ("--embedder", "embed", "embedder", str,
-     "auto | none | minilm | static | PATH (local HF encoder) | static:PATH (default: auto = MiniLM on a GPU or "
-     "for <= 20,000 rows on CPU, else the static tier; the choice and why go into the manifest)"),
-    ("--embed-device", "embed", "device", str, "auto | cpu | cuda (default: auto)"),
-    ("--semdedup-threshold", "semdedup", "threshold", float,
-     "cosine for semantic duplicates (default: -1 = calibrated per tier: 0.95 MiniLM, 0.99 static)"),
-    ("--label-folds", "labels", "n_folds", int, "folds of the out-of-fold label-noise proxy (default: 5)"),
-    ("--loss-model", "loss", "model", str,
-     "reference causal LM for losses/IFD: smollm2 (SmolLM2-135M-Instruct, shipped offline) or a local folder"),
-    ("--loss-budget", "loss", "loss_budget", str,
-     "limit LM scoring to rows ('2000') or minutes ('10m'), kept rows only, --loss-priority order (-1 = no limit)"),
-    ("--loss-priority", "loss", "priority", str, "score column ordering which kept rows get LM losses first"),
-    ("--loss-max-tokens", "loss", "max_tokens", int, "tokens per sequence; longer ones are cut and flagged (512)"),
-    ("--loss-batch-tokens", "loss", "batch_tokens", int, "padded tokens per forward pass (default: 8192)"),
-    ("--loss-device", "loss", "device", str, "auto | cpu | cuda (default: auto)"),
-    ("--workers", "run", "workers", int, "processes for the map phase (default: 0 = one per core)"),
-    ("--seed", "run", "seed", int, "seed for every random choice (default: 0)"),
-]
-SWITCHES = [
-    ("--no-normalize", "normalize", "enabled", "skip Unicode normalisation"),
-    ("--no-exact-dedup", "exact", "enabled", "skip exact deduplication"),
-    ("--no-near-dedup", "dedup", "enabled", "skip MinHash near-duplicate detection"),
-    ("--no-clean", "clean", "enabled", "measure the quality signals but reject nothing by them"),
-    ("--no-label-noise", "labels", "enabled", "skip label-noise scores (label_quality, label_issue)"),
-]
 SELECT_OPTIONS = [
     ("--method", "select", "method", str, "topk | random | auto (default: auto = topk if --score is given, else random)"),
     ("--score", "select", "score", str, "score column for topk, higher is better (see --ascending)"),
     ("--budget", "select", "budget", str,
-     "how much to select: a count (5000), a fraction of kept rows (0.2 or 20%%), or tokens (tokens:2e6); "
-     "default: 0.2"),
+     ("how much to select: a count (5000), a fraction of kept rows (0.2 or 20%%), or tokens (tokens:2e6); "
+      "default: 0.2")),
 ]
+
+
+def _score_options():
+    """Every scoring flag: the runner's own (engine.config.CORE_OPTIONS) and each stage's (engine/registry.py)."""
+    from engine import registry
+    from engine.config import CORE_OPTIONS
+
+    return CORE_OPTIONS + registry.options()
+
+
+def _dest(flag: str) -> str:
+    return "opt_" + flag.lstrip("-").replace("-", "_")
 
 
 def _add_score_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring")
-    for flag, _s, _f, typ, help_ in OPTIONS:
-        g.add_argument(flag, type=typ, default=None, help=help_)
-    for flag, _s, _f, help_ in SWITCHES:
-        g.add_argument(flag, action="store_true", help=help_)
-    g.add_argument("--loss", dest="loss_on", action="store_true",
-                   help="score per-sample LM losses and IFD (default: only when a CUDA GPU is present)")
-    g.add_argument("--no-loss", dest="loss_off", action="store_true", help="never score LM losses")
-    g.add_argument("--semdedup", action="store_true",
-                   help="mark semantic near duplicates (embedding cosine; off by default, see docs/EMBED.md)")
-    g.add_argument("--against", nargs="+", default=None, metavar="EVAL",
-                   help="evaluation sets (Parquet/JSONL files or folders): rows whose 13-grams or MinHash "
-                   "(J >= 0.8 on the prompt) hit one get verdict contaminated")
+    for o in _score_options():
+        if o.flag == "--seed":
+            continue  # added per command (select has its own)
+        if o.type is None:
+            g.add_argument(o.flag, dest=_dest(o.flag), action="store_true", help=o.help)
+        else:
+            g.add_argument(o.flag, dest=_dest(o.flag), type=o.type, default=None, nargs=o.nargs, metavar=o.metavar,
+                           help=o.help.replace("%", "%%"))
     g.add_argument("--map", default=None, metavar="CANON=COL,...",
                    help="map input columns onto canonical ones, e.g. prompt=question,response=answer,label=y")
+    g.add_argument("--seed", dest="opt_seed", type=int, default=None, help="seed for every random choice (default: 0)")
 
 
 def _add_select_options(p: argparse.ArgumentParser) -> None:
@@ -146,21 +108,24 @@ def _overrides(args: argparse.Namespace, with_select: bool) -> dict:
     from engine.errors import UserError
 
     ov: dict = {}
-    for flag, sec, fld, _t, _h in OPTIONS + (SELECT_OPTIONS if with_select else []):
+    given: dict[tuple[str, str], str] = {}
+    for o in _score_options():
+        v = getattr(args, _dest(o.flag), None)
+        if o.type is None:
+            if not v:
+                continue
+            v = o.value
+        elif v is None:
+            continue
+        key = (o.section, o.field)
+        if key in given and given[key] != o.flag:
+            raise UserError(f"{given[key]} and {o.flag} contradict each other")
+        given[key] = o.flag
+        ov.setdefault(o.section, {})[o.field] = list(v) if o.nargs else v
+    for flag, sec, fld, _t, _h in SELECT_OPTIONS if with_select else []:
         v = getattr(args, flag.lstrip("-").replace("-", "_"), None)
         if v is not None:
             ov.setdefault(sec, {})[fld] = v
-    for flag, sec, fld, _h in SWITCHES:
-        if getattr(args, flag.lstrip("-").replace("-", "_"), False):
-            ov.setdefault(sec, {})[fld] = False
-    if getattr(args, "loss_on", False) and getattr(args, "loss_off", False):
-        raise UserError("--loss and --no-loss contradict each other")
-    if getattr(args, "loss_on", False) or getattr(args, "loss_off", False):
-        ov.setdefault("loss", {})["enabled"] = "on" if args.loss_on else "off"
-    if getattr(args, "semdedup", False):
-        ov.setdefault("semdedup", {})["enabled"] = True
-    if getattr(args, "against", None):
-        ov.setdefault("contamination", {})["against"] = list(args.against)
     if getattr(args, "map", None):
         mapping = {}
         for item in args.map.split(","):
@@ -245,13 +210,13 @@ def cmd_run(args) -> None:
 
         demo = Path(args.out) / "demo"
         if not (demo / "truth.json").exists():
-            make_demo(demo, seed=args.seed or 0)
+            make_demo(demo, seed=args.opt_seed or 0)
         args.inputs = [str(demo / "input")]
-        if not args.against:  # the demo ships an evaluation prompt set, some of it planted in the training rows
-            args.against = [str(demo / "eval")]
+        if not args.opt_against:  # the demo ships an evaluation prompt set, some of it planted in the training rows
+            args.opt_against = [str(demo / "eval")]
         if not args.quiet:
             print(f"no INPUT given: running on the generated demo corpus in {demo}/input "
-                  f"(contamination checked against {args.against[0]})")
+                  f"(contamination checked against {args.opt_against[0]})")
     cfg = load_config(args.config, _overrides(args, True))
     cmd_score(args, with_select=True)
     cmd_select(args, scores_dir=args.out, cfg=cfg)

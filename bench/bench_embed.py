@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import SHARED_DATA, append_result, print_json
-from engine.stages.embed import EncoderEmbedder, StaticEmbedder, default_model_path
+from engine.models.encoder import EncoderEmbedder, default_model_path
+from engine.models.static import StaticEmbedder
 from engine.stages.semdedup import DEFAULT_THRESHOLDS
 
 STR = pa.large_string()

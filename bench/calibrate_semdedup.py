@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._common import SHARED_DATA, print_json
-from engine.stages.embed import EmbedConfig, EmbedStage, embeddings_to_numpy, user_cache_dir
+from engine.models.embed_cache import user_cache_dir
+from engine.stages.embed import EmbedConfig, EmbedStage, embeddings_to_numpy
 
 STR = pa.large_string()
 BANDS = [0.85, 0.90, 0.93, 0.95, 0.97, 0.99, 1.001]

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# kernels/xent.py on a CUDA GPU, in one call: correctness of the Triton kernel against a float64 reference, then
+# kernels/xent.py on a CUDA GPU, in one call: the dispatcher's self-check verdict per dtype (which path xent() runs
+# on this GPU: "triton", or "triton-failed-check->torch-chunked" with a warning saying what differed), correctness of
+# the Triton kernel itself (xent_triton, not the dispatcher, so a fallback cannot hide a wrong kernel) against a
+# float64 reference, then
 # forward time and peak memory vs naive torch (bf16 logits, float32 cross_entropy(reduction="none"), as HF does)
 # and vs Liger-Kernel (fused linear cross-entropy, and its cross-entropy on materialised logits), at T = 8192 and
 # 32768 tokens, (V, H) = (49152, 576) (SmolLM2) and (128256, 4096) (Llama 3 8B), bf16 inputs.
@@ -49,7 +52,15 @@ dev = torch.device("cuda")
 props = torch.cuda.get_device_properties(dev)
 print(f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, triton {triton.__version__}")
 quick = os.environ.get("QUICK") == "1"
-summary = {"device": props.name, "correctness": [], "timing": []}
+summary = {"device": props.name, "self_check": [], "correctness": [], "timing": []}
+
+# ---- self-check: what xent(device="cuda") will run on this GPU, per dtype (a failed check also warns on stderr)
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    check = X.check_triton(dev, dtype=dtype)
+    path = X.xent_path(dev, dtype)
+    print(f"self-check {check.describe()} -> xent path: {path}")
+    summary["self_check"].append({"key": check.key, "ok": check.ok, "max_abs_err": check.max_abs_err,
+                                  "max_rel_err": check.max_rel_err, "error": check.error, "path": path})
 
 
 def inputs(t, h, v, dtype, seed=0, masked=0.0):
@@ -67,7 +78,7 @@ for (t, h, v) in [(1000, 576, 49152), (777, 4096, 128256), (1, 64, 997), (4099, 
     for dtype, atol in [(torch.float32, 2e-4), (torch.bfloat16, 2e-3)]:
         hid, w, tgt, m = inputs(t, h, v, dtype, seed=t, masked=0.25 if t > 1 else 0.0)
         want = X.xent_reference(hid.double(), w.double(), tgt, m)
-        got = X.xent(hid, w, tgt, m, device="cuda")
+        got = X.xent_triton(hid, w, tgt, m)  # the kernel itself, whatever the dispatcher's verdict
         err = float((got.double() - want).abs().max())
         seg = torch.arange(t, device=dev) // 7
         sums, counts = X.xent(hid, w, tgt, m, device="cuda", segment_ids=seg)
@@ -162,5 +173,8 @@ for k, (t, v, h) in enumerate(shapes):
     del hid, w, tgt
     torch.cuda.empty_cache()
 
+summary["paths_used"] = X.xent_paths_used()
+for key, path in summary["paths_used"].items():
+    print(f"xent path used: {key} -> {path}")
 print(json.dumps(summary, default=str, sort_keys=True))
 PYEOF

@@ -13,14 +13,9 @@ from typing import Any
 
 import tomllib
 
-from engine.stages.clean import CleanConfig
-from engine.stages.contamination import ContaminationConfig
-from engine.stages.dedup import DedupConfig
-from engine.stages.embed import EmbedConfig
+from engine import registry
 from engine.errors import UserError
-from engine.stages.labels import LabelNoiseConfig
-from engine.stages.loss import LossConfig
-from engine.stages.semdedup import SemDedupConfig
+from engine.registry import Option
 
 
 @dataclass
@@ -29,25 +24,6 @@ class ReadConfig:
     map: dict[str, str] = field(default_factory=dict)  # canonical name -> input column, e.g. {"prompt": "question"}
     batch_rows: int = 8192  # rows per Arrow batch handed to stages (memory per batch ~ rows x mean row bytes)
     jsonl_block_bytes: int = 8 << 20  # bytes of JSONL parsed per block (8 MiB); bounds reader memory
-
-
-@dataclass
-class NormalizeConfig:
-    enabled: bool = True  # NFC, control characters, line endings, trailing spaces, runs of blank lines
-    form: str = "NFC"  # Unicode normal form: NFC | NFKC | NFD | NFKD
-
-
-@dataclass
-class RulesConfig:
-    min_response_chars: int = 1  # shorter responses get verdict too_short (characters, after normalisation)
-    max_response_chars: int = 32768  # longer responses get verdict too_long (characters); -1 = no limit
-    max_prompt_chars: int = 32768  # longer prompts get verdict prompt_too_long (characters); -1 = no limit
-    reject_response_equals_prompt: bool = True  # verdict response_equals_prompt
-
-
-@dataclass
-class ExactDedupConfig:
-    enabled: bool = True  # exact dedup on normalised prompt + response, first occurrence kept
 
 
 @dataclass
@@ -67,30 +43,47 @@ class SelectConfig:
     budget: str = "0.2"  # a count ("5000"), a fraction ("0.2" or "20%"), or tokens ("tokens:2e6")
 
 
-@dataclass
-class Config:
-    read: ReadConfig = field(default_factory=ReadConfig)
-    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
-    rules: RulesConfig = field(default_factory=RulesConfig)
-    clean: CleanConfig = field(default_factory=CleanConfig)  # Gopher/C4 + SFT quality rules (engine/stages/clean.py)
-    exact: ExactDedupConfig = field(default_factory=ExactDedupConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)  # MinHash near duplicates (engine/stages/dedup.py)
-    contamination: ContaminationConfig = field(default_factory=ContaminationConfig)  # engine/stages/contamination.py
-    embed: EmbedConfig = field(default_factory=EmbedConfig)  # embeddings: MiniLM or the static tier (engine/stages/embed.py)
-    semdedup: SemDedupConfig = field(default_factory=SemDedupConfig)  # semantic near duplicates, off by default
-    labels: LabelNoiseConfig = field(default_factory=LabelNoiseConfig)  # label-noise scores (engine/stages/labels.py)
-    loss: LossConfig = field(default_factory=LossConfig)  # per-sample LM losses and IFD (engine/stages/loss.py)
-    run: RunConfig = field(default_factory=RunConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)
-
+class _ConfigBase:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def section_hash(self, *names: str) -> str:
         """Stable hash of the named sections (what decides whether a finished shard can be reused)."""
         d = self.to_dict()
-        blob = json.dumps({n: d[n] for n in names}, sort_keys=True)
+        blob = json.dumps({n: d[n] for n in names}, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _build_config_class() -> type:
+    """``Config``: ``read``, then one section per registered stage (in data-path order), then ``run`` and
+    ``select``. A stage's section exists as soon as its file under engine/stages/ registers it."""
+    fields: list[tuple[str, type, Any]] = [("read", ReadConfig, field(default_factory=ReadConfig))]
+    for name, cls in registry.sections().items():
+        if name in ("read", "run", "select"):
+            raise ValueError(f"a stage may not use the reserved config section {name!r}")
+        fields.append((name, cls, field(default_factory=cls)))
+    fields += [("run", RunConfig, field(default_factory=RunConfig)),
+               ("select", SelectConfig, field(default_factory=SelectConfig))]
+    cls = dataclasses.make_dataclass("Config", fields, bases=(_ConfigBase,))
+    cls.__module__ = __name__
+    cls.__doc__ = "The one config tree: " + ", ".join(n for n, _t, _f in fields) + "."
+    return cls
+
+
+Config = _build_config_class()
+
+# Flags of the sections the runner owns (stage flags are declared by each stage, engine/registry.py).
+CORE_OPTIONS = [
+    Option("--format", "format", "input format: auto | alpaca | chat | sharegpt | classification | text "
+           "(default: auto, from the column names)", section="read"),
+    Option("--batch-rows", "batch_rows", "rows per Arrow batch (default: 8192)", int, section="read"),
+    Option("--jsonl-block-bytes", "jsonl_block_bytes", "bytes of JSONL parsed per block (default: 8 MiB)", int,
+           section="read"),
+    Option("--workers", "workers", "processes for the map phase (default: 0 = one per core)", int, section="run"),
+    Option("--seed", "seed", "seed for every random choice (default: 0)", int, section="run"),
+    Option("--skip-stages", "skip_stages", "stage names to leave out (see `cli.py inspect --stages`)",
+           nargs="+", metavar="STAGE", section="run"),
+]
 
 
 def _update(obj: Any, values: dict[str, Any], where: str) -> None:
@@ -125,3 +118,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if overrides:
         _update(cfg, overrides, "option")
     return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    """A Config from ``Config.to_dict()`` output (what worker processes and run folders carry)."""
+    cfg = Config()
+    _update(cfg, d, "config")
+    return cfg
+
+
+def validate(config: Config) -> None:
+    """Every section's own ``validate()`` (option errors are user errors: one line, exit 2)."""
+    for f in dataclasses.fields(config):
+        sec = getattr(config, f.name)
+        check = getattr(sec, "validate", None)
+        if callable(check):
+            try:
+                check()
+            except (ValueError, FileNotFoundError) as e:
+                raise UserError(str(e)) from None

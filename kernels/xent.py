@@ -15,12 +15,36 @@ token count); the dispatcher ``xent(..., device="auto")``.
 
 Forward only (Liger-Kernel's fused linear cross-entropy with ``HAS_GRADIENTS`` off): scoring never needs a gradient,
 so nothing is saved for backward and every function runs under ``torch.no_grad``.
+
+GPU paths check themselves (DESIGN.md, "Devices and kernels"). The first time the dispatcher would run the Triton
+kernel on a device, ``check_triton`` runs it and the float64 reference on a small fixed batch on that device and
+compares them; if they differ, or the launch raises, the dispatcher warns (what differed, by how much, what runs
+instead) and uses ``xent_chunked`` on that device for the rest of the process. The verdict is cached per device key
+``"cuda:<index> <device name> <dtype>"`` (``"cpu:triton-interpreter <dtype>"`` when tests run the kernel under
+``TRITON_INTERPRET=1``; ``"cpu <dtype>"`` for the plain CPU path). Public API for the loss stage's manifest:
+
+- ``xent_path(device, dtype=torch.float32) -> str``: the path ``xent`` runs (or ran) for hidden states of ``dtype`` on
+  ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a ``torch.device``), running the self-check first if that device
+  has no verdict yet. One of ``PATHS``: ``"triton"`` (passed its check), ``"torch-chunked"`` (the CPU path, or forced),
+  ``"triton-failed-check->torch-chunked"`` (the check failed or raised), ``"triton-unchecked"`` (forced by
+  ``set_path_override("triton")``, no check run).
+- ``xent_paths_used() -> dict[str, str]``: device key -> path, for every device ``xent`` has run on in this process.
+- ``check_triton(device, impl=None, *, dtype=torch.float32) -> XentCheck``: the check itself, with the implementation
+  to check as a parameter (default ``xent_triton``), so that tests run it on CPU tensors under the interpreter.
+- ``device_key(device, dtype) -> str``: the key above, for looking one device up in ``xent_paths_used()``.
+- ``set_path_override(path)``: tests and benchmarks force ``"triton"`` or ``"torch-chunked"``; ``None`` restores the
+  checked choice. ``set_cuda_override`` still pretends a GPU is (or is not) there; with it set to ``True`` under
+  ``TRITON_INTERPRET=1``, ``xent(..., device="cuda")`` runs the Triton path, self-check included, on CPU tensors.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
+import threading
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -327,9 +351,128 @@ def segment_sums(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Self-check of the Triton path on the device it runs on
+# ---------------------------------------------------------------------------------------------------------------
+PATH_TRITON = "triton"  # the Triton kernel, which passed its self-check on this device
+PATH_CHUNKED = "torch-chunked"  # xent_chunked: the CPU path, or forced by set_path_override
+PATH_FALLBACK = "triton-failed-check->torch-chunked"  # the check failed (or raised): xent_chunked on the same device
+PATH_UNCHECKED = "triton-unchecked"  # set_path_override("triton"): the kernel, trusted without a check
+PATHS = (PATH_TRITON, PATH_CHUNKED, PATH_FALLBACK, PATH_UNCHECKED)
+
+# (T, H, V) of the fixed batch. V = 1,283 is prime: its last 128-wide tile holds 3 ids, so a missing vocabulary mask
+# shows; H = 80 is one full 64-wide hidden tile plus a ragged one; T = 150 with 30% unscored leaves 105 scored rows,
+# two token blocks of 64 after compaction, the second ragged. Under the interpreter (sms = 1) it splits V four ways
+# (0.2-0.3 s per check on the 2-core machine); on an H200 eleven ways, one tile each: both exercise the split combine.
+# It checks the algorithm and its lowering on this device, not every specialisation Triton compiles (H and V divisible
+# by 16 compile another variant): bench/gpu_check.sh covers the production shapes.
+CHECK_SHAPE = (150, 80, 1283)
+CHECK_SEED = 1283
+# The reference is float64 on the same dtype-rounded inputs, so the kernel's only error is float32 accumulation: a
+# dot of 80 terms and an online logsumexp over 1,283 ids. Measured under the interpreter: max rel err 1.5e-7 (fp32),
+# 0.9e-7 (bf16), 1.2e-7 (fp16) on NLLs of 5.5-138. On the GPU, bf16/fp16 tensor-core products are exact in the
+# float32 accumulator and fp32 uses input_precision="ieee" (no TF32); ex2.approx/lg2.approx add ~1e-7 relative.
+# rtol = 1e-4 leaves ~500x margin over that noise and still sees small bugs (both planted in the tests): dropping the
+# ragged last tile's 3 ids shifts NLLs by 2.3e-4 rel (median) and fails 93 of the 105 rows at 1e-4, but 1 row at the
+# usual 1e-3 for logsumexp losses; scoring the masked ids >= V as logit 0 shifts them by up to 1.1e-2.
+# atol = 1e-5 only matters for NLLs near 0, which this batch has none of.
+CHECK_RTOL = 1e-4
+CHECK_ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class XentCheck:
+    """The outcome of ``check_triton`` on one device key."""
+
+    key: str  # the device key the verdict is cached under
+    ok: bool  # every position within atol + rtol * |reference|, unscored positions exactly 0, and no exception
+    max_abs_err: float  # max |got - reference| over all positions (inf for NaN/inf, or when the launch raised)
+    max_rel_err: float  # max |got - reference| / |reference| over the scored positions
+    unscored_nonzero: int = 0  # positions that are not scored (masked or ignore_index) but did not come back 0
+    error: str | None = None  # "ExceptionType: message" when the implementation raised, else None
+
+    def describe(self) -> str:
+        t, h, v = CHECK_SHAPE
+        what = f"on a fixed {t} x {h} batch, V = {v}, rtol {CHECK_RTOL:g}, atol {CHECK_ATOL:g}"
+        if self.error is not None:
+            return f"{self.key}: the launch raised {self.error} ({what})"
+        verdict = "matches" if self.ok else "DIFFERS from"
+        zeros = f"{self.unscored_nonzero} unscored positions not 0; " if self.unscored_nonzero else ""
+        return (
+            f"{self.key}: Triton {verdict} the float64 reference (max abs err {self.max_abs_err:.3g}, "
+            f"max rel err {self.max_rel_err:.3g}; {zeros}{what})"
+        )
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def device_key(device: torch.device | str, dtype: torch.dtype, *, triton_path: bool = True) -> str:
+    """``"cuda:0 NVIDIA H200 bfloat16"``: device index + name + dtype, the key verdicts and used paths go under."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)} {_dtype_name(dtype)}"
+    if triton_path and _interpreting():
+        return f"{device.type}:triton-interpreter {_dtype_name(dtype)}"
+    return f"{device.type} {_dtype_name(dtype)}"
+
+
+def _check_batch(device: torch.device, dtype: torch.dtype):
+    """The fixed, seeded batch, drawn on the CPU (the same values on every device), then moved to ``device``."""
+    t, h, v = CHECK_SHAPE
+    g = torch.Generator().manual_seed(CHECK_SEED)
+    hidden = torch.randn(t, h, generator=g)
+    # Head scale 1/sqrt(H): logits with std ~1, so a few wrong ids move the logsumexp visibly (see CHECK_RTOL).
+    weight = torch.randn(v, h, generator=g) / math.sqrt(h)
+    # Three rows with logits of std ~40 (max ~130): exp overflows float32 without the running max.
+    hidden[:3] *= 40.0
+    target = torch.randint(0, v, (t,), generator=g)
+    target[3], target[4] = v - 1, 0  # the last id (in the ragged last tile) and the first
+    target[5::11] = IGNORE_INDEX
+    mask = torch.rand(t, generator=g) >= 0.2
+    mask[:5] = True
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
+    return tuple(x.to(device) for x in (hidden, weight, target, mask))
+
+
+@torch.no_grad()
+def check_triton(device: torch.device | str, impl=None, *, dtype: torch.dtype = torch.float32) -> XentCheck:
+    """Run ``impl`` (default ``xent_triton``, its default launch, as the dispatcher calls it) and ``xent_reference``
+    in float64 on the fixed batch on ``device``; compare every position. Never raises for the implementation's sake:
+    an exception from ``impl`` is a failed check."""
+    device = torch.device(device)
+    impl = xent_triton if impl is None else impl
+    key = device_key(device, dtype)
+    hidden, weight, target, mask = _check_batch(device, dtype)
+    want = xent_reference(hidden.double(), weight.double(), target, mask).cpu()
+    try:
+        got = impl(hidden, weight, target, mask)
+        got = got.detach().to("cpu", torch.float64).reshape(-1)
+        if got.numel() != want.numel():
+            raise ValueError(f"returned {got.numel()} values for {want.numel()} tokens")
+    except Exception as e:  # noqa: BLE001 - any failure of the checked path means: do not use it
+        return XentCheck(key, False, math.inf, math.inf, error=f"{type(e).__name__}: {str(e)[:300]}")
+    err = torch.nan_to_num((got - want).abs(), nan=math.inf)
+    scored = (mask & (target != IGNORE_INDEX)).cpu()
+    rel = err[scored] / want[scored].abs().clamp_min(1e-30)
+    within = err <= CHECK_ATOL + CHECK_RTOL * want.abs()
+    nonzero = int((got[~scored] != 0).sum())
+    return XentCheck(key, bool(within.all()) and nonzero == 0, float(err.max()), float(rel.max()), nonzero)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Dispatcher
 # ---------------------------------------------------------------------------------------------------------------
 _CUDA_OVERRIDE: bool | None = None  # tests set this (nanochat's _override_impl) to pretend a GPU is or isn't there
+_PATH_OVERRIDE: str | None = None  # tests and benchmarks force "triton" or "torch-chunked" on the GPU branch
+_VERDICTS: dict[str, str] = {}  # device key -> path chosen by the self-check, once per process
+_USED: dict[str, str] = {}  # device key -> path xent() ran there (what the loss stage writes into its manifest)
+_LOCK = threading.Lock()  # two threads' first calls on one device run one check, and warn once
 
 
 @functools.cache
@@ -348,19 +491,85 @@ def set_cuda_override(value: bool | None) -> None:
     _CUDA_OVERRIDE = value
 
 
+def set_path_override(path: str | None) -> None:
+    """Force the GPU branch's path: ``"triton"`` (the kernel, no self-check; recorded as ``"triton-unchecked"``) or
+    ``"torch-chunked"``; None restores the self-checked choice. The CPU branch always runs ``xent_chunked``."""
+    global _PATH_OVERRIDE
+    if path not in (None, PATH_TRITON, PATH_CHUNKED):
+        raise ValueError(f"set_path_override: path must be None, {PATH_TRITON!r} or {PATH_CHUNKED!r}, got {path!r}")
+    _PATH_OVERRIDE = path
+
+
+def _no_gpu_error(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"{what} needs a CUDA GPU, but torch.cuda.is_available() is False "
+        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). Use device='auto' or device='cpu' "
+        "for the chunked CPU path, or install a CUDA build of torch on a machine with a GPU."
+    )
+
+
 def resolve_device(device: str, tensor: torch.Tensor | None = None) -> str:
     """``"auto"`` -> ``"cuda"`` when the data is on a GPU, else ``"cpu"``; an explicit ``"cuda"`` needs a GPU."""
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"xent: device must be 'auto', 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not cuda_available():
-        raise RuntimeError(
-            "xent(device='cuda') needs a CUDA GPU, but torch.cuda.is_available() is False "
-            f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). Use device='auto' or device='cpu' "
-            "for the chunked CPU path, or install a CUDA build of torch on a machine with a GPU."
-        )
+        raise _no_gpu_error("xent(device='cuda')")
     if device == "auto":
         return "cuda" if tensor is not None and tensor.is_cuda else "cpu"
     return device
+
+
+def _triton_device(hidden: torch.Tensor) -> torch.device:
+    """Where the GPU branch runs: ``hidden``'s GPU, else the current one. Under ``TRITON_INTERPRET=1`` with
+    ``set_cuda_override(True)`` the interpreter's host is the "GPU", so tests reach this branch with CPU tensors."""
+    if hidden.is_cuda:
+        return hidden.device
+    if _CUDA_OVERRIDE and _interpreting():
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def _gpu_branch_path(dev: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(device key, path) for the GPU branch on ``dev``: the override, else the cached self-check verdict."""
+    key = device_key(dev, dtype)
+    if _PATH_OVERRIDE is not None:
+        return key, PATH_UNCHECKED if _PATH_OVERRIDE == PATH_TRITON else PATH_CHUNKED
+    with _LOCK:
+        path = _VERDICTS.get(key)
+        if path is None:
+            check = check_triton(dev, xent_triton, dtype=dtype)
+            path = PATH_TRITON if check.ok else PATH_FALLBACK
+            if not check.ok:
+                warnings.warn(
+                    f"kernels.xent: the Triton kernel failed its self-check: {check.describe()}. Using "
+                    f"{PATH_CHUNKED} (xent_chunked on the same device) for {key} for the rest of this process; "
+                    f"xent_paths_used() records it as {PATH_FALLBACK!r}.",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+            _VERDICTS[key] = path
+    return key, path
+
+
+def xent_path(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
+    """The path ``xent`` runs for ``dtype`` hidden states on ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a
+    ``torch.device``): ``"torch-chunked"`` on the CPU; on a GPU the self-checked verdict, running the check now if
+    that device has none yet. An explicit GPU without one raises, as ``xent(device="cuda")`` does."""
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        return PATH_CHUNKED
+    if dev.type != "cuda":
+        raise ValueError(f"xent_path: device must be a CPU or CUDA device, got {str(dev)!r}")
+    if not cuda_available():
+        raise _no_gpu_error(f"xent_path({str(dev)!r})")
+    return _gpu_branch_path(dev, dtype)[1]
+
+
+def xent_paths_used() -> dict[str, str]:
+    """Device key -> path for every device ``xent`` ran on in this process (a copy), e.g.
+    ``{"cuda:0 NVIDIA H200 bfloat16": "triton", "cpu float32": "torch-chunked"}``."""
+    with _LOCK:
+        return dict(_USED)
 
 
 @torch.no_grad()
@@ -377,29 +586,28 @@ def xent(
 ):
     """Per-token NLL ``[T]`` (``reduction="none"``), or per-sample ``(sums, counts)`` when ``segment_ids`` is given.
 
-    ``device``: ``"cuda"`` runs the Triton kernel (inputs are moved to the GPU if needed), ``"cpu"`` the chunked
-    torch fallback, ``"auto"`` picks by where ``hidden`` lives. Results come back on ``hidden``'s device.
+    ``device``: ``"cuda"`` runs the Triton kernel (inputs are moved to the GPU if needed) once it has passed its
+    self-check on that device, else ``xent_chunked`` there; ``"cpu"`` the chunked torch fallback; ``"auto"`` picks by
+    where ``hidden`` lives. Results come back on ``hidden``'s device; ``xent_paths_used()`` says which path ran.
     """
     where = resolve_device(device, hidden)
     home = hidden.device
     if where == "cuda":
-        dev = hidden.device if hidden.is_cuda else torch.device("cuda")
-        nll = xent_triton(
-            hidden.to(dev),
-            weight.to(dev),
-            target.to(dev),
-            None if mask is None else mask.to(dev),
-            ignore_index=ignore_index,
-        )
+        dev = _triton_device(hidden)
+        key, path = _gpu_branch_path(dev, hidden.dtype)
     else:
-        cpu = torch.device("cpu")
-        nll = xent_chunked(
-            hidden.to(cpu),
-            weight.to(cpu),
-            target.to(cpu),
-            None if mask is None else mask.to(cpu),
-            ignore_index=ignore_index,
-        )
+        dev = torch.device("cpu")
+        key, path = device_key(dev, hidden.dtype, triton_path=False), PATH_CHUNKED
+    impl = xent_triton if path in (PATH_TRITON, PATH_UNCHECKED) else xent_chunked
+    nll = impl(
+        hidden.to(dev),
+        weight.to(dev),
+        target.to(dev),
+        None if mask is None else mask.to(dev),
+        ignore_index=ignore_index,
+    )
+    with _LOCK:
+        _USED[key] = path
     nll = nll.to(home)
     if segment_ids is None:
         return nll

@@ -74,6 +74,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.registry import Option, register
 from engine.stage import Stage, kept_mask, reject, set_column
 from kernels.text_stats import (
     FLOAT_SIGNALS,
@@ -257,10 +258,15 @@ class _Rule:
         self.mask |= new
 
 
+@register(
+    name="clean", kind="map", section="clean", config=CleanConfig, order=30,
+    # the text signals, and the prompt's as prompt_* (with prompt_signals)
+    columns=tuple(p + k for p in ("", "prompt_") for k in [*_INT_COLS, *_FLOAT_COLS, "script"]),
+    options=[Option("--no-clean", "enabled", "measure the quality signals but reject nothing by them", type=None,
+                    value=False)],
+)  # fmt: skip
 class CleanStage(Stage):
     """Adds the text signals of ``response`` (and ``prompt``) and rejects rows by the rules in the module docstring."""
-
-    name = "clean"
 
     def __init__(self, config: CleanConfig | None = None):
         super().__init__(config or CleanConfig())

@@ -36,8 +36,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.stages.dedup import dedup_text
+from engine.registry import Option, register
 from engine.stage import Stage, kept_mask, reject
+from engine.stages.dedup import dedup_text
 from kernels.minhash import (
     DEFAULT_HASH_SEED,
     band_keys,
@@ -69,6 +70,31 @@ class ContaminationConfig:
     seed: int = 1  # permutation seed
     char_ngram: int = 5  # character shingles for short / CJK prompts (as dedup)
     hash_seed: int = DEFAULT_HASH_SEED  # shingle / n-gram hash seed
+    fingerprint: str = ""  # set by the driver: xxh3 of the evaluation files' bytes (a changed eval set redoes shards)
+
+    def validate(self) -> None:
+        try:
+            eval_files(self.against)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--against: {e}") from None
+
+
+def _resolve(config: Any, facts: dict) -> dict:
+    """Fingerprint the evaluation files, so the resume key changes when their contents do."""
+    sec = config.contamination
+    if not sec.against:
+        return {}
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    files = eval_files(sec.against)
+    for p in files:
+        h.update(str(p).encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+    sec.fingerprint = h.hexdigest()
+    return {"files": [str(p) for p in files], "fingerprint": sec.fingerprint}
 
 
 def contamination_config(config: Any) -> ContaminationConfig:
@@ -258,10 +284,21 @@ class ContaminationIndex:
         return set_idx >= 0, set_idx, detail
 
 
+@register(
+    name="contamination", kind="map", section="contamination", config=ContaminationConfig, order=50,
+    enabled=lambda sec, cfg: bool(sec.against), resolve=_resolve,
+    options=[Option("--against", "against", "evaluation sets (Parquet/JSONL files or folders): rows whose 13-grams "
+                    "or MinHash (J >= 0.8 on the prompt) hit one get verdict contaminated", nargs="+",
+                    metavar="EVAL")],
+)  # fmt: skip
 class ContaminationStage(Stage):
     """Map stage: verdict ``contaminated`` for rows overlapping any ``--against`` evaluation set."""
 
-    name = "contamination"
+    manifest_key = "contamination"  # the manifest's per-eval-set counts
+
+    @staticmethod
+    def summarize(stats: dict) -> dict:
+        return {k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("contaminated.")}
 
     def __init__(self, config: Any = None):
         super().__init__(config)

@@ -1,15 +1,14 @@
 """Near-duplicate detection with MinHash LSH, across shards and runs, in memory bounded by rows (never text).
 
-Two stages joined by files under ``OUT/work/minhash/`` (datatrove's multi-pass shape):
+Two stages joined by columns (datatrove's multi-pass shape, without side files written by path):
 
 - ``MinHashStage`` (map): per batch, the signatures of the normalised ``prompt + "\\n" + response`` (or one of
-  them, ``DedupConfig.text``) via ``kernels.minhash`` and writes them with ``row``, ``id`` and the response length
-  to ``work/minhash/shard-SSSSS/part-KKKKK.arrow`` (Arrow IPC, uncompressed: random 32-bit values do not
-  compress). The batch passes through unchanged. **Runner interface** (assumed; the runner is written in
-  parallel): before a shard's first batch the runner calls ``stage.begin_shard(shard_index, work_dir)``, which
-  empties that shard's folder so a rerun of an unfinished shard never mixes old and new parts. Finished shards'
-  folders are kept, so a resumed run re-signs only what it re-reads.
-- ``NearDedup`` (global): loads every part, joins the current ``verdict`` from ``ctx.frame``, and runs
+  them, ``DedupConfig.text``) via ``kernels.minhash``, handed on as *work columns* (``minhash_sig``,
+  ``minhash_resp_len`` and with ``verify="exact"`` ``minhash_shingles``): the registry declares them as such, so the
+  runner keeps them in ``work/`` for the global phase and never publishes them in ``scores/``. A rerun re-signs only
+  the shards it re-reads.
+- ``NearDedup`` (global): reads the work columns and the current ``verdict`` through the global context
+  (``ctx.table``), and runs
   ``near_duplicate_clusters`` (a plain function over numpy arrays, testable without the runner):
 
   1. **Band** each signature into ``b`` bands of ``r`` rows; a 64-bit key per (row, band)
@@ -47,9 +46,7 @@ shingle sets (4 bytes per distinct shingle, ~0.65 KB per 1 KB document).
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,7 +55,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numba import njit
 
-from engine.stage import GlobalStage, Stage
+from engine.registry import Option, register
+from engine.stage import GlobalStage, Stage, set_column
 from kernels.minhash import (
     DEFAULT_HASH_SEED,
     band_keys,
@@ -68,7 +66,8 @@ from kernels.minhash import (
     permutations,
 )
 
-SUBDIR = "minhash"
+# Work columns: handed from MinHashStage to NearDedup through work/, never published in scores/.
+SIG, RESP_LEN, SHINGLES = "minhash_sig", "minhash_resp_len", "minhash_shingles"
 
 
 @dataclass
@@ -91,7 +90,7 @@ class DedupConfig:
     text: str = "prompt_response"  # what is compared: prompt_response | prompt | response
     bucket_all_pairs: int = 32  # band buckets up to this size verify all pairs; larger ones star + chain (linear)
     violations_column: str = ""  # score column counting rule violations, for the survivor choice ("" = none)
-    previous: list[str] = field(default_factory=list)  # work/minhash folders of earlier runs: their rows win ties
+    previous: list[str] = field(default_factory=list)  # run folders of earlier runs (same settings): their rows win
 
     def bands(self) -> tuple[int, int]:
         """(num_bands, rows_per_band): the configured pair, or the derived one."""
@@ -165,10 +164,28 @@ def dedup_text(batch: pa.RecordBatch | pa.Table, which: str) -> pa.Array:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class MinHashStage(Stage):
-    """Computes signatures per batch and writes them under ``work/minhash/shard-SSSSS/``; the batch passes through."""
+_OPTIONS = [
+    Option("--dedup-threshold", "threshold", "MinHash near-duplicate Jaccard threshold on word 5-gram shingles "
+           "(default: 0.8)", float),
+    Option("--num-perm", "num_perm", "MinHash permutations per signature (default: 128)", int),
+    Option("--minhash-compat", "family", "permutation family: fast (default) | datasketch (signatures equal "
+           "datasketch.MinHash hashvalues)"),
+    Option("--minhash-scheme", "scheme", "datasketch scheme with --minhash-compat datasketch: affine32 (datasketch "
+           "2.x default) | affine64 | legacy"),
+    Option("--dedup-verify", "verify", "candidate check: signature (estimated Jaccard, default) | exact (shingle "
+           "sets; ~2x slower, more disk)"),
+    Option("--no-near-dedup", "enabled", "skip MinHash near-duplicate detection", type=None, value=False),
+]
 
-    name = "minhash"
+
+@register(
+    name="minhash", kind="map", section="dedup", config=DedupConfig, order=60,
+    work_columns=(SIG, RESP_LEN, SHINGLES), enabled=lambda sec, cfg: sec.enabled, options=_OPTIONS,
+)  # fmt: skip
+class MinHashStage(Stage):
+    """Adds the work columns ``minhash_sig`` (fixed_size_list<uint32|uint64>[num_perm]), ``minhash_resp_len``
+    (response bytes, the survivor tie-break) and, with ``verify="exact"``, ``minhash_shingles`` (sorted distinct
+    shingle hashes)."""
 
     def __init__(self, config: Any = None):
         super().__init__(config)
@@ -176,16 +193,6 @@ class MinHashStage(Stage):
         self.cfg.validate()
         # The legacy scheme draws its parameters in a Python loop: do it once here, not per batch.
         self.perms = permutations(self.cfg.num_perm, self.cfg.seed, self.cfg.family, self.cfg.scheme)
-        self._dir: Path | None = None
-        self._part = 0
-
-    def begin_shard(self, shard_index: int, work_dir: str | Path) -> None:
-        """Called by the runner before a shard's first batch: where to write, and a clean slate for that shard."""
-        self._dir = shard_dir(work_dir, shard_index)
-        if self._dir.exists():
-            shutil.rmtree(self._dir)
-        self._dir.mkdir(parents=True)
-        self._part = 0
 
     def signatures(self, batch: pa.RecordBatch | pa.Table, return_sets: bool = False):
         c = self.cfg
@@ -202,99 +209,49 @@ class MinHashStage(Stage):
         )
 
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        if self._dir is None:
-            raise RuntimeError(
-                "MinHashStage: the runner must call stage.begin_shard(shard_index, work_dir) before a shard's "
-                "batches (engine/stages/dedup.py docstring)"
-            )
         c = self.cfg
         if c.verify == "exact":  # signature and shingle sets from one pass over the text
             sig, (vals, off) = self.signatures(batch, return_sets=True)
         else:
             sig = self.signatures(batch)
         n, p = sig.shape
-        cols = {
-            "row": batch.column("row").cast(pa.int64()),
-            "id": batch.column("id").cast(pa.large_string()),
-            "resp_len": pc.binary_length(pc.fill_null(batch.column("response").cast(pa.large_string()), "")),
-            "sig": pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1)), p),
-        }
+        batch = set_column(batch, RESP_LEN, pc.binary_length(pc.fill_null(batch.column("response").cast(
+            pa.large_string()), "")).cast(pa.int64()))
+        batch = set_column(batch, SIG, pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1)), p))
         if c.verify == "exact":
-            cols["shingles"] = pa.LargeListArray.from_arrays(pa.array(off), pa.array(vals))
-        table = pa.table(cols)
-        path = self._dir / f"part-{self._part:05d}.arrow"
-        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_file(f, table.schema) as w:
-            w.write_table(table)
-        self._part += 1
+            batch = set_column(batch, SHINGLES, pa.LargeListArray.from_arrays(pa.array(off), pa.array(vals)))
         self.count("signed", n)
         self.count("empty", int(np.all(sig == sig.dtype.type(empty_value(c.family, c.scheme)), axis=1).sum()))
         return batch
 
 
-def shard_dir(work_dir: str | Path, shard_index: int) -> Path:
-    return Path(work_dir) / SUBDIR / f"shard-{int(shard_index):05d}"
-
-
-def load_signatures(minhash_dir: str | Path, with_shingles: bool = False) -> dict[str, np.ndarray] | None:
-    """Every part under ``minhash_dir`` (``shard-*/part-*.arrow``), sorted by (shard, row):
-    ``_shard`` int32, ``row`` int64, ``id`` (Arrow large_string array), ``resp_len`` int64, ``sig`` (n, P), and with_shingles:
-    ``shingles`` uint64 + ``shingle_offsets`` int64."""
-    root = Path(minhash_dir)
-    parts = sorted(root.glob("shard-*/part-*.arrow"))
-    if not parts:
+def signature_arrays(t: pa.Table, with_shingles: bool = False) -> dict[str, np.ndarray] | None:
+    """numpy views of a (``_shard``, ``row``, ``id``, work columns) table in (shard, row) order: ``_shard`` int32,
+    ``row`` int64, ``id`` (Arrow array), ``resp_len`` int64, ``sig`` (n, P) and, with_shingles, ``shingles`` +
+    ``shingle_offsets``. Rows without a signature (not signed: another run's settings) are dropped."""
+    if t is None or t.num_rows == 0 or SIG not in t.column_names:
         return None
-    tables, shard_of = [], []
-    for path in parts:
-        with pa.memory_map(str(path)) as src:  # zero copy: the pages are the file's
-            tables.append(pa.ipc.open_file(src).read_all())
-        shard_of.append(int(path.parent.name.split("-")[1]))
-    sizes = np.array([t.num_rows for t in tables], np.int64)
-    n = int(sizes.sum())
-    p = tables[0].schema.field("sig").type.list_size
-    for path, t in zip(parts, tables):
-        if t.schema.field("sig").type != tables[0].schema.field("sig").type:
-            raise ValueError(
-                f"{path}: signatures of type {t.schema.field('sig').type}, but {parts[0]} has "
-                f"{tables[0].schema.field('sig').type}: the dedup settings changed between runs; delete {root} "
-                "(or rerun the map phase of every shard) so all signatures are made alike"
-            )
-    # Copy each part's signatures once into one preallocated array (no concat + combine_chunks double copy).
-    sig = np.empty((n, p), tables[0].column("sig").type.value_type.to_pandas_dtype())
-    shard = np.repeat(np.array(shard_of, np.int32), sizes)
-    row = np.empty(n, np.int64)
-    resp_len = np.empty(n, np.int64)
-    pos = 0
-    for t in tables:
-        k = t.num_rows
-        sig[pos : pos + k] = t.column("sig").combine_chunks().values.to_numpy().reshape(k, p)
-        row[pos : pos + k] = t.column("row").to_numpy()
-        resp_len[pos : pos + k] = t.column("resp_len").to_numpy()
-        pos += k
-    ids = pa.chunked_array([t.column("id").combine_chunks() for t in tables]).combine_chunks()
-    # Parts are written in shard order and a runner feeds a shard's batches in row order, so the data are usually
-    # sorted already; only reorder when they are not.
-    in_order = n < 2 or bool(np.all((shard[1:] > shard[:-1]) | ((shard[1:] == shard[:-1]) & (row[1:] > row[:-1]))))
-    order = None if in_order else np.lexsort((row, shard))
-    if order is not None:
-        shard, row, resp_len, sig = shard[order], row[order], resp_len[order], sig[order]
-        ids = ids.take(pa.array(order))
-    out = {"_shard": shard, "row": row, "id": ids, "resp_len": resp_len, "sig": sig}
+    t = t.filter(pc.is_valid(t.column(SIG)))
+    if t.num_rows == 0:
+        return None
+    sig_col = t.column(SIG).combine_chunks()
+    p = sig_col.type.list_size
+    n = t.num_rows
+    sig = sig_col.values.to_numpy().reshape(n, p)
+    out = {
+        "_shard": t.column("_shard").to_numpy().astype(np.int32, copy=False),
+        "row": t.column("row").to_numpy().astype(np.int64, copy=False),
+        "id": t.column("id").combine_chunks().cast(pa.large_string()),
+        "resp_len": t.column(RESP_LEN).to_numpy().astype(np.int64, copy=False),
+        "sig": sig,
+    }
     if with_shingles:
-        if "shingles" not in tables[0].column_names:
-            raise ValueError(f"{root}: parts have no shingle sets; they were written with verify='signature'")
-        sh = pa.chunked_array([t.column("shingles").combine_chunks() for t in tables]).combine_chunks()
-        vals = sh.values.to_numpy()
-        offs = sh.offsets.to_numpy() - sh.offsets[0].as_py()
-        if order is None:
-            out["shingles"], out["shingle_offsets"] = vals, offs.astype(np.int64)
-        else:
-            lens = np.diff(offs)[order]
-            starts = offs[:-1][order]
-            new_off = np.zeros(n + 1, np.int64)
-            np.cumsum(lens, out=new_off[1:])
-            idx = np.repeat(starts - new_off[:-1], lens) + np.arange(new_off[-1])
-            out["shingles"] = vals[idx]
-            out["shingle_offsets"] = new_off
+        if SHINGLES not in t.column_names:
+            raise ValueError("dedup.verify = 'exact' needs the shingle sets, but the map phase wrote none: rerun the "
+                             "map phase with --dedup-verify exact")
+        sh = t.column(SHINGLES).combine_chunks()
+        out["shingles"] = sh.values.to_numpy()
+        out["shingle_offsets"] = (sh.offsets.to_numpy() - sh.offsets[0].as_py()).astype(np.int64)
     return out
 
 
@@ -512,13 +469,19 @@ def near_duplicate_clusters(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@register(
+    name="near_dedup", kind="global", section="dedup", config=DedupConfig, order=120,
+    columns={"minhash_cluster": pa.int64()}, enabled=lambda sec, cfg: sec.enabled, requires=("minhash",),
+    options=_OPTIONS,
+)  # fmt: skip
 class NearDedup(GlobalStage):
-    """MinHash LSH near-duplicate clustering over the signatures ``MinHashStage`` wrote (see the module docstring).
+    """MinHash LSH near-duplicate clustering over the work columns ``MinHashStage`` added (module docstring).
 
     Update columns: ``verdict`` = ``near_duplicate``, ``detail``, ``duplicate_of`` for non-survivors; and
-    ``minhash_cluster`` (int64) for every row that took part."""
+    ``minhash_cluster`` (int64, the survivor's index) for every row of a cluster of two or more rows (null for a
+    row with no near copy, so shards without near duplicates need no rewrite at the end).
 
-    name = "near_dedup"
+    Memory: the signatures of every signed row (see the module docstring), never the text."""
 
     def __init__(self, config: Any = None):
         super().__init__(config)
@@ -527,48 +490,40 @@ class NearDedup(GlobalStage):
 
     def run(self, ctx) -> pl.DataFrame | None:
         c = self.cfg
-        work = Path(ctx.work_dir)
         exact = c.verify == "exact"
-        cur = load_signatures(work / SUBDIR, with_shingles=exact)
+        sig_cols = ["id", RESP_LEN, SIG] + ([SHINGLES] if exact else [])
+        t = ctx.table(sig_cols + ([c.violations_column] if c.violations_column else []))
+        cur = signature_arrays(t, with_shingles=exact)
         if cur is None:
             return None
-        # ids, response lengths and signatures come from the side files; the frame adds only the current verdict
-        # (and the violations count when configured).
-        frame = ctx.frame([c.violations_column] if c.violations_column else [])
-        return self.apply(cur, frame)
+        t = t.filter(pc.is_valid(t.column(SIG)))
+        kept = pc.equal(t.column("verdict"), "kept").to_numpy(zero_copy_only=False)
+        viol = None
+        if c.violations_column and c.violations_column in t.column_names:
+            viol = pc.fill_null(t.column(c.violations_column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+        prev = [signature_arrays(ctx.previous(d).table(sig_cols, kept_only=True), with_shingles=exact)
+                for d in c.previous]
+        return self.apply(cur, kept, viol, [p for p in prev if p is not None])
 
-    def apply(self, cur: dict[str, np.ndarray], frame: pl.DataFrame) -> pl.DataFrame | None:
-        """The global step given loaded signatures and the (``_shard``, ``row``, ``verdict``, ...) frame."""
+    def apply(self, cur: dict[str, np.ndarray], kept: np.ndarray, viol: np.ndarray | None = None,
+              previous: list[dict[str, np.ndarray]] = ()) -> pl.DataFrame | None:
+        """The global step given this run's signature arrays (``signature_arrays``), which of them are still kept,
+        their rule-violation counts, and earlier runs' kept rows' signature arrays."""
         c = self.cfg
         exact = c.verify == "exact"
         n_cur = cur["sig"].shape[0]
-        keys = pl.DataFrame({"_shard": cur["_shard"], "row": cur["row"]})
-        want = ["_shard", "row", "verdict"] + ([c.violations_column] if c.violations_column in frame.columns else [])
-        joined = keys.join(
-            frame.select(want).with_columns(pl.col("_shard").cast(pl.Int32), pl.col("row").cast(pl.Int64)),
-            on=["_shard", "row"],
-            how="left",
-            maintain_order="left",
-        )
-        kept = (joined["verdict"] == "kept").fill_null(False).to_numpy()
-        viol = (
-            joined[c.violations_column].fill_null(0).cast(pl.Int64).to_numpy()
-            if c.violations_column in joined.columns
-            else np.zeros(n_cur, np.int64)
-        )
+        kept = np.asarray(kept, bool)
+        viol = np.zeros(n_cur, np.int64) if viol is None else np.asarray(viol, np.int64)
         sig, ids, resp_len = cur["sig"], cur["id"], cur["resp_len"]
         prio = np.zeros(n_cur, np.int64)
         sh = cur.get("shingles")
         sh_off = cur.get("shingle_offsets")
         if exact and sh is None:
-            raise ValueError("dedup.verify = 'exact' needs the shingle sets: load_signatures(..., with_shingles=True)")
-        for prev_dir in c.previous:  # earlier runs' rows: already kept there, so they win every cluster they join
-            prev = load_signatures(prev_dir, with_shingles=exact)
-            if prev is None:
-                continue
+            raise ValueError("dedup.verify = 'exact' needs the shingle sets: signature_arrays(..., with_shingles=True)")
+        for prev in previous:  # earlier runs' rows: already kept there, so they win every cluster they join
             if prev["sig"].shape[1] != sig.shape[1] or prev["sig"].dtype != sig.dtype:
                 raise ValueError(
-                    f"{prev_dir}: signatures have another num_perm/family than this run's; "
+                    "dedup.previous: an earlier run's signatures have another num_perm/family than this run's; "
                     "rerun with the same dedup settings"
                 )
             m = prev["sig"].shape[0]
@@ -600,7 +555,9 @@ class NearDedup(GlobalStage):
             self.stats[k] = self.stats.get(k, 0) + v
         self.stats["num_bands"], self.stats["rows_per_band"] = b, r
         surv = res.survivor[:n_cur]
-        took_part = surv >= 0
+        # Rows of clusters with two or more members (earlier runs' rows count): singletons get no update.
+        size = np.bincount(res.survivor[res.survivor >= 0], minlength=len(res.survivor))
+        took_part = (surv >= 0) & (size[np.maximum(surv, 0)] >= 2)
         if not took_part.any():
             return None
         dup = took_part & (surv != np.arange(n_cur))

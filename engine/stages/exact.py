@@ -8,10 +8,13 @@ Memory: O(rows x ~40 bytes) (polars group-by over the hash column), never the te
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from engine.registry import Option, register
 from engine.stage import GlobalStage, Stage, set_column
 from kernels.strings import combine_hashes, hash_strings
 
@@ -20,19 +23,30 @@ def content_hash(prompt: pa.Array, response: pa.Array) -> np.ndarray:
     return combine_hashes(hash_strings(prompt, seed=1), hash_strings(response, seed=2))
 
 
+@dataclass
+class ExactDedupConfig:
+    enabled: bool = True  # exact dedup on normalised prompt + response, first occurrence kept
+
+
+# The hash is cheap (one pass over the bytes) and always computed, so turning exact dedup on or off reuses shards.
+@register(name="content_hash", kind="map", section="exact", config=ExactDedupConfig, order=40,
+          columns=("content_hash",), changes_shard=False)
 class ContentHashStage(Stage):
-    name = "content_hash"
 
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         h = content_hash(batch.column("prompt"), batch.column("response"))
         return set_column(batch, "content_hash", pa.array(h, pa.uint64()))
 
 
+@register(
+    name="exact_dedup", kind="global", section="exact", config=ExactDedupConfig, order=110,
+    enabled=lambda sec, cfg: sec.enabled, requires=("content_hash",),
+    options=[Option("--no-exact-dedup", "enabled", "skip exact deduplication", type=None, value=False)],
+)  # fmt: skip
 class ExactDedup(GlobalStage):
-    name = "exact_dedup"
 
     def run(self, ctx) -> pl.DataFrame | None:
-        df = ctx.frame(["id", "content_hash"]).filter(pl.col("verdict") == "kept")
+        df = ctx.frame(["id", "content_hash"], kept_only=True)
         if df.height == 0:
             return None
         df = df.sort(["_shard", "row"])

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
+from engine.registry import Option, register
 from engine.stage import GlobalStage
 
 
@@ -198,13 +200,28 @@ def label_noise_scores(
     return out
 
 
+@register(
+    name="label_noise", kind="global", section="labels", config=LabelNoiseConfig, order=140,
+    columns={"label_quality": pa.float64(), "label_issue": pa.bool_(), "label_loss": pa.float64(),
+             "label_margin": pa.float64(), "label_el2n": pa.float64()},
+    enabled=lambda sec, cfg: sec.enabled, requires=("embed",),
+    options=[
+        Option("--label-folds", "n_folds", "folds of the out-of-fold label-noise proxy (default: 5)", int),
+        Option("--no-label-noise", "enabled", "skip label-noise scores (label_quality, label_issue)", type=None,
+               value=False),
+    ],
+)  # fmt: skip
 class LabelNoise(GlobalStage):
     """Global stage: ``label_quality`` (float64), ``label_issue`` (bool), ``label_loss``, ``label_margin``,
     ``label_el2n`` on rows with a label and an embedding (null elsewhere). Verdicts are left alone: a label issue
     is a score for selection and review, not a rejection. Stats: ``rows_scored``, ``label_issue`` and
     ``issues.<label>`` per class (the manifest's per-class issue counts)."""
 
-    name = "label_noise"
+    manifest_key = "label_issues"  # the manifest's per-class issue counts
+
+    @staticmethod
+    def summarize(stats: dict) -> dict:
+        return {k.split(".", 1)[1]: v for k, v in stats.items() if k.startswith("issues.")}
 
     def __init__(self, config: LabelNoiseConfig | None = None):
         super().__init__(config or LabelNoiseConfig())
@@ -213,10 +230,12 @@ class LabelNoise(GlobalStage):
         cfg = self.config
         if not cfg.enabled:
             return None
-        df = ctx.frame(["label", "embedding"])
+        # Labelled kept rows only: rejected rows (duplicates, junk) take no part in the cross-validation, and the
+        # filter runs per part before the embeddings are gathered, so memory is O(labelled kept rows x dim).
+        df = ctx.frame(["label", "embedding"], kept_only=True,
+                       where=pl.col("label").is_not_null() & pl.col("embedding").is_not_null())
         if "embedding" not in df.columns:
             return None
-        df = df.filter(pl.col("label").is_not_null() & pl.col("embedding").is_not_null())
         if df.height < cfg.min_rows:
             self.stats["rows_scored"] = 0
             return None

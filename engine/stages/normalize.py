@@ -6,17 +6,35 @@ runs of blank lines, trimming; indentation kept). The input's own columns are le
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.config import NormalizeConfig
+from engine.registry import Option, register
 from engine.stage import Stage, set_column
 from kernels.normalize import normalize
 
 
-class NormalizeStage(Stage):
-    name = "normalize"
+@dataclass
+class NormalizeConfig:
+    enabled: bool = True  # NFC, control characters, line endings, trailing spaces, runs of blank lines
+    form: str = "NFC"  # Unicode normal form: NFC | NFKC | NFD | NFKD
 
+    def validate(self) -> None:
+        if self.form not in ("NFC", "NFKC", "NFD", "NFKD"):
+            raise ValueError(f"--normalize-form {self.form}: use NFC, NFKC, NFD or NFKD")
+
+
+@register(
+    name="normalize", kind="map", section="normalize", config=NormalizeConfig, order=10,
+    enabled=lambda sec, cfg: sec.enabled,
+    options=[
+        Option("--normalize-form", "form", "Unicode normal form NFC | NFKC | NFD | NFKD (default: NFC)"),
+        Option("--no-normalize", "enabled", "skip Unicode normalisation", type=None, value=False),
+    ],
+)  # fmt: skip
+class NormalizeStage(Stage):
     def __init__(self, config: NormalizeConfig | None = None):
         super().__init__(config or NormalizeConfig())
 

@@ -7,19 +7,40 @@ Adds ``prompt_chars`` and ``response_chars`` (Unicode code points, after normali
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.config import RulesConfig
+from engine.registry import Option, register
 from engine.stage import Stage, reject, set_column
 
 STR = pa.large_string()
 
 
-class RulesStage(Stage):
-    name = "rules"
+@dataclass
+class RulesConfig:
+    min_response_chars: int = 1  # shorter responses get verdict too_short (characters, after normalisation)
+    max_response_chars: int = 32768  # longer responses get verdict too_long (characters); -1 = no limit
+    max_prompt_chars: int = 32768  # longer prompts get verdict prompt_too_long (characters); -1 = no limit
+    reject_response_equals_prompt: bool = True  # verdict response_equals_prompt
 
+
+@register(
+    name="rules", kind="map", section="rules", config=RulesConfig, order=20,
+    columns=("prompt_chars", "response_chars"),
+    options=[
+        Option("--min-response-chars", "min_response_chars",
+               "responses shorter than this many characters get verdict too_short (default: 1)", int),
+        Option("--max-response-chars", "max_response_chars",
+               "responses longer than this get verdict too_long, characters (default: 32768; -1 = no limit)", int),
+        Option("--max-prompt-chars", "max_prompt_chars",
+               "prompts longer than this get verdict prompt_too_long, characters (default: 32768; -1 = no limit)",
+               int),
+    ],
+)  # fmt: skip
+class RulesStage(Stage):
     def __init__(self, config: RulesConfig | None = None):
         super().__init__(config or RulesConfig())
 

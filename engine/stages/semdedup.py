@@ -38,16 +38,16 @@ float32 block (``block_rows`` x cluster rows x 4 B). Time: k-means trains on <= 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 from numba import njit
 
+from engine.registry import Option, register
 from engine.stage import GlobalStage
+from engine.stages.embed import embed_tier
 
 SEMANTIC_DUPLICATE = "semantic_duplicate"
 # Calibrated cosine thresholds per embedder tier (see the module docstring).
@@ -223,18 +223,16 @@ def quality_rank(violations: np.ndarray, length: np.ndarray, shard: np.ndarray, 
     return rank
 
 
-def embed_tier(work_dir: Path | str | None) -> str:
-    """'encoder' or 'static', from work/embed_info.json written by EmbedStage (encoder if unknown)."""
-    if work_dir is not None:
-        p = Path(work_dir) / "embed_info.json"
-        if p.exists():
-            try:
-                return json.loads(p.read_text()).get("tier", "encoder")
-            except (OSError, ValueError):
-                pass
-    return "encoder"
-
-
+@register(
+    name="semantic_dedup", kind="global", section="semdedup", config=SemDedupConfig, order=130,
+    enabled=lambda sec, cfg: sec.enabled, requires=("embed",),
+    options=[
+        Option("--semdedup", "enabled", "mark semantic near duplicates (embedding cosine; off by default, see "
+               "docs/EMBED.md)", type=None, value=True),
+        Option("--semdedup-threshold", "threshold", "cosine for semantic duplicates (default: -1 = calibrated per "
+               "tier: 0.95 MiniLM, 0.99 static)", float),
+    ],
+)  # fmt: skip
 class SemDedup(GlobalStage):
     """Global stage: ``semantic_duplicate`` verdicts with ``duplicate_of`` and ``detail`` (cosine to the keeper).
 
@@ -243,24 +241,23 @@ class SemDedup(GlobalStage):
     ``threshold``, ``clusters``.
     """
 
-    name = "semantic_dedup"
-
     def __init__(self, config: SemDedupConfig | None = None):
         super().__init__(config or SemDedupConfig())
 
-    def threshold_for(self, work_dir) -> float:
+    def threshold_for(self, embedder: str) -> float:
+        """The configured threshold, or the calibrated one for the tier of the (resolved) embedder choice."""
         t = self.config.threshold
-        return float(t) if t > 0 else DEFAULT_THRESHOLDS[embed_tier(work_dir)]
+        return float(t) if t > 0 else DEFAULT_THRESHOLDS[embed_tier(embedder)]
 
     def run(self, ctx) -> pl.DataFrame | None:
         cfg = self.config
         if not cfg.enabled:
             return None
         cols = ["id", "embedding"] + [c for c in (cfg.violations_column, cfg.length_column) if c]
-        df = ctx.frame(cols).filter((pl.col("verdict") == "kept") & pl.col("embedding").is_not_null())
+        df = ctx.frame(cols, kept_only=True, where=pl.col("embedding").is_not_null())
         if df.height < 2:
             return None
-        threshold = self.threshold_for(getattr(ctx, "work_dir", None))
+        threshold = self.threshold_for(ctx.config.embed.embedder)
         emb = df["embedding"].to_numpy()
         zeros = np.zeros(df.height, np.int64)
 

@@ -5,6 +5,8 @@ The interpreter costs ~1.4 ms per (program x loop iteration), so the Triton case
 the V = 49,152 case runs 3 token blocks x 2 splits x 3 vocabulary tiles = 18 iterations.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -154,3 +156,174 @@ def test_bad_inputs_name_the_problem():
         X.xent(hidden, weight[:, :8], target)
     with pytest.raises(ValueError, match="3 targets for 4"):
         X.xent(hidden, weight, target[:3])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The GPU path's self-check, run here with the real kernel under the interpreter (CPU tensors) and with planted bugs
+# ---------------------------------------------------------------------------------------------------------------
+INTERP_KEY = "cpu:triton-interpreter float32"
+
+
+@pytest.fixture
+def gpu_branch(monkeypatch):
+    """Fresh verdicts and used-path record; a pretend GPU, so that xent(device="cuda") on CPU tensors takes the
+    Triton branch under TRITON_INTERPRET=1. monkeypatch restores all three afterwards."""
+    monkeypatch.setattr(X, "_VERDICTS", {})
+    monkeypatch.setattr(X, "_USED", {})
+    monkeypatch.setattr(X, "_CUDA_OVERRIDE", True)
+    monkeypatch.setattr(X, "_PATH_OVERRIDE", None)
+
+
+def _counting(monkeypatch, name, fn=None):
+    """Replace X.<name> by a wrapper around ``fn`` (default: the real one) that records each call's first argument
+    (its shape for a tensor)."""
+    real = getattr(X, name) if fn is None else fn
+    calls = []
+
+    def wrapper(*a, **k):
+        calls.append(getattr(a[0], "shape", a[0]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(X, name, wrapper)
+    return calls
+
+
+def _drop_last_three_ids(hidden, weight, target, mask):
+    """A ragged-tile bug: the logsumexp misses the last 3 vocabulary ids (the last 128-wide tile of V = 1,283)."""
+    h, w, t, keep = X._prepare(hidden, weight, target, mask, X.IGNORE_INDEX)
+    logits = h.double() @ w.double().T
+    picked = logits.gather(1, torch.where(keep, t, 0)[:, None]).squeeze(1)
+    return torch.where(keep, torch.logsumexp(logits[:, :-3], dim=1) - picked, 0.0).float()
+
+
+def _ids_past_vocab_as_zero(hidden, weight, target, mask):
+    """A missing vocabulary mask: the padding ids of the last tile (V rounded up to 128) count as logit 0."""
+    h, w, t, keep = X._prepare(hidden, weight, target, mask, X.IGNORE_INDEX)
+    logits = h.double() @ w.double().T
+    logits = torch.cat([logits, logits.new_zeros(logits.shape[0], -w.shape[0] % 128)], dim=1)
+    picked = logits.gather(1, torch.where(keep, t, 0)[:, None]).squeeze(1)
+    return torch.where(keep, torch.logsumexp(logits, dim=1) - picked, 0.0).float()
+
+
+def _unscored_not_zero(hidden, weight, target, mask):
+    """Right where scored, 1e-6 (inside atol) where not: breaks the "0 where not scored" contract alone."""
+    nll = X.xent_reference(hidden, weight, target, mask).float()
+    return torch.where(nll == 0, 1e-6, nll)
+
+
+def _raises(*a, **k):
+    raise RuntimeError("boom: out of resources")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_self_check_passes_the_real_kernel_under_the_interpreter(dtype):
+    check = X.check_triton("cpu", X.xent_triton, dtype=dtype)
+    assert check.ok, check.describe()
+    assert check.error is None and check.unscored_nonzero == 0
+    assert check.key == f"cpu:triton-interpreter {str(dtype).removeprefix('torch.')}"
+    # Measured 0.9e-7 to 1.5e-7: well inside the tolerance, so a correct kernel is never rejected by noise.
+    assert 0 < check.max_rel_err < X.CHECK_RTOL / 100
+    assert "matches" in check.describe()
+
+
+@pytest.mark.parametrize(
+    "impl,what",
+    [
+        (lambda *a, **k: X.xent_triton(*a, **k) + 1.0, "max abs err 1"),  # also nonzero at unscored positions
+        (_drop_last_three_ids, "DIFFERS"),  # ~2e-4 relative: caught by rtol 1e-4, mostly missed by 1e-3
+        (_ids_past_vocab_as_zero, "DIFFERS"),
+        (lambda *a, **k: X.xent_reference(*a, **k).float() * (1 + 5e-4), "max rel err 0.0005"),  # pins rtol < 5e-4
+        (_unscored_not_zero, "45 unscored positions not 0"),
+        (lambda *a, **k: X.xent_triton(*a, **k) * float("nan"), "max abs err inf"),
+        (lambda *a, **k: X.xent_reference(*a, **k).float()[:-1], "ValueError: returned 149 values for 150"),
+        (_raises, "raised RuntimeError: boom"),
+    ],
+    ids=["plus-one", "drop-3-ids", "ids-past-V-as-0", "scaled-5e-4", "unscored-not-0", "nan", "short", "raises"],
+)
+def test_self_check_catches_planted_bugs(impl, what):
+    check = X.check_triton(torch.device("cpu"), impl)
+    assert not check.ok, check.describe()
+    assert what in check.describe()
+
+
+def test_self_check_accepts_an_independent_correct_implementation():
+    # The chunked torch path is correct and computed differently (float32 tiles of 3,001 ids): it must pass, so the
+    # check is not merely "anything but the reference fails".
+    check = X.check_triton("cpu", X.xent_chunked)
+    assert check.ok, check.describe()
+
+
+def test_dispatcher_runs_triton_after_it_passes_its_check(gpu_branch, monkeypatch):
+    checks = _counting(monkeypatch, "check_triton")
+    launches = _counting(monkeypatch, "xent_triton")
+    chunked = _counting(monkeypatch, "xent_chunked")
+    hidden, weight, target, mask = _case(40, 32, 300, seed=11)
+    want = X.xent_reference(hidden.double(), weight.double(), target, mask)
+    for _ in range(2):
+        assert_verbose_allclose(X.xent(hidden, weight, target, mask, device="cuda"), want, 1e-5, 2e-5, "triton")
+    assert checks == [torch.device("cpu")]  # the verdict is cached per device key
+    assert launches[0] == (150, 80)  # the check's own launch on the fixed batch
+    assert launches[1:] == [(40, 32), (40, 32)]  # then the real batches: the kernel, not the fallback
+    assert chunked == []
+    assert X.xent_paths_used() == {INTERP_KEY: X.PATH_TRITON}
+    X.xent(hidden, weight, target, mask, device="cpu")
+    assert X.xent_paths_used() == {INTERP_KEY: X.PATH_TRITON, "cpu float32": X.PATH_CHUNKED}
+
+
+def _plus_one(*a, **k):
+    return _REAL_TRITON(*a, **k) + 1.0
+
+
+_REAL_TRITON = X.xent_triton  # bound at import: the tests below replace X.xent_triton by wrappers
+
+
+@pytest.mark.parametrize(
+    "bad,what",
+    [
+        (_plus_one, r"DIFFERS from the float64 reference \(max abs err 1"),
+        (_raises, "raised RuntimeError: boom"),
+    ],
+    ids=["plus-one", "raises"],
+)
+def test_dispatcher_falls_back_warns_and_records_when_the_kernel_is_wrong(gpu_branch, monkeypatch, bad, what):
+    launches = _counting(monkeypatch, "xent_triton", bad)
+    hidden, weight, target, mask = _case(40, 32, 300, seed=12)
+    want = X.xent_reference(hidden.double(), weight.double(), target, mask)
+    with pytest.warns(RuntimeWarning, match=f"failed its self-check: {INTERP_KEY}: .*{what}.*Using torch-chunked"):
+        got = X.xent(hidden, weight, target, mask, device="cuda")
+    assert_verbose_allclose(got, want, 1e-5, 2e-5, "fallback")
+    assert X.xent_paths_used() == {INTERP_KEY: X.PATH_FALLBACK}
+    assert X.xent_path("cpu") == X.PATH_CHUNKED
+    # Later calls reuse the verdict: no second warning, no second launch of the bad kernel.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = X.xent(hidden, weight, target, mask, device="cuda", segment_ids=torch.arange(40) // 9)
+    assert len(launches) == 1
+    assert abs(float(again[0].sum()) - float(want.sum())) <= 1e-5 * float(want.sum())
+
+
+def test_path_override_forces_a_path_without_a_check(gpu_branch, monkeypatch):
+    monkeypatch.setattr(X, "check_triton", _raises)  # any check would fail the test
+    launches = _counting(monkeypatch, "xent_triton", lambda *a, **k: torch.full((a[0].shape[0],), 7.0))
+    hidden, weight, target, mask = _case(10, 16, 100, seed=13)
+    X.set_path_override("torch-chunked")
+    want = X.xent_reference(hidden.double(), weight.double(), target, mask)
+    assert_verbose_allclose(X.xent(hidden, weight, target, mask, device="cuda"), want, 1e-5, 2e-5, "forced chunked")
+    assert X.xent_paths_used() == {INTERP_KEY: X.PATH_CHUNKED}
+    assert launches == []
+    X.set_path_override("triton")  # trusted unchecked: the (here fake) kernel runs
+    assert torch.equal(X.xent(hidden, weight, target, mask, device="cuda"), torch.full((10,), 7.0))
+    assert X.xent_paths_used() == {INTERP_KEY: X.PATH_UNCHECKED}
+    X.set_path_override(None)
+    with pytest.raises(ValueError, match="path must be None, 'triton' or 'torch-chunked'"):
+        X.set_path_override("cuda")
+
+
+def test_xent_path_names_the_path_and_needs_a_gpu_for_cuda(monkeypatch):
+    assert X.xent_path("cpu", torch.bfloat16) == X.PATH_CHUNKED
+    monkeypatch.setattr(X, "_CUDA_OVERRIDE", False)
+    with pytest.raises(RuntimeError, match=r"xent_path\('cuda:1'\) needs a CUDA GPU"):
+        X.xent_path("cuda:1")
+    with pytest.raises(ValueError, match="CPU or CUDA device"):
+        X.xent_path("meta")
+    assert set(X.PATHS) == {"triton", "torch-chunked", "triton-failed-check->torch-chunked", "triton-unchecked"}

@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.stages.dedup import DedupConfig, MinHashStage, NearDedup, load_signatures, near_duplicate_clusters
+from engine.run.context import MemoryContext
+from engine.stages.dedup import SIG, DedupConfig, MinHashStage, NearDedup, near_duplicate_clusters, signature_arrays
 from kernels.minhash import minhash
 
 
@@ -47,39 +48,35 @@ def _batch(texts, verdicts=None, start=0):
     )
 
 
-class _Ctx:
-    """The slice of engine.run.local.GlobalContext that NearDedup uses."""
+_RUNS: dict[str, MemoryContext] = {}  # run folder -> its context, for dedup.previous
 
-    def __init__(self, work_dir, frames):
-        self.work_dir = work_dir
-        self._frame = pl.concat(frames)
 
-    def frame(self, columns):
-        return self._frame.select(["_shard", "row", "verdict"] + [c for c in columns if c in self._frame.columns])
+class _Ctx(MemoryContext):
+    """MemoryContext over the map output, with ``previous(dir)`` answered from earlier _run calls."""
+
+    def previous(self, run_dir):
+        return _RUNS[str(run_dir)]
 
 
 def _run(tmp_path, shards, cfg):
-    """shards: list of (texts, verdicts) -> (update frame, stats)."""
+    """shards: list of (texts, verdicts) -> (update frame, stats). Goes through the stage classes and the global
+    context interface, as a runner would."""
     stage = MinHashStage(cfg)
-    frames = []
+    tables = []
     for s, (texts, verdicts) in enumerate(shards):
-        stage.begin_shard(s, tmp_path)
         b = _batch(texts, verdicts)
         half = len(texts) // 2
         out = [stage.process(b.slice(0, half)), stage.process(b.slice(half))]
         assert sum(o.num_rows for o in out) == len(texts)
-        frames.append(
-            pl.DataFrame(
-                {
-                    "_shard": np.full(len(texts), s, np.int32),
-                    "row": np.arange(len(texts)),
-                    "verdict": b.column("verdict").to_pylist(),
-                    "id": b.column("id").to_pylist(),
-                }
-            )
-        )
+        t = pa.Table.from_batches(out)
+        tables.append(t.append_column("_shard", pa.array(np.full(len(texts), s, np.int32))))
+    ctx = _Ctx(pa.concat_tables(tables))
     g = NearDedup(cfg)
-    return g.run(_Ctx(tmp_path, frames)), g.stats
+    upd = g.run(ctx)
+    if upd is not None:  # the run as a later run sees it: its final verdicts
+        ctx.apply_verdicts(upd)
+    _RUNS[str(tmp_path)] = ctx
+    return upd, g.stats
 
 
 @pytest.mark.parametrize("verify", ["signature", "exact"])
@@ -87,7 +84,10 @@ def test_one_survivor_per_planted_cluster(tmp_path, verify):
     texts, truth = _planted()
     upd, stats = _run(tmp_path, [(texts, None)], DedupConfig(verify=verify))
     upd = upd.sort("row")
-    assert upd.height == len(texts)  # every kept row took part, each once
+    in_cluster = np.bincount(truth)[truth] >= 2
+    # every row of a planted cluster takes part, each once; singletons get no update (null minhash_cluster)
+    assert upd["row"].to_list() == list(np.flatnonzero(in_cluster))
+    truth = truth[in_cluster]
     cl = upd["minhash_cluster"].to_numpy()
     kept = upd["verdict"].is_null().to_numpy()  # survivors: no verdict change
     for c in np.unique(truth):
@@ -95,7 +95,7 @@ def test_one_survivor_per_planted_cluster(tmp_path, verify):
         assert len(set(cl[members])) == 1, f"planted cluster {c} split"
         assert kept[members].sum() == 1, f"planted cluster {c} has {kept[members].sum()} survivors"
     # no false merges: distinct planted clusters never share a MinHash cluster
-    assert len(np.unique(cl)) == len(np.unique(truth))
+    assert len(np.unique(cl)) == len(np.unique(truth)) == 60
     dup = upd.filter(pl.col("verdict") == "near_duplicate")
     assert dup.height == 60 * 3 == stats["near_duplicate"]
     # duplicate_of names the kept row of the same cluster
@@ -120,7 +120,7 @@ def test_across_shards_and_rejected_rows_not_judged(tmp_path):
     )
     assert sorted(pair["verdict"].fill_null("kept").to_list()) == ["kept", "near_duplicate"]
     assert pair["minhash_cluster"].n_unique() == 1
-    assert upd.filter((pl.col("_shard") == 0) & (pl.col("row") == 1))["verdict"].item() is None
+    assert upd.filter((pl.col("_shard") == 0) & (pl.col("row") == 1)).height == 0  # a singleton: no update
 
 
 def test_quality_key_picks_survivor():
@@ -144,32 +144,28 @@ def test_quality_key_picks_survivor():
 def test_previous_run_rows_win(tmp_path):
     texts, _truth = _planted(n_clusters=5, copies=1, n_single=5)
     _first, _ = _run(tmp_path / "run1", [(texts[:10], None)], DedupConfig())
-    cfg = DedupConfig(previous=[str(tmp_path / "run1" / "minhash")])
+    cfg = DedupConfig(previous=[str(tmp_path / "run1")])
     upd, _ = _run(tmp_path / "run2", [(texts, None)], cfg)
     # every row of run 2 that equals a run-1 row is a near duplicate of it (run 1's copy is already kept)
     upd = upd.sort("row")
     assert (upd["verdict"][:10] == "near_duplicate").all()
     assert set(upd["duplicate_of"][:10].to_list()) <= {f"r{i}" for i in range(10)}
-    # rows of run 1 never appear in run 2's update
-    assert upd.height == len(texts)
+    # rows of run 1 never appear in run 2's update; run 2's first 10 rows pair with run 1's copies (5 clusters of 2
+    # there), the other 10 are each other's copies or singletons
+    assert upd["row"].max() < len(texts) and upd.height >= 10
 
 
-def test_load_signatures_order(tmp_path):
+def test_signature_arrays_and_work_columns():
     texts, _ = _planted(n_clusters=3, copies=1, n_single=4)
     stage = MinHashStage(DedupConfig(verify="exact"))
-    for s in (1, 0):
-        stage.begin_shard(s, tmp_path)
-        stage.process(_batch(texts))
-    got = load_signatures(tmp_path / "minhash", with_shingles=True)
-    assert list(got["_shard"]) == [0] * len(texts) + [1] * len(texts)
-    assert np.array_equal(got["sig"][: len(texts)], got["sig"][len(texts) :])
+    out = stage.process(_batch(texts))
+    assert out.num_rows == len(texts) and {SIG, "minhash_resp_len", "minhash_shingles"} <= set(out.schema.names)
+    t = pa.Table.from_batches([out]).append_column("_shard", pa.array(np.zeros(len(texts), np.int32)))
+    got = signature_arrays(t, with_shingles=True)
+    assert got["sig"].shape == (len(texts), 128)
+    assert np.array_equal(got["sig"], stage.signatures(_batch(texts)))
     off = got["shingle_offsets"]
     assert off[-1] == got["shingles"].size and (np.diff(off) > 0).all()
-
-
-def test_begin_shard_required():
-    with pytest.raises(RuntimeError, match="begin_shard"):
-        MinHashStage(DedupConfig()).process(_batch(["a b c"]))
 
 
 def test_bands_config():
@@ -210,14 +206,10 @@ def test_dedup_text_skips_empty_side():
 
 
 def test_with_runner(tmp_path):
-    """Through engine.run.local.score: the begin_shard / ctx.frame / update contract, two shards, conservation."""
-    import inspect
-
+    """Through engine.run.local.score: work columns, the context, the update contract, two shards, conservation."""
     import pyarrow.parquet as pq
 
-    runner = pytest.importorskip("engine.run.local")
-    if "map_stages" not in inspect.signature(runner.score).parameters:
-        pytest.skip("runner has no map_stages/global_stages hooks")
+    import engine.run.local as runner
     from engine.config import Config
 
     texts, truth = _planted(n_clusters=20, copies=2, n_single=60)
@@ -237,15 +229,12 @@ def test_with_runner(tmp_path):
     cfg = Config()
     cfg.run.workers = 1
     cfg.exact.enabled = False
-    dcfg = DedupConfig()
-    manifest = runner.score(
-        [str(tmp_path / "in0.parquet"), str(tmp_path / "in1.parquet")],
-        tmp_path / "out",
-        cfg,
-        map_stages=runner.build_map_stages(cfg) + [MinHashStage(dcfg)],
-        global_stages=runner.build_global_stages(cfg) + [NearDedup(dcfg)],
-    )
+    cfg.embed.embedder = "none"
+    manifest = runner.score([str(tmp_path / "in0.parquet"), str(tmp_path / "in1.parquet")], tmp_path / "out", cfg)
+    assert manifest["stages_run"]["global"] == ["near_dedup"]
     df = pl.read_parquet(tmp_path / "out" / "scores" / "*.parquet").sort("id")
+    # the signatures went to the global phase through work/, never into scores/
+    assert not any(c.startswith("minhash_") and c != "minhash_cluster" for c in df.columns)
     assert df.height == len(texts) == manifest["rows_in"]
     order = np.argsort([f"x{i}" for i in range(len(texts))])
     t = truth[order]

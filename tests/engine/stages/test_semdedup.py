@@ -1,11 +1,11 @@
 """engine/stages/semdedup.py: planted near-duplicate groups are found exactly, the keeper follows the quality key."""
 
-from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
 import pytest
 
+from engine.run.context import MemoryContext
 from engine.stages.semdedup import SEMANTIC_DUPLICATE, SemDedup, SemDedupConfig, quality_rank, semantic_duplicates
 
 
@@ -79,7 +79,7 @@ def test_quality_rank_order():
 
 
 def _ctx(df, tmp_path):
-    return SimpleNamespace(frame=lambda cols: df, work_dir=tmp_path)
+    return MemoryContext(df)
 
 
 def test_global_stage(tmp_path):
@@ -115,10 +115,12 @@ def test_global_stage(tmp_path):
     assert st.stats["threshold"] == 0.95
 
 
-def test_static_tier_threshold(tmp_path):
-    (tmp_path / "embed_info.json").write_text('{"tier": "static"}')
-    assert SemDedup(SemDedupConfig(enabled=True)).threshold_for(tmp_path) == 0.99
-    assert SemDedup(SemDedupConfig(enabled=True, threshold=0.9)).threshold_for(tmp_path) == 0.9
+def test_static_tier_threshold():
+    # the tier comes from the resolved embedder choice in the config, not from a side file
+    assert SemDedup(SemDedupConfig(enabled=True)).threshold_for("static") == 0.99
+    assert SemDedup(SemDedupConfig(enabled=True)).threshold_for("static:/some/encoder") == 0.99
+    assert SemDedup(SemDedupConfig(enabled=True)).threshold_for("minilm") == 0.95
+    assert SemDedup(SemDedupConfig(enabled=True, threshold=0.9)).threshold_for("static") == 0.9
 
 
 def test_minilm_paraphrase_pairs():

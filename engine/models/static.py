@@ -1,0 +1,228 @@
+"""The static tier: a per-token table distilled from an encoder (model2vec's method), >100x faster than the encoder
+on CPU.
+
+Every vocabulary token goes through the encoder once as ``[SEP] tok [CLS]`` (model2vec's order), the three output
+vectors are averaged, PCA to ``static_dim`` (256) and each token is weighted by SIF over a Zipf estimate of its
+frequency from its vocabulary rank, ``w = a / (a + p(rank))`` with a = 1e-4. The table (30,522 x 256 float16 =
+15.6 MB) is cached under the user cache dir (``$WINNOW_CACHE``, else ``$XDG_CACHE_HOME/winnow``, else
+``~/.cache/winnow``), never in the repository; distilling took 11-57 s on 2 shared cores. It is built once, under an
+exclusive file lock, even when several worker processes ask for it at the same time (see ``build_once``).
+A row's vector is the weighted mean of its token vectors (``kernels.embed_pool``), tokenised by the Numba
+WordPiece kernel (``kernels.wordpiece``, exact on ASCII rows; others go through the HF fast tokenizer).
+
+torch, transformers and sklearn are imported inside the functions only (engine.stages.embed imports this module
+whenever engine.config loads).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from engine.models.device import resolve_device
+from engine.models.embed_cache import user_cache_dir
+from engine.models.encoder import default_model_path, model_fingerprint
+from kernels.strings import utf8_view
+
+log = logging.getLogger(__name__)
+
+STR = pa.large_string()
+
+
+def _bert_wordpiece_settings(tokenizer) -> dict | None:
+    """The fast tokenizer's pipeline if it is BERT WordPiece (what kernels.wordpiece reproduces), else None."""
+    try:
+        cfg = json.loads(tokenizer.backend_tokenizer.to_str())
+    except (AttributeError, ValueError):  # a slow (Python) tokenizer has no backend_tokenizer
+        return None
+    norm, pre, model = cfg.get("normalizer") or {}, cfg.get("pre_tokenizer") or {}, cfg.get("model") or {}
+    if (
+        norm.get("type") == "BertNormalizer"
+        and norm.get("clean_text", True)
+        and pre.get("type") == "BertPreTokenizer"
+        and model.get("type") == "WordPiece"
+        and model.get("continuing_subword_prefix") == "##"
+        and model.get("max_input_chars_per_word", 100) == 100
+    ):
+        return {"lowercase": bool(norm.get("lowercase", True)), "unk": model.get("unk_token", "[UNK]")}
+    return None
+
+
+def distill_static(
+    model_path: str, dim: int = 256, sif: float = 1e-4, device: str = "auto", batch_rows: int = 1024
+) -> tuple[np.ndarray, np.ndarray]:
+    """model2vec distillation: (table (V, dim) float32, weights (V,) float32) from a local encoder folder.
+
+    Each token id goes through the encoder as ``[SEP] id [CLS]`` (model2vec found this reversed order better) and
+    the 3 output vectors are averaged; ``[unusedN]`` tokens get weight 0 and stay out of the PCA fit and the Zipf
+    ranks. PCA (full SVD) to ``dim``; weights ``sif / (sif + p)`` with ``p`` proportional to 1 / (rank + 2).
+    """
+    import torch
+    from sklearn.decomposition import PCA
+    from transformers import AutoModel, AutoTokenizer
+
+    dev = resolve_device(device)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModel.from_pretrained(model_path).eval().to(dev)
+    vocab = tok.get_vocab()
+    v = max(vocab.values()) + 1
+    probe = tok("A")["input_ids"]
+    bos, eos = int(probe[0]), int(probe[-1])
+    ids = torch.arange(v)
+    seq = torch.stack([torch.full((v,), eos), ids, torch.full((v,), bos)], dim=1)
+    vecs = np.zeros((v, model.config.hidden_size), np.float32)
+    with torch.inference_mode():
+        for s in range(0, v, batch_rows):
+            b = seq[s : s + batch_rows].to(dev)
+            h = model(input_ids=b, attention_mask=torch.ones_like(b), token_type_ids=torch.zeros_like(b))
+            vecs[s : s + len(b)] = h.last_hidden_state.float().mean(1).cpu().numpy()
+    unused = np.zeros(v, bool)
+    pat = re.compile(r"\[unused\d+\]")
+    for t, i in vocab.items():
+        if pat.fullmatch(t):
+            unused[i] = True
+    keep = np.flatnonzero(~unused)
+    dim = min(dim, vecs.shape[1], len(keep))
+    pca = PCA(n_components=dim, svd_solver="full").fit(vecs[keep])
+    table = pca.transform(vecs).astype(np.float32)
+    inv_rank = 1.0 / np.arange(2, len(keep) + 2)
+    proba = inv_rank / inv_rank.sum()
+    weights = np.zeros(v, np.float32)
+    weights[keep] = sif / (sif + proba)
+    return table, weights
+
+
+def build_once(paths: Sequence[Path], build: Callable[[], Sequence[np.ndarray]]) -> bool:
+    """Make every ``.npy`` file in ``paths`` exist, calling ``build()`` (one array per path, in order) at most once
+    however many processes ask at the same time; True when this call built them.
+
+    Two worker processes can start on an empty cache together (the map phase starts them at once), and each would
+    otherwise distil the table (11-57 s of CPU) and write it over the other's. So the check-and-build runs under an
+    exclusive ``fcntl.flock`` on ``.lock`` in the files' folder: the first process builds, a second blocks on the
+    lock, then checks again, finds the finished files and builds nothing. Reading needs no lock: each file appears by
+    an atomic rename (tmp + ``os.replace``), so a reader that sees every file sees complete files. The kernel drops
+    the lock when its holder exits or dies, so a crashed build leaves no stale lock (at most a tmp file). The lock
+    file is never deleted: unlinking it would let a late process lock a fresh inode while another holds the old one.
+    """
+    if all(p.exists() for p in paths):
+        return False
+    folder = paths[0].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # blocks while another process builds; released when the file closes
+        if all(p.exists() for p in paths):
+            return False
+        arrays = build()
+        for path, arr in zip(paths, arrays, strict=True):
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+            with open(tmp, "wb") as f:
+                np.save(f, arr)
+            os.replace(tmp, path)
+    return True
+
+
+def load_static_table(
+    model_path: str, dim: int = 256, sif: float = 1e-4, cache_dir: str = "", device: str = "auto"
+) -> tuple[np.ndarray, np.ndarray, Path]:
+    """(table float16, weights float32, folder) from the user cache, distilling on first use (once, under a lock:
+    see ``build_once``)."""
+    key = f"{os.path.basename(os.path.normpath(model_path))}-{model_fingerprint(model_path)}-d{dim}-sif{sif:g}"
+    folder = user_cache_dir(cache_dir) / "static" / key
+    tf, wf = folder / "table.npy", folder / "weights.npy"
+
+    def distill() -> tuple[np.ndarray, np.ndarray]:
+        t0 = time.perf_counter()
+        table, weights = distill_static(model_path, dim, sif, device)
+        log.info("distilled static table %s in %.1f s", folder, time.perf_counter() - t0)
+        return table.astype(np.float16), weights
+
+    build_once((tf, wf), distill)
+    return np.load(tf), np.load(wf), folder
+
+
+class StaticEmbedder:
+    """Weighted mean of distilled token vectors: tokenise (Numba WordPiece or HF fast tokenizer), gather, pool."""
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        dim: int = 256,
+        sif: float = 1e-4,
+        cache_dir: str = "",
+        device: str = "auto",
+    ):
+        from transformers import AutoTokenizer
+
+        from kernels.wordpiece import WordPieceTable
+
+        self.model_path = model_path or default_model_path()
+        self.device = resolve_device(device)
+        table, weights, self.folder = load_static_table(self.model_path, dim, sif, cache_dir, device)
+        # float32 in memory: 31 MB for BERT's vocab, and the pooling loop avoids a float16 convert per element.
+        self.table = np.ascontiguousarray(table, dtype=np.float32)
+        self.weights = np.ascontiguousarray(weights, dtype=np.float32)
+        self.dim = self.table.shape[1]
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        settings = _bert_wordpiece_settings(self.tokenizer)
+        self.wordpiece = (
+            WordPieceTable(self.tokenizer.get_vocab(), settings["unk"], lowercase=settings["lowercase"])
+            if settings
+            else None
+        )
+        # A private copy of the Rust tokenizer without the padding / truncation that tokenizer.json may carry
+        # (MiniLM's pads to 128): the static tier pools every token of the row.
+        from tokenizers import Tokenizer
+
+        self.fast = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        self.fast.no_padding()
+        self.fast.no_truncation()
+        self.model_key = f"static-{self.folder.name}"
+        self.fallback_rows = 0
+
+    def tokenize(self, texts: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int32, starts int64, counts int64) for an Arrow string array, no special tokens."""
+        n = len(texts)
+        if self.wordpiece is not None:
+            from kernels.wordpiece import wordpiece
+
+            data, offsets = utf8_view(texts)
+            ids, counts, fallback = wordpiece(self.wordpiece, data, offsets)
+            starts = offsets[:-1].astype(np.int64)
+            rest = np.flatnonzero(fallback)
+        else:
+            ids, starts, counts = np.zeros(0, np.int32), np.zeros(n, np.int64), np.zeros(n, np.int64)
+            rest = np.arange(n)
+        if len(rest):
+            self.fallback_rows += len(rest)
+            sub = texts.take(pa.array(rest)).to_pylist()
+            encs = self.fast.encode_batch(["" if s is None else s for s in sub], add_special_tokens=False)
+            extra = [np.asarray(e.ids, np.int32) for e in encs]
+            lens = np.fromiter((len(e) for e in extra), np.int64, count=len(extra))
+            base = len(ids)
+            ids = np.concatenate([ids] + extra) if extra else ids
+            starts = starts.copy()
+            counts = counts.copy()
+            starts[rest] = base + np.concatenate([[0], np.cumsum(lens)[:-1]])
+            counts[rest] = lens
+        return ids, starts, counts
+
+    def encode(self, texts: list[str] | pa.Array) -> np.ndarray:
+        """(n, dim) float32 unit vectors (zero for a row with no known token)."""
+        from kernels.embed_pool import embed_pool
+
+        if not isinstance(texts, (pa.Array, pa.ChunkedArray)):
+            texts = pa.array(["" if t is None else t for t in texts], STR)
+        if isinstance(texts, pa.ChunkedArray):
+            texts = texts.combine_chunks()
+        ids, starts, counts = self.tokenize(texts)
+        return embed_pool(self.table, self.weights, ids, starts, counts, device="cpu")

@@ -1,0 +1,135 @@
+"""The global phase and the final ``scores/``.
+
+``run_global`` runs the global stages in order over the context; each returns a narrow update table keyed by
+(``_shard``, ``row``): new verdicts (applied only to rows still kept: the first reason wins) and score columns.
+
+``finalize`` writes ``scores/``: a map part that no update touches is hard-linked, not rewritten (the map phase
+already wrote the global stages' columns there as nulls, so every part has every column and ``scores/`` loads with
+one ``pyarrow.dataset`` / ``polars.scan_parquet`` call); a part with updates is read once, patched column by column
+and written once, parts in parallel. Updates are split by shard once (O(rows), not O(shards x rows)).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from engine.run.context import PartsContext
+
+VERDICT_COLUMNS = ("verdict", "detail", "duplicate_of")
+
+
+def run_global(ctx, stages: list, timings: dict, stage_stats: dict) -> list[pl.DataFrame]:
+    """Run global stages in order; returns their update frames (verdict updates already filtered to rows that were
+    still kept and applied to ``ctx``)."""
+    updates: list[pl.DataFrame] = []
+    for st in stages:
+        t0 = time.perf_counter()
+        upd = st.run(ctx)
+        timings[st.name] = round(time.perf_counter() - t0, 3)
+        stage_stats[st.name] = dict(st.stats)
+        if upd is None or upd.height == 0:
+            continue
+        upd = upd.with_columns(pl.col("_shard").cast(pl.Int32), pl.col("row").cast(pl.Int64))
+        if "verdict" in upd.columns:
+            v = upd.select(["_shard", "row"] + [pl.col(c).cast(pl.String) if c in upd.columns else
+                                                pl.lit(None, dtype=pl.String).alias(c) for c in VERDICT_COLUMNS])
+            v = ctx.apply_verdicts(v)
+            if v.height:
+                updates.append(v)
+        other = [c for c in upd.columns if c not in ("_shard", "row", *VERDICT_COLUMNS)]
+        if other:
+            updates.append(upd.select(["_shard", "row"] + other).filter(
+                pl.any_horizontal([pl.col(c).is_not_null() for c in other])))
+    return updates
+
+
+def _patch(batch: pa.Table, upd_rows: np.ndarray, upd: pa.Table) -> pa.Table:
+    """Set the columns of ``upd`` on the rows of ``batch`` whose ``row`` is in ``upd_rows`` (sorted, unique);
+    other rows keep their values (nulls in ``upd`` never overwrite)."""
+    rows = batch.column("row").to_numpy()
+    pos = np.searchsorted(upd_rows, rows)
+    pos_c = np.minimum(pos, len(upd_rows) - 1)
+    hit = (pos < len(upd_rows)) & (upd_rows[pos_c] == rows)
+    if not hit.any():
+        return batch
+    take = pa.array(np.where(hit, pos_c, 0), pa.int64())
+    names = batch.schema.names
+    for name in upd.column_names:
+        col = upd.column(name).combine_chunks()
+        new = pc.take(col, take)
+        mask = pa.array(hit) if col.null_count == 0 else pc.and_(pa.array(hit), pc.is_valid(new))
+        if name in names:
+            old = batch.column(name)
+            patched = pc.if_else(mask, new.cast(old.type), old)
+            batch = batch.set_column(names.index(name), name, patched)
+        else:
+            batch = batch.append_column(name, pc.if_else(mask, new, pa.nulls(len(rows), col.type)))
+            names = batch.schema.names
+    return batch
+
+
+def _by_shard(updates: list[pl.DataFrame]) -> dict[int, list[tuple[np.ndarray, pa.Table]]]:
+    out: dict[int, list[tuple[np.ndarray, pa.Table]]] = {}
+    for u in updates:
+        for (shard,), g in u.sort(["_shard", "row"]).partition_by("_shard", as_dict=True).items():
+            cols = [c for c in g.columns if c not in ("_shard", "row")]
+            out.setdefault(int(shard), []).append((g["row"].to_numpy(), g.select(cols).to_arrow()))
+    return out
+
+
+def finalize(ctx: PartsContext, scores_dir: Path, updates: list[pl.DataFrame], config: Any) -> dict[str, int]:
+    """Write ``scores/`` and return the verdict counts."""
+    scores_dir.mkdir(parents=True, exist_ok=True)
+    by_shard = _by_shard(updates)
+    keep_names: set[str] = set()
+    jobs = []
+    for idx, files in ctx.parts.items():
+        for f in files:
+            keep_names.add(f.name)
+            jobs.append((f, scores_dir / f.name, by_shard.get(idx, [])))
+
+    def one(job) -> None:
+        src, dest, upd = job
+        tmp = dest.with_name(dest.name + ".tmp")
+        if upd:
+            t = pq.read_table(src)
+            first, last = t.column("row")[0].as_py(), t.column("row")[-1].as_py()
+            touched = False
+            for rows, u in upd:
+                lo, hi = np.searchsorted(rows, [first, last + 1])
+                if hi > lo:
+                    t = _patch(t, rows[lo:hi], u.slice(lo, hi - lo))
+                    touched = True
+            if touched:
+                kw = {"compression": config.run.compression}
+                if config.run.compression == "zstd":
+                    kw["compression_level"] = config.run.compression_level
+                pq.write_table(t, tmp, row_group_size=config.read.batch_rows, **kw)
+                os.replace(tmp, dest)
+                return
+        if dest.exists():
+            dest.unlink()
+        try:
+            os.link(src, dest)
+        except OSError:
+            shutil.copyfile(src, dest)
+
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="winnow-final") as pool:
+        for _ in pool.map(one, jobs):
+            pass
+    for stale in scores_dir.glob("part-*"):
+        if stale.name not in keep_names:
+            stale.unlink()
+    return ctx.verdict_counts()

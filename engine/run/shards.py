@@ -1,0 +1,67 @@
+"""Which shards a run must (re)do: input fingerprints and the resume key.
+
+A finished shard leaves ``work/map/done-SSSSS.json`` (written last, atomically) holding its stats and its key. A
+rerun reuses a shard only when its key matches: the input file (path, size, mtime), the config sections that
+change what a shard holds (derived from the stage registry, with ``auto`` settings already resolved), the skipped
+stages and the winnow version. A shard without a marker (a kill mid-shard) is redone from scratch, so a resume
+neither loses nor duplicates rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from engine import __version__, registry
+from engine.io.readers import Shard
+
+
+def file_hash(path: str, block: int = 8 << 20) -> str:
+    """xxh3-128 of the file's bytes (streamed), for the manifest's ``inputs``."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return "xxh3_128:" + h.hexdigest()
+
+
+def shard_key(shard: Shard, config: Any) -> str:
+    sections = registry.resume_sections(config)
+    blob = (f"{shard.path}|{shard.size}|{shard.mtime_ns}|{sections}|{config.section_hash(*sections)}|"
+            f"{sorted(config.run.skip_stages)}|{__version__}")
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def clean_map_dir(map_dir: Path, n_shards: int) -> None:
+    """Drop temp files and the files of shard indices past the current input list."""
+    for stale in map_dir.glob("*.tmp"):
+        stale.unlink()
+    for pattern in ("done-*.json", "part-*.parquet", "work-*.arrow"):
+        for f in map_dir.glob(pattern):
+            if int(f.name.split("-")[1].split(".")[0]) >= n_shards:
+                f.unlink()
+
+
+def reusable(map_dir: Path, shards: list[Shard], config: Any) -> tuple[dict[int, dict], list[int]]:
+    """({shard index: its stats} for finished shards whose key matches, [indices still to do])."""
+    done: dict[int, dict] = {}
+    pending: list[int] = []
+    for i, sh in enumerate(shards):
+        marker = map_dir / f"done-{i:05d}.json"
+        if marker.exists():
+            try:
+                st = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                st = None
+            files = (st or {}).get("parts", []) + ([st["work"]] if st and st.get("work") else [])
+            if st and st.get("key") == shard_key(sh, config) and all((map_dir / p).exists() for p in files):
+                st["reused"] = True
+                done[i] = st
+                continue
+            marker.unlink()
+        pending.append(i)
+    return done, pending
