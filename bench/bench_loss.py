@@ -3,13 +3,19 @@
 The anchor is what Cherry LLM and Superfiltering run: for every row, one forward per sequence (the response given
 the prompt, then the response alone), ``model(ids).logits`` over the whole sequence, ``cross_entropy(reduction=
 "none")`` and a mean over the response positions. winnow scores the same sequences (same model object, same
-tokenisation, same ``max_tokens`` truncation, both built by ``engine.stages.loss.build_plan`` inside the timed region) in
+tokenisation, same ``max_tokens`` truncation, both built by ``engine.models.lm_scorer.build_plan`` inside the timed region) in
 length-sorted batches under a token budget, with the backbone only and ``kernels.xent`` on the response positions.
 Both paths run in this process on the same rows, alternating over groups of ``--group`` rows; the JSON line reports
 rows/s of each, the ratio and the largest relative difference of the per-row losses.
 
     .venv/bin/python bench/bench_loss.py --rows 2000
     .venv/bin/python bench/bench_loss.py --rows 200   # with a shared 2-core CPU
+
+``--render-only`` times the chat-template step alone (no model, SmolLM2's tokenizer): the per-row jinja render
+(``engine.models.chat_template.render``, what every row paid before the shape cache) against ``ChatRenderer``, on the
+texts ``build_plan`` renders (each conversation, and each response alone), and checks they are equal:
+
+    .venv/bin/python bench/bench_loss.py --render-only --rows 20000
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import numpy as np
 import torch
 
 from bench._common import SHARED_DATA, append_result, print_json
-from engine.stages.loss import LossConfig, LossScorer, build_plan
+from engine.models.chat_template import ChatRenderer, render
+from engine.models.lm_scorer import LossScorer, build_plan
+from engine.stages.loss import LossConfig
 
 
 def alpaca_conversations(rows: int, seed: int) -> list[list[dict]]:
@@ -62,6 +70,35 @@ def batch_size_one(model, tokenizer, convs, cfg: LossConfig) -> tuple[np.ndarray
         return sums[0::2] / counts[0::2], sums[1::2] / counts[1::2]
 
 
+def render_only(args) -> None:
+    """Per-row template rendering vs the shape cache, on the texts build_plan renders."""
+    from engine.models.causal_lm import SMOLLM2, load_tokenizer
+
+    tokenizer = load_tokenizer(SMOLLM2)
+    convs = alpaca_conversations(args.rows, args.seed)
+    work = [x for c in convs for x in (c, [m for m in c if m["role"] == "assistant"])]
+    t0 = time.perf_counter()
+    want = [render(tokenizer, c) for c in work]
+    old_s = time.perf_counter() - t0
+    renderer = ChatRenderer(tokenizer)
+    t0 = time.perf_counter()
+    got = [renderer.render(c) for c in work]
+    new_s = time.perf_counter() - t0
+    equal = got == want
+    n = len(work)
+    append_result("loss_render", "jinja_per_row", n, "renders_per_s", n / old_s)
+    append_result("loss_render", "shape_cache", n, "renders_per_s", n / new_s)
+    append_result("loss_render", "shape_cache", n, "speedup_vs_per_row", old_s / new_s)
+    print(f"{args.rows} alpaca_52k rows, {n} renders (conversation + response alone), SmolLM2-135M-Instruct template")
+    print(f"  jinja per row  {old_s:8.3f} s  {n / old_s:10.0f} renders/s")
+    print(f"  shape cache    {new_s:8.3f} s  {n / new_s:10.0f} renders/s   ({old_s / new_s:.1f}x), equal: {equal}")
+    print_json({"op": "loss_render", "rows": args.rows, "renders": n, "per_row_s": round(old_s, 4),
+                "shape_cache_s": round(new_s, 4), "speedup": round(old_s / new_s, 2), "equal": equal,
+                **renderer.info()})  # fmt: skip
+    if not equal:
+        sys.exit("the shape cache rendered differently from the per-row template")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=2000, help="Alpaca rows to score (default 2000)")
@@ -69,7 +106,10 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=8192, help="winnow's padded tokens per batch (default 8192)")
     ap.add_argument("--group", type=int, default=100, help="rows per alternation between the two paths (default 100)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--render-only", action="store_true", help="time the chat-template step alone (no model)")
     args = ap.parse_args()
+    if args.render_only:
+        return render_only(args)
     cfg = LossConfig(max_tokens=args.max_tokens, batch_tokens=args.batch_tokens, device="cpu")
     convs = alpaca_conversations(args.rows, args.seed)
     t0 = time.perf_counter()
@@ -100,7 +140,7 @@ def main() -> None:
     max_rel = float(max(rel(res["loss_response_given_prompt"], base_c).max(), rel(res["loss_response"], base_a).max()))
     n = args.rows
     ratio = base_s / ours_s
-    tokens = int(res["response_tokens"][ok].sum())
+    tokens = int(res["loss_tokens"][ok].sum())
     append_result("loss_cpu", "bs1_logits_loop", n, "rows_per_s", n / base_s)
     append_result("loss_cpu", "winnow", n, "rows_per_s", n / ours_s)
     append_result("loss_cpu", "winnow", n, "speedup_vs_bs1", ratio)

@@ -9,8 +9,11 @@ Rules every stage keeps:
 - scorers add columns and never rewrite another stage's columns;
 - a row whose verdict is already not ``kept`` keeps its first reason (``reject`` only touches kept rows).
 
-Global stages (dedup clustering, label noise, selection) need the whole corpus: they implement
-``GlobalStage.run(ctx)`` over the columns they need, read back from the map phase's parts.
+Global stages (dedup clustering, label noise, losses) need the whole corpus: they implement ``GlobalStage.run(ctx)``
+over the columns they need, read through the global context (``engine.run.context``), never from a path.
+
+Every stage is declared once with ``engine.registry.register`` (its name, config section, kind, columns) and is
+built as ``Cls(section_config)``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ KEPT = "kept"
 
 
 class Stage:
-    """Base class of map stages: ``name`` labels stats and timings in the manifest."""
+    """Base class of map stages: ``name`` (set by ``register``) labels stats and timings in the manifest."""
 
     name: str = "stage"
 
@@ -42,12 +45,6 @@ class Stage:
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """Map one batch to one batch of the same length; override this or ``__call__``."""
         raise TypeError(f"{type(self).__name__} must override process() or __call__()")
-
-    def begin_shard(self, shard_index: int, work_dir: str) -> None:
-        """Called by the runner before a shard's batches (stages that write side files key them by shard)."""
-
-    def end_shard(self) -> None:
-        """Called by the runner after a shard's last batch was consumed (flush side files here)."""
 
     def count(self, key: str, value: float = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + value

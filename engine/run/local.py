@@ -178,6 +178,8 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
             "workers": workers if pending else 0,
         },
         "stages": stats,
+        # what model stages report of themselves: models, devices, which kernel path ran (GPU self-checks)
+        "stage_info": {st.name: info for st in gstages if (info := getattr(st, "manifest_info", dict)())},
         "embedder": resolved.get("embed"),
         **mf.summaries(stats),
         "warnings": warnings,

@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -343,6 +344,12 @@ class LossGlobalStage(GlobalStage):
         budget = parse_loss_budget(cfg.loss_budget)
         if cfg.priority:
             order = ctx.frame([cfg.priority], kept_only=True)
+            if order.height and order[cfg.priority].null_count() == order.height:
+                warnings.warn(
+                    f"loss.priority {cfg.priority!r} is null for every kept row (is it a score column of this run?): "
+                    "LM losses go to kept rows in input order",
+                    stacklevel=2,
+                )
             order = order.sort(cfg.priority, descending=True, nulls_last=True, maintain_order=True)
             order = order.select(pl.col("_shard").cast(pl.Int32), pl.col("row").cast(pl.Int64))
             candidates = order.height

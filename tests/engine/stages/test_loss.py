@@ -338,7 +338,9 @@ def test_global_stage_scores_kept_rows_by_priority(tiny, monkeypatch, fetch_rows
     ctx = _ctx(rows, verdicts, [1, 0, 0, 1, 1, 0, 1], {"uncertainty": prio})
     planned = []
     real = S.build_plan
-    monkeypatch.setattr(S, "build_plan", lambda tok, convs, *a, **k: planned.extend(convs) or real(tok, convs, *a, **k))
+    monkeypatch.setattr(
+        S, "build_plan", lambda tok, convs, *a, **k: planned.extend(convs) or real(tok, convs, *a, **k)
+    )
     scorer = _scorer(tiny)
     cfg = L.LossConfig(loss_budget="3", priority="uncertainty", fetch_rows=fetch_rows)
     st = L.LossGlobalStage(cfg, scorer=scorer)
@@ -366,7 +368,9 @@ def test_registered_global_stage():
     assert spec.kind == "global" and spec.cls is L.LossGlobalStage and L.LossGlobalStage.name == "loss"
     assert tuple(spec.columns) == tuple(L.LOSS_COLUMNS)
     flags = {o.flag: o for o in spec.options}
-    assert flags["--loss"].value == "on" and flags["--no-loss"].value == "off" and flags["--loss-max-tokens"].type is int
+    assert (
+        flags["--loss"].value == "on" and flags["--no-loss"].value == "off" and flags["--loss-max-tokens"].type is int
+    )
     assert spec.is_enabled(type("C", (), {"loss": L.LossConfig(enabled="on")})())
     assert not spec.is_enabled(type("C", (), {"loss": L.LossConfig(enabled="auto")})())
 
@@ -424,7 +428,7 @@ def test_planner_runs_one_chunk_ahead_in_a_thread(tiny, monkeypatch):
 
     monkeypatch.setattr(S, "build_plan", plan)
     monkeypatch.setattr(scorer, "_run_plan", run)
-    cols, stats = L.score_subset(scorer, _table(ROWS), np.arange(len(ROWS)))
+    _, stats = L.score_subset(scorer, _table(ROWS), np.arange(len(ROWS)))
     assert stats["scored"] == len(ROWS)
     assert all(not main for kind, _, main in events if kind == "plan")
     assert all(main for kind, _, main in events if kind == "run")
