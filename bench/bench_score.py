@@ -115,7 +115,7 @@ def main() -> None:
         "finalize_share": round(tm["finalize_s"] / t_score, 3),
         "global_s": tm["global_s"],
         "map_stage_seconds_summed": {k: v.get("seconds") for k, v in m["stages"].items() if "seconds" in v},
-        "embedder": m.get("embedder"),
+        "embedder": m.get("resolved", {}).get("embed"),
         "verdicts": m["verdicts"],
         "first_use_s": round(t_cold, 2) if t_cold else None,
         "first_use_vs_warm": round(t_cold / t_score, 2) if t_cold else None,

@@ -1,6 +1,9 @@
-"""Writers: Parquet parts written atomically (temp file + rename), and the manifest.
+"""Writers: parts written atomically (temp file + rename), and the manifest.
 
-A shard's rows go to ``part-SSSSS-CCCC.parquet`` (shard S, chunk C). A JSONL shard whose columns change type or
+A shard's rows go to ``part-SSSSS-CCCC.<ext>`` (shard S, chunk C): Parquet in ``scores/``; Arrow IPC (lz4) in
+``work/map/``, which finalize reads once and writes once as Parquet. Measured on a 50k-row part of 1 KB documents
+with embeddings (149 MB in memory): Parquet zstd-1 writes in 0.54 s and reads in 0.34 s, Arrow IPC lz4 in 0.22 s
+and 0.09 s, so the map phase and finalize together spend 0.3 s instead of 1.4 s per part on encoding. A JSONL shard whose columns change type or
 appear mid-file cannot share one Parquet schema, so the writer rolls to the next chunk instead of losing or
 coercing data. Each part records the input's own column names in its schema metadata
 (``winnow.input_columns``), which is how ``select`` writes rows back in the input's own format.
@@ -21,41 +24,73 @@ META_FORMAT = b"winnow.format"
 DICTIONARY_COLUMNS = ("label", "source", "format", "verdict", "detail", "orig_source", "orig_label")
 
 
-def part_name(shard_index: int, chunk: int) -> str:
-    return f"part-{shard_index:05d}-{chunk:04d}.parquet"
+def part_name(shard_index: int, chunk: int, ext: str = "parquet") -> str:
+    return f"part-{shard_index:05d}-{chunk:04d}.{ext}"
+
+
+def read_part(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """A part as a table (Arrow IPC parts are memory-mapped: columns not asked for cost nothing)."""
+    path = Path(path)
+    if path.suffix == ".arrow":
+        with pa.memory_map(str(path)) as src:
+            t = pa.ipc.open_file(src).read_all()
+        return t if columns is None else t.select([c for c in columns if c in t.column_names])
+    return pq.read_table(path, columns=columns)
+
+
+def part_schema(path: str | Path) -> pa.Schema:
+    path = Path(path)
+    if path.suffix == ".arrow":
+        with pa.memory_map(str(path)) as src:
+            return pa.ipc.open_file(src).schema
+    return pq.read_schema(path)
+
+
+class _IpcFile:
+    """The two ParquetWriter calls PartWriter needs, over an Arrow IPC file with lz4-compressed buffers."""
+
+    def __init__(self, path: Path, schema: pa.Schema):
+        self._sink = pa.OSFile(str(path), "wb")
+        self._w = pa.ipc.new_file(self._sink, schema, options=pa.ipc.IpcWriteOptions(compression="lz4"))
+
+    def write_batch(self, batch: pa.RecordBatch) -> None:
+        self._w.write_batch(batch)
+
+    def close(self) -> None:
+        self._w.close()
+        self._sink.close()
 
 
 class PartWriter:
-    """Writes one shard's batches into one or more Parquet parts, atomically."""
+    """Writes one shard's batches into one or more parts (``kind`` parquet or arrow), atomically."""
 
     def __init__(self, folder: Path, shard_index: int, compression: str = "zstd", level: int | None = 1,
-                 metadata: dict[bytes, bytes] | None = None):
+                 metadata: dict[bytes, bytes] | None = None, kind: str = "parquet"):
+        self.kind = kind
         self.folder = Path(folder)
         self.shard_index = shard_index
         self.compression = compression
         self.level = level
         self.metadata = metadata or {}
         self.files: list[str] = []
-        self._writer: pq.ParquetWriter | None = None
+        self._writer: pq.ParquetWriter | _IpcFile | None = None
         self._schema: pa.Schema | None = None
         self._tmp: Path | None = None
         self._final: Path | None = None
 
     def _open(self, schema: pa.Schema) -> None:
         chunk = len(self.files) + (1 if self._writer else 0)
-        name = part_name(self.shard_index, chunk)
+        name = part_name(self.shard_index, chunk, "arrow" if self.kind == "arrow" else "parquet")
         self._final = self.folder / name
         self._tmp = self.folder / (name + ".tmp")
         meta = dict(schema.metadata or {})
         meta.update(self.metadata)
         self._schema = schema.with_metadata(meta)
-        # Dictionary encoding only where values repeat: on unique text pyarrow builds a dictionary, overflows it
-        # and falls back, which cost ~12% of the write time of an Alpaca shard here.
-        dict_cols = [c for c in DICTIONARY_COLUMNS if c in schema.names]
-        kw: dict[str, Any] = {"compression": self.compression, "use_dictionary": dict_cols}
-        if self.compression == "zstd" and self.level is not None:
-            kw["compression_level"] = self.level
-        self._writer = pq.ParquetWriter(self._tmp, self._schema, **kw)
+        if self.kind == "arrow":
+            self._writer = _IpcFile(self._tmp, self._schema)
+        else:
+            self._writer = pq.ParquetWriter(self._tmp, self._schema, **parquet_options(schema, self.compression,
+                                                                                        self.level))
 
     def _close_current(self) -> None:
         if self._writer is not None:
@@ -87,6 +122,33 @@ class PartWriter:
                 if self._tmp and self._tmp.exists():
                     self._tmp.unlink()
                 self._writer = None
+
+
+def parquet_options(schema: pa.Schema, compression: str = "zstd", level: int | None = 1) -> dict[str, Any]:
+    """Per-column Parquet writer options for scores parts (map phase and finalize alike).
+
+    - Dictionary encoding only where values repeat: on unique text pyarrow builds a dictionary, overflows it and
+      falls back, which cost ~12% of the write time of an Alpaca shard here.
+    - Statistics only on flat columns: min/max of text and vectors serve no reader of scores/.
+    - Embeddings (lists of floats) uncompressed: random float16 values do not compress, and zstd plus statistics on
+      a 50k x 256 float16 column took 0.36 s to write against 0.15 s without (0.15 s vs 0.04 s to read).
+    """
+    names = schema.names
+    flat = [f.name for f in schema if not (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or
+                                            pa.types.is_fixed_size_list(f.type) or pa.types.is_large_string(f.type)
+                                            or pa.types.is_string(f.type) or pa.types.is_struct(f.type))]
+    vectors = {f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)}
+    kw: dict[str, Any] = {"use_dictionary": [c for c in DICTIONARY_COLUMNS if c in names],
+                          "write_statistics": flat + [c for c in ("id", "verdict") if c in names]}
+    if vectors and compression != "none":
+        kw["compression"] = {c: ("none" if c in vectors else compression) for c in names}
+        if compression == "zstd" and level is not None:
+            kw["compression_level"] = {c: level for c in names if c not in vectors}
+    else:
+        kw["compression"] = compression
+        if compression == "zstd" and level is not None:
+            kw["compression_level"] = level
+    return kw
 
 
 def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch | None:

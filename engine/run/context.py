@@ -31,7 +31,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
+
+from engine.io.writers import part_schema, read_part
 
 KEPT = "kept"
 KEY_COLUMNS = ("_shard", "row", "verdict")
@@ -190,7 +191,7 @@ class PartsContext(GlobalContext):
         for s, files in self.parts.items():
             rows, verdicts, sizes = [], [], []
             for f in files:
-                t = pq.read_table(f, columns=["row", "verdict"])
+                t = read_part(f, columns=["row", "verdict"])
                 rows.append(t.column("row").to_numpy())
                 verdicts.append(t.column("verdict"))
                 sizes.append(t.num_rows)
@@ -214,9 +215,9 @@ class PartsContext(GlobalContext):
                 work_cols = [c for c in columns if work is not None and c in work.column_names]
             start = 0
             for f, n in zip(files, self._part_rows[s]):
-                avail = set(pq.read_schema(f).names)
+                avail = set(part_schema(f).names)
                 main_cols = [c for c in columns if c in avail and c not in work_cols]
-                t = pq.read_table(f, columns=["row", *main_cols])
+                t = read_part(f, columns=["row", *main_cols])
                 cols = {"row": t.column("row"), **_column_or_nulls(t, main_cols, n)}
                 if work_cols:
                     w = work.slice(start, n)
@@ -270,7 +271,8 @@ def open_run(run_dir: str | Path, config: Any) -> PartsContext:
         i = int(st["index"])
         if not st.get("parts"):
             continue
-        # Final verdicts live in scores/ (same part names); fall back to the map parts before finalize.
-        parts[i] = [scores / p if (scores / p).exists() else map_dir / p for p in st["parts"]]
+        # Final verdicts live in scores/ (the same names as Parquet); fall back to the map parts before finalize.
+        final = [scores / (Path(p).stem + ".parquet") for p in st["parts"]]
+        parts[i] = final if all(f.exists() for f in final) else [map_dir / p for p in st["parts"]]
         work[i] = map_dir / st["work"] if st.get("work") else None
     return PartsContext(config, parts, work)

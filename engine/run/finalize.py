@@ -3,10 +3,11 @@
 ``run_global`` runs the global stages in order over the context; each returns a narrow update table keyed by
 (``_shard``, ``row``): new verdicts (applied only to rows still kept: the first reason wins) and score columns.
 
-``finalize`` writes ``scores/``: a map part that no update touches is hard-linked, not rewritten (the map phase
-already wrote the global stages' columns there as nulls, so every part has every column and ``scores/`` loads with
-one ``pyarrow.dataset`` / ``polars.scan_parquet`` call); a part with updates is read once, patched column by column
-and written once, parts in parallel. Updates are split by shard once (O(rows), not O(shards x rows)).
+``finalize`` writes ``scores/``: each map part (Arrow IPC, lz4, memory-mapped) is read once, patched column by
+column where updates touch it, and written once as Parquet, parts in parallel threads; the map phase already wrote
+the global stages' columns as nulls, so every part has every column and ``scores/`` loads with one
+``pyarrow.dataset`` / ``polars.scan_parquet`` call. A Parquet source part that no update touches is hard-linked.
+Updates are split by shard once (O(rows), not O(shards x rows)).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from engine.io.writers import parquet_options, read_part
 from engine.run.context import PartsContext
 
 VERDICT_COLUMNS = ("verdict", "detail", "duplicate_of")
@@ -96,25 +98,24 @@ def finalize(ctx: PartsContext, scores_dir: Path, updates: list[pl.DataFrame], c
     jobs = []
     for idx, files in ctx.parts.items():
         for f in files:
-            keep_names.add(f.name)
-            jobs.append((f, scores_dir / f.name, by_shard.get(idx, [])))
+            dest = scores_dir / (f.stem + ".parquet")
+            keep_names.add(dest.name)
+            jobs.append((f, dest, by_shard.get(idx, [])))
 
     def one(job) -> None:
         src, dest, upd = job
         tmp = dest.with_name(dest.name + ".tmp")
-        if upd:
-            t = pq.read_table(src)
+        if upd or src.suffix != ".parquet":
+            t = read_part(src)
             first, last = t.column("row")[0].as_py(), t.column("row")[-1].as_py()
-            touched = False
+            touched = src.suffix != ".parquet"  # map parts are Arrow IPC: written as Parquet once, here
             for rows, u in upd:
                 lo, hi = np.searchsorted(rows, [first, last + 1])
                 if hi > lo:
                     t = _patch(t, rows[lo:hi], u.slice(lo, hi - lo))
                     touched = True
             if touched:
-                kw = {"compression": config.run.compression}
-                if config.run.compression == "zstd":
-                    kw["compression_level"] = config.run.compression_level
+                kw = parquet_options(t.schema, config.run.compression, config.run.compression_level)
                 pq.write_table(t, tmp, row_group_size=config.read.batch_rows, **kw)
                 os.replace(tmp, dest)
                 return

@@ -180,7 +180,6 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
         "stages": stats,
         # what model stages report of themselves: models, devices, which kernel path ran (GPU self-checks)
         "stage_info": {st.name: info for st in gstages if (info := getattr(st, "manifest_info", dict)())},
-        "embedder": resolved.get("embed"),
         **mf.summaries(stats),
         "warnings": warnings,
         "scores": sorted(p.name for p in (out / "scores").glob("part-*.parquet")),

@@ -2,7 +2,7 @@
 
 Three threads keep two cores busy: a reader thread (reading, canonicalising and the first map stage, a nogil
 kernel), the calling thread (the other stages) and a write-behind thread (Parquet encoding + zstd, GIL released).
-Published columns go to ``work/map/part-SSSSS-CCCC.parquet``; the registry's *work columns* (for global stages only)
+Published columns go to ``work/map/part-SSSSS-CCCC.arrow`` (Arrow IPC, lz4; finalize writes them as Parquet); the registry's *work columns* (for global stages only)
 go, with ``row``, to ``work/map/work-SSSSS.arrow`` (Arrow IPC, uncompressed: MinHash values do not compress). The
 columns the active global stages will add are written as nulls, so every part has every column of ``scores/``.
 
@@ -208,7 +208,7 @@ def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, st
                 if writer is None:
                     writer = PartWriter(map_dir, index, config.run.compression, config.run.compression_level,
                                         {META_INPUT_COLUMNS: json.dumps(fmt_box.get("input_cols", [])).encode(),
-                                         META_FORMAT: fmt_box.get("fmt", "").encode()})
+                                         META_FORMAT: fmt_box.get("fmt", "").encode()}, kind="arrow")
                 while len(pending) >= 2:
                     pending.pop(0).result()
                 pending.append(wpool.submit(write, batch))

@@ -231,7 +231,8 @@ def signature_arrays(t: pa.Table, with_shingles: bool = False) -> dict[str, np.n
     ``shingle_offsets``. Rows without a signature (not signed: another run's settings) are dropped."""
     if t is None or t.num_rows == 0 or SIG not in t.column_names:
         return None
-    t = t.filter(pc.is_valid(t.column(SIG)))
+    if t.column(SIG).null_count:  # copies the table: only when some rows were not signed
+        t = t.filter(pc.is_valid(t.column(SIG)))
     if t.num_rows == 0:
         return None
     sig_col = t.column(SIG).combine_chunks()
@@ -496,7 +497,8 @@ class NearDedup(GlobalStage):
         cur = signature_arrays(t, with_shingles=exact)
         if cur is None:
             return None
-        t = t.filter(pc.is_valid(t.column(SIG)))
+        if t.column(SIG).null_count:
+            t = t.filter(pc.is_valid(t.column(SIG)))
         kept = pc.equal(t.column("verdict"), "kept").to_numpy(zero_copy_only=False)
         viol = None
         if c.violations_column and c.violations_column in t.column_names:

@@ -64,6 +64,7 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 TOKEN_COLUMNS = ("prompt_tokens", "response_tokens")
+STR = pa.large_string()
 TOKENIZER_CACHE = "tokenizers"  # folder under the user cache dir holding tokenizer.json files built from a GGUF
 
 # Chunks longer than this many bytes (URLs, long code lines, CJK sentences without ASCII spaces) are tokenised every
@@ -230,25 +231,204 @@ def _record(st, occ_row, occ_slot, occ_start, occ_end, r, slot, s, e):
     st[2] = k + 1
 
 
+# ---- byte-level BPE of printable-ASCII chunks, without the tokenizer library
+# A new chunk costs the Rust tokenizer 3-6 us (measured: 5.8 us per word alone, 3.4 us inside a longer text even
+# when its BPE cache holds the word: the cost is its per-pre-token bookkeeping, not the merges), so on a cold cache
+# new chunks were most of the time. Chunks of printable ASCII (plus tab, LF, VT, FF, CR) are pre-tokenised here by
+# the GPT-2 pattern, whose classes are plain on ASCII (letters A-Za-z, digits 0-9, \s = those 6 bytes), and each
+# pre-token is merged in rank order like the tokenizer's BPE model; other chunks still go to the tokenizer.
+_NO_MERGE = np.zeros(1, np.int64) - 1
+
+
+@njit(inline="always", cache=True)
+def _cls(c):
+    """0 whitespace, 1 letter, 2 digit, 3 other (the GPT-2 pattern's classes, on ASCII)."""
+    if c == 32 or (c >= 9 and c <= 13):
+        return 0
+    if (c >= 65 and c <= 90) or (c >= 97 and c <= 122):
+        return 1
+    if c >= 48 and c <= 57:
+        return 2
+    return 3
+
+
+@njit(inline="always", cache=True)
+def _next_pretoken(data, p, e):
+    """End of the GPT-2 pattern's match at ``p`` in ``data[:e]``, tried in the pattern's order:
+    ``'s|'t|'re|'ve|'m|'ll|'d | ?\\p{L}+ | ?\\p{N}+ | ?[^\\s\\p{L}\\p{N}]+ | \\s+(?!\\S) | \\s+``."""
+    c = data[p]
+    if c == 39 and p + 1 < e:  # contractions, lower case only (as in the pattern)
+        d = data[p + 1]
+        if d == 115 or d == 116 or d == 109 or d == 100:  # 's 't 'm 'd
+            return p + 2
+        if p + 2 < e:
+            d2 = data[p + 2]
+            if (d == 114 and d2 == 101) or (d == 118 and d2 == 101) or (d == 108 and d2 == 108):  # 're 've 'll
+                return p + 3
+    k = _cls(c)
+    q = p
+    if k == 0 and c == 32 and p + 1 < e and _cls(data[p + 1]) != 0:  # the optional leading space
+        q = p + 1
+        k = _cls(data[q])
+    if k != 0:  # a run of one class
+        q += 1
+        while q < e and _cls(data[q]) == k:
+            q += 1
+        return q
+    q = p + 1  # whitespace: the run, less its last byte when something follows (\s+(?!\S)), else itself (\s+)
+    while q < e and _cls(data[q]) == 0:
+        q += 1
+    if q == e or q - p == 1:
+        return q
+    return q - 1
+
+
+@njit(inline="always", cache=True)
+def _merge(a, b, mkeys, mvals):
+    """rank << 20 | merged id of the pair (a, b), or -1 if no merge joins them."""
+    key = (a << 20) | b
+    mask = np.uint64(mkeys.shape[0] - 1)
+    j = np.int64(_fmix64(np.uint64(key)) & mask)
+    while True:
+        k = mkeys[j]
+        if k == key:
+            return mvals[j]
+        if k < 0:
+            return -1
+        j = (j + 1) & np.int64(mask)
+
+
+@njit(inline="always", cache=True)
+def _bpe_len(data, s, e, byte_id, mkeys, mvals, buf):
+    """Tokens of one pre-token: start from its bytes' ids, merge the lowest-ranked adjacent pair (leftmost on a tie,
+    as the tokenizer's priority queue does) until none is left. O(n^2) in the pre-token's bytes; n <= 64 here."""
+    n = e - s
+    for k in range(n):
+        buf[k] = byte_id[data[s + k]]
+    while n > 1:
+        best = -1
+        at = -1
+        for k in range(n - 1):
+            v = _merge(buf[k], buf[k + 1], mkeys, mvals)
+            if v >= 0 and (best < 0 or v < best):
+                best = v
+                at = k
+        if at < 0:
+            break
+        buf[at] = best & 0xFFFFF
+        for k in range(at + 1, n - 1):
+            buf[k] = buf[k + 1]
+        n -= 1
+    return n
+
+
 @njit(cache=True)
-def _miss(data, s, e, key, j, r, tbl, mask, arena, st, pend, occ_row, occ_slot, occ_start, occ_end):
+def _ascii_count(data, s, e, byte_id, mkeys, mvals, buf):
+    """Token count of chunk ``data[s:e]`` if every byte is eligible (``byte_id >= 0``: printable ASCII or one of the
+    6 whitespace bytes, and no added token's first byte), else -1."""
+    if mkeys.shape[0] < 2:
+        return -1
+    for k in range(s, e):
+        if byte_id[data[k]] < 0:
+            return -1
+    total = 0
+    p = s
+    while p < e:
+        q = _next_pretoken(data, p, e)
+        total += _bpe_len(data, p, q, byte_id, mkeys, mvals, buf)
+        p = q
+    return total
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (the alphabet of byte-level BPE vocabularies)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def bpe_tables(tok: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(byte ids [256], merge keys, merge values) of a byte-level BPE model for ``_ascii_count``; None when the model
+    is not plain byte-level BPE (dropout, a subword prefix or suffix, byte fallback, ignore_merges, a printable
+    ASCII or whitespace byte missing from the vocabulary, ids >= 2^20)."""
+    model = json.loads(tok.to_str()).get("model") or {}
+    if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback") or model.get("ignore_merges"):
+        return None
+    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
+        return None
+    vocab = model.get("vocab") or {}
+    if not vocab or max(vocab.values()) >= 1 << 20:
+        return None
+    b2u = _bytes_to_unicode()
+    if any(b2u[b] not in vocab for b in [*range(9, 14), *range(32, 127)]):  # the bytes _ascii_count accepts
+        return None
+    # -1 = a chunk holding this byte goes to the tokenizer: outside printable ASCII + whitespace, or the first byte
+    # of an added token (SmolLM2's all start with "<"), which the tokenizer matches before pre-tokenising.
+    byte_id = np.full(256, -1, np.int64)
+    for b in [*range(9, 14), *range(32, 127)]:
+        byte_id[b] = vocab[b2u[b]]
+    for t in json.loads(tok.to_str()).get("added_tokens") or []:
+        content = t.get("content", "").encode("utf-8")
+        if content:
+            byte_id[content[0]] = -1
+    merges = model.get("merges") or []
+    size = 1 << max(4, (4 * len(merges)).bit_length())  # load factor <= 1/4
+    keys = np.full(size, -1, np.int64)
+    vals = np.zeros(size, np.int64)
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    k_list, v_list = [], []
+    for rank, (a, b) in enumerate(pairs):
+        if a in vocab and b in vocab and a + b in vocab:
+            k_list.append((vocab[a] << 20) | vocab[b])
+            v_list.append((rank << 20) | vocab[a + b])
+    _fill_merges(keys, vals, np.array(k_list, np.int64), np.array(v_list, np.int64))
+    return byte_id, keys, vals
+
+
+@njit(cache=True)
+def _fill_merges(keys, vals, k_list, v_list):
+    mask = np.uint64(keys.shape[0] - 1)
+    for i in range(k_list.shape[0]):
+        j = np.int64(_fmix64(np.uint64(k_list[i])) & mask)
+        while keys[j] >= 0 and keys[j] != k_list[i]:
+            j = (j + 1) & np.int64(mask)
+        if keys[j] < 0:  # a pair listed twice keeps its first (lowest) rank, as the tokenizer does
+            keys[j] = k_list[i]
+            vals[j] = v_list[i]
+
+
+@njit(cache=True)
+def _miss(data, s, e, key, j, r, tbl, mask, arena, st, pend, occ_row, occ_slot, occ_start, occ_end, byte_id, mkeys,
+          mvals, buf):  # fmt: skip
     """Out of the hot loop: chunk ``data[s:e]`` is new, pending, or too long to remember (``key`` and the probe
-    start ``j`` are meaningless then). Records an occurrence to resolve once the tokenizer has counted the chunk,
-    remembering the chunk first if it is new."""
+    start ``j`` are meaningless then). Returns its count when it can be had here (a new printable-ASCII chunk:
+    counted by ``_ascii_count`` and remembered); else -1, after recording an occurrence to resolve once the
+    tokenizer has counted the chunk (remembering it first, count pending, if it is new)."""
     length = e - s
     if length > MAX_CACHED_CHUNK:
         _record(st, occ_row, occ_slot, occ_start, occ_end, r, -1, s, e)
-        return
+        return -1
     while True:
         meta = tbl[2 * j + 1]
-        if meta == 0:  # new chunk: copy its bytes to the arena, count pending
+        if meta == 0:  # new chunk: copy its bytes to the arena; count it here or leave it pending
             used = st[1]
             for k in range(length):
                 arena[used + k] = data[s + k]
+            count = _ascii_count(data, s, e, byte_id, mkeys, mvals, buf)
             tbl[2 * j] = key
             tbl[2 * j + 1] = (np.uint64(used) << np.uint64(24)) | (np.uint64(length) << np.uint64(16))
             st[0] += 1
             st[1] = used + length
+            if count >= 0:
+                tbl[2 * j + 1] |= np.uint64(count + 1)
+                st[4] += 1
+                return count
             pend[st[3]] = j
             st[3] += 1
             break
@@ -264,6 +444,7 @@ def _miss(data, s, e, key, j, r, tbl, mask, arena, st, pend, occ_row, occ_slot, 
                 break
         j = (j + np.uint64(1)) & mask
     _record(st, occ_row, occ_slot, occ_start, occ_end, r, np.int64(j), s, e)
+    return -1
 
 
 @njit(inline="always", cache=True)
@@ -290,7 +471,8 @@ def _known(data, s, e, key, j, tbl, mask, arena):
 
 
 @njit(nogil=True, cache=True)
-def _count_rows(data, offsets, r0, sums, tbl, arena, st, pend, occ_row, occ_slot, occ_start, occ_end):
+def _count_rows(data, offsets, r0, sums, tbl, arena, st, pend, occ_row, occ_slot, occ_start, occ_end, byte_id, mkeys,
+                mvals):  # fmt: skip
     """Add the known chunk counts of rows ``r0, r0 + 1, ...`` to ``sums`` and record the rest in ``occ_*`` (slot -1:
     tokenise ``data[start:end]`` directly). ``st`` = [entries, arena bytes used, occurrences, pending]. Stops
     before a row that might not fit the table, arena or buffers and returns its index (``len(sums)`` when done):
@@ -299,6 +481,7 @@ def _count_rows(data, offsets, r0, sums, tbl, arena, st, pend, occ_row, occ_slot
     mask = np.uint64(tbl.shape[0] // 2 - 1)
     cap_entries = tbl.shape[0] // 4  # load factor <= 1/2
     cap_occ = occ_row.shape[0]
+    buf = np.empty(MAX_CACHED_CHUNK, np.int64)  # _bpe_len's scratch
     r = r0
     while r < n_rows:
         a = offsets[r]
@@ -335,7 +518,10 @@ def _count_rows(data, offsets, r0, sums, tbl, arena, st, pend, occ_row, occ_slot
                 if got >= 0:
                     total += got
                 else:
-                    _miss(data, s, i, key, j, r, tbl, mask, arena, st, pend, occ_row, occ_slot, occ_start, occ_end)
+                    got = _miss(data, s, i, key, j, r, tbl, mask, arena, st, pend, occ_row, occ_slot, occ_start,
+                                occ_end, byte_id, mkeys, mvals, buf)  # fmt: skip
+                    if got >= 0:
+                        total += got
                 s = i
                 w = np.uint64(0)
                 sh = np.uint64(0)
@@ -394,19 +580,32 @@ def _strings(data: np.ndarray, offsets: np.ndarray) -> list[str]:
 class ChunkCounter:
     """Token counts of Arrow string columns, remembered per whitespace chunk (see the module docstring)."""
 
-    def __init__(self, tokenizer: Tokenizer, max_entries: int):
+    def __init__(self, tokenizer: Tokenizer, max_entries: int, bpe: bool = True):
         self.tokenizer = tokenizer
         self.max_entries = max(1, int(max_entries))
+        # bpe: count new printable-ASCII chunks in Numba (exact for plain byte-level BPE; else the tokenizer does)
+        tables = bpe_tables(tokenizer) if bpe else None
+        self.byte_id, self.mkeys, self.mvals = tables or (np.zeros(256, np.int64), _NO_MERGE, _NO_MERGE)
+        self.bpe = tables is not None
         slots = 8
         while slots // 2 < min(self.max_entries, _MIN_SLOTS // 2):
             slots *= 2
         self.tbl = np.zeros(2 * slots, np.uint64)
         self.pend = np.zeros(slots // 2, np.int64)
         self.arena = np.zeros(slots * 8, np.uint8)
-        self.st = np.zeros(4, np.int64)  # entries, arena bytes used, occurrences, pending entries
+        # entries, arena bytes used, occurrences, pending entries, chunks counted by _ascii_count (never reset)
+        self.st = np.zeros(5, np.int64)
         self._occ(_MIN_OCCURRENCES)
         self.tokenized = 0  # chunks or texts passed to the tokenizer
         self.resets = 0  # times the table was full at max_entries and started again empty
+        self.count(pa.array(["Warm up: compile (or load) the kernels here, not in the first batch."], STR))
+        self.tokenized = 0
+        self.st[4] = 0
+
+    @property
+    def counted_here(self) -> int:
+        """New chunks counted by the Numba BPE instead of the tokenizer."""
+        return int(self.st[4])
 
     @property
     def entries(self) -> int:
@@ -426,13 +625,12 @@ class ChunkCounter:
     def _flush(self, data: np.ndarray, sums: np.ndarray) -> None:
         """Tokenise the pending chunks and the direct spans, then add every recorded occurrence to its row."""
         n_pend, n_occ = int(self.st[3]), int(self.st[2])
-        if n_pend:  # pending chunks lie back to back at the end of the arena, in insertion order
+        if n_pend:
             slots = self.pend[:n_pend]
             meta = self.tbl[2 * slots + 1]
             starts = (meta >> np.uint64(24)).astype(np.int64)
-            lo, hi = starts[0], int(starts[-1] + ((meta[-1] >> np.uint64(16)) & np.uint64(0xFF)))
-            offs = np.append(starts, hi) - lo
-            counts = self._lengths(_strings(self.arena[lo:hi], offs))
+            ends = starts + ((meta >> np.uint64(16)) & np.uint64(0xFF)).astype(np.int64)
+            counts = self._lengths(_strings(*_gather(self.arena, starts, ends)))
             self.tbl[2 * slots + 1] = meta | (counts + 1).astype(np.uint64)
             self.st[3] = 0
         occ_count = np.zeros(n_occ, np.int64)
@@ -477,7 +675,7 @@ class ChunkCounter:
         r = 0
         while r < n:
             r_next = _count_rows(data, offsets, r, sums, self.tbl, self.arena, self.st, self.pend, self.occ_row,
-                                 self.occ_slot, self.occ_start, self.occ_end)  # fmt: skip
+                                 self.occ_slot, self.occ_start, self.occ_end, self.byte_id, self.mkeys, self.mvals)  # fmt: skip
             self._flush(data, sums)
             if r_next < n:
                 self._make_room(int(offsets[r_next + 1] - offsets[r_next]))

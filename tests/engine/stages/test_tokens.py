@@ -240,3 +240,27 @@ def test_cut_bytes_are_whitespace_to_the_pretokenizer(stage):
         assert pieces == ["a", ".", enc[c], enc[c], "b", enc[c], ".", enc[c]], repr(c)
     assert [p for p, _ in pre.pre_tokenize_str("a.  b .x ")] == ["a", ".", "Ġ", "Ġb", "Ġ.", "x", "Ġ"]
     assert [p for p, _ in pre.pre_tokenize_str("a.\x1c\x1cb")] == ["a", "." + enc["\x1c"] * 2, "b"]
+
+
+@pytest.mark.parametrize("bpe", [True, False])
+def test_numba_bpe_equals_transformers_on_random_ascii(stage, hf, bpe):
+    """New printable-ASCII chunks are counted by the Numba pre-tokeniser + BPE (bpe=True) or by the tokenizer:
+    random printable ASCII (every punctuation run, contraction, digit run and whitespace mix) and English-like
+    word salad must equal transformers either way."""
+    import string
+
+    rng = random.Random(5)
+    alphabet = string.printable  # letters, digits, punctuation, space, \t \n \r \x0b \x0c
+    words = ["the", "The", " of", "ing", "tion", "don't", "we'll", "I'm", "they've", "it'S", "hello", "world",
+             "123", "2024", "3.14", "e.g.", "...", "--", "(a)", "[1]", "http://x.io/a?b=c", "C++", "x86_64",
+             "<|im_end|>", "<|endoftext|>", "<b>", "a<b", "<|im_start|>user"]  # fmt: skip
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 80))) for _ in range(1500)]
+    texts += [" ".join(rng.choice(words) for _ in range(rng.randrange(0, 40))) for _ in range(500)]
+    want = np.array([len(x) for x in hf(texts, add_special_tokens=False)["input_ids"]])
+    counter = tk.ChunkCounter(stage.tokenizer, 1 << 20, bpe=bpe)
+    assert counter.bpe == bpe
+    np.testing.assert_array_equal(counter.count(pa.array(texts, STR)), want)
+    if bpe:  # most new chunks were counted without the tokenizer (it gets those holding "<" or over 64 bytes)
+        assert counter.counted_here > 1000 and counter.tokenized < counter.counted_here / 4
+    else:
+        assert counter.counted_here == 0 and counter.tokenized > 1000
