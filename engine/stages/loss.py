@@ -305,6 +305,8 @@ class LossGlobalStage(GlobalStage):
     ``prefix_tokens_reused``. ``manifest_info()``: model, device, xent paths that ran, render-cache counts.
     """
 
+    warm_up = False  # engine.run.warmup: it would load the model; its kernels are torch/Triton, not Numba
+
     def __init__(self, config: LossConfig | None = None, scorer: LossScorer | None = None):
         super().__init__(config)
         self.loss_config = getattr(config, "loss", config) or LossConfig()

@@ -17,12 +17,26 @@ file and ``os.replace``d so a second worker never reads half a file. Later loads
 ``tokenizers`` library in ~0.1 s, without importing transformers. The transformers version is in the name
 because a different version may convert the GGUF differently, and the loss stage then sees that conversion.
 
-Speed. The Rust tokenizer's ``encode_batch`` ran at 2,760 rows/s on one thread and 5,800 rows/s on two
-(~1 KB Alpaca rows, 2.8 / 5.9 MB/s; ``encode_batch_fast`` is no faster), i.e. 3 minutes for 1M rows on both
-cores. Most of it is per-byte bookkeeping (alignments, offsets), not the BPE merges, and natural text repeats its
-words. So the text is cut into chunks that the tokenizer provably never merges across, each distinct chunk is
-tokenised once, and its count is remembered in a hash table (Numba, over the Arrow UTF-8 buffer: no Python
-object per row or per chunk; only new chunks become Python strings, for the tokenizer).
+Speed. On ~1 KB English rows (alpaca + t0) the Rust tokenizer's ``encode_batch`` ran at 2,760 rows/s on one
+thread and 5,800 on two (2.8 / 5.9 MB/s, a quiet moment; ``encode_batch_fast`` is no faster), transformers' own
+call at 2,000-2,500: 3-7 minutes per 1M rows. Its cost is per-byte and per-pre-token bookkeeping (alignments,
+offsets, one ``Encoding`` per text), not the merges, and natural text repeats its words. So (1) the text is cut
+into chunks that the tokenizer provably never merges across, and each distinct chunk's count is remembered in a
+hash table (Numba, over the Arrow UTF-8 buffer: no Python object per row or per chunk); (2) a new chunk of
+printable ASCII is counted by a Numba GPT-2 pre-tokeniser + BPE (``_ascii_count``, ~0.5 us against the
+tokenizer's 3-7 us), so only other new chunks (non-ASCII, holding ``<``, over 64 bytes) become Python strings for
+the tokenizer. Measured with ``bench/bench_tokens.py`` on the shared 2-core box (load average 1.5-3, so ranges):
+
+- 1M rows of 1,025 B: 10.9 s on one thread (92,000 rows/s, 94 MB/s, 45x the transformers call in the same run);
+  200k rows 89,000-93,000 rows/s (38x); the kernel alone scans ~140 MB/s when every chunk is known;
+- cold cache (the first 10,000 rows): 26,000-44,000 rows/s (11-18x); the chunk cache without (2): 7,000-10,000;
+- two threads in one process add nothing (the scan is serial, ``nogil``; the tokenizer sees 0.02-0.3 texts per
+  row): both cores come from two worker processes, as the runner runs them.
+
+A real 1M-row corpus repeats itself less than rows drawn from this 80 MB pool (~230k distinct chunks), so its
+rate lies between the cold and the full-N figures: 1M rows in 11-25 s on one core, about half on two workers.
+Chinese text has no ASCII cut points and no ASCII chunks: it runs at the tokenizer's speed (1,700-1,800 rows/s of
+1.2 KB, alpaca_chinese), with the same exact counts.
 
 Why the counts stay exact: SmolLM2's tokenizer has no normaliser and a ByteLevel pre-tokeniser with GPT-2's
 regex ``'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+``; BPE then runs inside
@@ -34,9 +48,14 @@ chunk's last byte; so each chunk pre-tokenises alone exactly as it does inside i
 sum of its chunks' counts. Added tokens (``<|im_end|>``, ...) hold no whitespace, so they never straddle a cut.
 Only ASCII bytes are used as cut points, so no Unicode-class question (is U+3000 ``\\s``?) can arise. A tokenizer
 for which this does not hold (another pre-tokeniser, a normaliser, added tokens with spaces) is run on whole texts.
-``tests/engine/stages/test_tokens.py`` checks both paths against transformers on planted and random texts.
+The Numba BPE (2) handles only chunks whose bytes are printable ASCII or those 6 whitespace bytes and hold no
+added token's first byte; on them the pattern's classes are plain (letters A-Za-z, digits 0-9).
+``tests/engine/stages/test_tokens.py`` checks every path against transformers on planted, random and real texts;
+a one-off run over 1.19M texts of seven shared data sets (English, Chinese, code, tweets) found 0 differences.
 
-Measured rates are in bench/RESULTS.md and bench/results.csv (``bench/bench_tokens.py``).
+Rows of bench/results.csv: ``op = tokens``. The kernels belong in ``kernels/`` by the house layout (this file's
+owner could not add files there yet): ``_count_rows`` and its helpers would be ``kernels/chunk_count.py``, the
+BPE ``kernels/bpe.py``.
 """
 
 from __future__ import annotations
@@ -83,7 +102,8 @@ class TokensConfig:
     # a local folder loadable by transformers' AutoTokenizer (a fast tokenizer); never downloaded
     tokenizer: str = SMOLLM2
     # Distinct chunks (text between whitespace cuts, see the module docstring) whose token counts each worker
-    # remembers, ~40 B each (rounded up to a power of two: 2M -> 2^21, ~85 MB); when full it starts again empty.
+    # remembers (rounded up to a power of two: 2M -> 2^21); ~48 B each plus the chunk's bytes, ~100 MB at 2^21.
+    # When full it starts again empty.
     # 0 = tokenise every text whole: the same counts, ~10-20x slower.
     cache_chunks: int = 2_000_000
 
@@ -206,8 +226,9 @@ def chunkable(tok: Tokenizer) -> bool:
 # The chunk table is one uint64 array of 2 x slots words, (key, meta) per slot: one cache line per probe. The key of
 # a chunk of <= 8 bytes is the bytes themselves (little-endian; with the length, an exact key, no arena read), of a
 # longer one its 64-bit ``hash_span``, confirmed on the bytes in the arena. Chunks average 6.1 bytes on English
-# (alpaca + t0), so most lookups are one load: the byte comparison's second, dependent load had cut the kernel from
-# ~300 to ~70 MB/s. meta = arena start << 24 | length << 16 | (count + 1); 0 = empty slot; count + 1 = 0: pending.
+# (alpaca + t0), so most hits cost one load. The hit path is inlined in the scan and everything else (new, pending,
+# long chunks) is an out-of-line call: with the whole miss path inlined the scan ran at 50-70 MB/s, split 140 MB/s.
+# meta = arena start << 24 | length << 16 | (count + 1); 0 = empty slot; count + 1 = 0: pending.
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -232,11 +253,12 @@ def _record(st, occ_row, occ_slot, occ_start, occ_end, r, slot, s, e):
 
 
 # ---- byte-level BPE of printable-ASCII chunks, without the tokenizer library
-# A new chunk costs the Rust tokenizer 3-6 us (measured: 5.8 us per word alone, 3.4 us inside a longer text even
+# A new chunk costs the Rust tokenizer 3-7 us (measured: 5.8-6.9 us per word alone, 3.4 us inside a longer text even
 # when its BPE cache holds the word: the cost is its per-pre-token bookkeeping, not the merges), so on a cold cache
 # new chunks were most of the time. Chunks of printable ASCII (plus tab, LF, VT, FF, CR) are pre-tokenised here by
 # the GPT-2 pattern, whose classes are plain on ASCII (letters A-Za-z, digits 0-9, \s = those 6 bytes), and each
 # pre-token is merged in rank order like the tokenizer's BPE model; other chunks still go to the tokenizer.
+# Measured: 0.45 us per chunk (71,575 distinct alpaca chunks of 8.9 B on average; the tokenizer: 6.9 us each).
 _NO_MERGE = np.zeros(1, np.int64) - 1
 
 
@@ -342,7 +364,9 @@ def _ascii_count(data, s, e, byte_id, mkeys, mvals, buf):
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character map (the alphabet of byte-level BPE vocabularies)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -357,7 +381,8 @@ def bpe_tables(tok: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray] | No
     """(byte ids [256], merge keys, merge values) of a byte-level BPE model for ``_ascii_count``; None when the model
     is not plain byte-level BPE (dropout, a subword prefix or suffix, byte fallback, ignore_merges, a printable
     ASCII or whitespace byte missing from the vocabulary, ids >= 2^20)."""
-    model = json.loads(tok.to_str()).get("model") or {}
+    spec = json.loads(tok.to_str())
+    model = spec.get("model") or {}
     if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback") or model.get("ignore_merges"):
         return None
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
@@ -373,7 +398,7 @@ def bpe_tables(tok: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray] | No
     byte_id = np.full(256, -1, np.int64)
     for b in [*range(9, 14), *range(32, 127)]:
         byte_id[b] = vocab[b2u[b]]
-    for t in json.loads(tok.to_str()).get("added_tokens") or []:
+    for t in spec.get("added_tokens") or []:
         content = t.get("content", "").encode("utf-8")
         if content:
             byte_id[content[0]] = -1

