@@ -86,7 +86,8 @@ def _render(word_ids, doc_off, letters, voff):
     )
 
 
-def generate(n_docs: int, out_dir: Path, seed: int = 0, shard_docs: int = 50000):
+def generate(n_docs: int, out_dir: Path, seed: int = 0, shard_docs: int = 50000, id_prefix: str = "d",
+             shard_offset: int = 0):
     """Parquet shards of ~1 KB documents: 80% unique, 10% exact copies, 10% near copies with 1..12 word edits
     (5-gram Jaccard to the source ~0.95..0.55 for 170-word documents); truth.npz holds source and edit count."""
     import pyarrow as pa
@@ -119,9 +120,11 @@ def generate(n_docs: int, out_dir: Path, seed: int = 0, shard_docs: int = 50000)
         hi = min(n_docs, lo + shard_docs)
         sub_off = doc_off[lo : hi + 1] - doc_off[lo]
         txt = _render(words[doc_off[lo] : doc_off[hi]], sub_off, letters, voff)
-        ids = pa.array([f"d{i}" for i in range(lo, hi)], pa.large_string())
-        pq.write_table(pa.table({"id": ids, "text": txt}), out_dir / f"shard-{s:05d}.parquet", compression="none")
-    np.savez(out_dir / "truth.npz", src=src, edits=edits, kind=kind, lens=lens)
+        ids = pa.array([f"{id_prefix}{i}" for i in range(lo, hi)], pa.large_string())
+        pq.write_table(pa.table({"id": ids, "text": txt}), out_dir / f"shard-{shard_offset + s:05d}.parquet",
+                       compression="none")
+    np.savez(out_dir / (f"truth-{id_prefix}.npz" if shard_offset else "truth.npz"), src=src, edits=edits, kind=kind,
+             lens=lens)
 
 
 # ----------------------------------------------------------------------------------------------------------------

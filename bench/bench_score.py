@@ -44,13 +44,23 @@ def main() -> None:
                     help="embedder for the run (default: winnow's default, auto)")
     ap.add_argument("--first-use", action="store_true",
                     help="run once with empty NUMBA_CACHE_DIR and WINNOW_CACHE (a new user's first run), then warm")
+    ap.add_argument("--keep-data", action="store_true", help="keep a generated corpus of more than 1M rows")
     args = ap.parse_args()
     work = Path(args.work)
     data = work / f"docs_{args.docs}"
-    if not (data / "truth.npz").exists():
+    block = 1_000_000
+    if not (data / ("truth.npz" if args.docs <= block else "complete")).exists():
         shutil.rmtree(data, ignore_errors=True)
-        subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dedup.py"), "--generate", str(args.docs),
-                        "--work", str(data)], check=True)
+        if args.docs <= block:
+            subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dedup.py"), "--generate", str(args.docs),
+                            "--work", str(data)], check=True)
+        else:  # blocks of 1M (different seeds and id prefixes), so the generator's memory stays that of 1M rows
+            from bench.bench_dedup import generate
+
+            for k in range(0, args.docs, block):
+                generate(min(block, args.docs - k), data, seed=k // block, id_prefix=f"b{k // block}d",
+                         shard_offset=k // 50000)
+            (data / "complete").write_bytes(b"")
     shards = sorted(data.glob("shard-*.parquet"))
     nbytes = sum(p.stat().st_size for p in shards)
 
@@ -127,6 +137,8 @@ def main() -> None:
     append_result("score_e2e", "winnow", args.docs, "seconds", t_score)
     append_result("score_e2e", "pyarrow_floor", args.docs, "seconds", t_floor)
     append_result("score_e2e", "winnow", args.docs, "peak_rss_MiB", rss)
+    if args.docs > block and not args.keep_data:
+        shutil.rmtree(data, ignore_errors=True)
     print_json(result)
 
 

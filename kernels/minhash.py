@@ -858,33 +858,9 @@ def num_threads() -> int:
 
 # ----------------------------------------------------------------------------------------------------------------
 # N-gram membership (contamination): one pass per row for several N against an open-addressing hash table
+# (tk uint64 keys, tv int64 values, -1 = empty slot, power-of-two size, linear probing; built by the contamination
+# stage, engine/stages/contamination.py build_lookup_table)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def build_lookup_table(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Open-addressing table (load <= 0.5) of uint64 ``keys`` -> int64 ``values`` (first value wins on repeats).
-
-    A probe is ~1 cache line in a table of 2 x 16 bytes per key (60k evaluation n-grams: 2 MB), against ~16
-    dependent binary-search steps for ``np.searchsorted``; measured 0.84 s per 9.7M lookups with searchsorted."""
-    keys = np.asarray(keys, np.uint64)
-    values = np.asarray(values, np.int64)
-    cap = 1 << max(4, int(np.ceil(np.log2(max(1, 2 * keys.size)))))
-    tk = np.zeros(cap, np.uint64)
-    tv = np.full(cap, -1, np.int64)
-    _fill_table(keys, values, tk, tv)
-    return tk, tv
-
-
-@njit(cache=True)
-def _fill_table(keys, values, tk, tv):
-    mask = np.uint64(tk.shape[0] - 1)
-    for i in range(keys.shape[0]):
-        j = keys[i] & mask
-        while tv[j] >= 0 and tk[j] != keys[i]:
-            j = (j + np.uint64(1)) & mask
-        if tv[j] < 0:
-            tk[j] = keys[i]
-            tv[j] = values[i]
 
 
 @njit(inline="always", cache=True)
@@ -939,7 +915,8 @@ def ngram_lookup(
     hash_seed: int = DEFAULT_HASH_SEED,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the table value of its first word n-gram (for N in ``ns``, in that order) found in ``table``
-    (from ``build_lookup_table`` over ``shingle_hashes(..., mode="word")`` hashes), and that N; -1 / 0 if none."""
+    (``engine.stages.contamination.build_lookup_table`` over ``shingle_hashes(..., mode="word")`` hashes), and
+    that N; -1 / 0 if none."""
     data, offsets = utf8_view(texts)
     n = len(offsets) - 1
     out_val = np.empty(n, np.int64)

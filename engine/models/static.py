@@ -21,8 +21,8 @@ import fcntl
 import json
 import logging
 import os
-import sys
 import re
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence

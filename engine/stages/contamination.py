@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from numba import njit
 
 from engine.registry import Option, register
 from engine.stage import Stage, kept_mask, reject
@@ -42,7 +43,6 @@ from engine.stages.dedup import dedup_text
 from kernels.minhash import (
     DEFAULT_HASH_SEED,
     band_keys,
-    build_lookup_table,
     lsh_params,
     minhash,
     ngram_lookup,
@@ -95,6 +95,33 @@ def _resolve(config: Any, facts: dict) -> dict:
                 h.update(chunk)
     sec.fingerprint = h.hexdigest()
     return {"files": [str(p) for p in files], "fingerprint": sec.fingerprint}
+
+
+def build_lookup_table(keys: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Open-addressing table (load <= 0.5) of uint64 ``keys`` -> int64 ``values`` (first value wins on repeats).
+
+    A probe is ~1 cache line in a table of 2 x 16 bytes per key (60k evaluation n-grams: 2 MB), against ~16
+    dependent binary-search steps for ``np.searchsorted``; measured 0.84 s per 9.7M lookups with searchsorted."""
+    keys = np.asarray(keys, np.uint64)
+    values = np.asarray(values, np.int64)
+    cap = 1 << max(4, int(np.ceil(np.log2(max(1, 2 * keys.size)))))
+    tk = np.zeros(cap, np.uint64)
+    tv = np.full(cap, -1, np.int64)
+    _fill_table(keys, values, tk, tv)
+    return tk, tv
+
+
+@njit(cache=True)
+def _fill_table(keys, values, tk, tv):
+    mask = np.uint64(tk.shape[0] - 1)
+    for i in range(keys.shape[0]):
+        j = keys[i] & mask
+        while tv[j] >= 0 and tk[j] != keys[i]:
+            j = (j + np.uint64(1)) & mask
+        if tv[j] < 0:
+            tk[j] = keys[i]
+            tv[j] = values[i]
+
 
 
 def contamination_config(config: Any) -> ContaminationConfig:

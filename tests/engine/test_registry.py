@@ -43,7 +43,7 @@ def test_one_constructor_shape():
 
 def test_requires_and_skip_stages():
     cfg = Config()
-    names = lambda kind: [s.name for s in registry.active(cfg, kind)]  # noqa: E731
+    names = lambda kind: [s.name for s in registry.active(cfg, kind)]
     assert "minhash" in names("map") and "near_dedup" in names("global")
     cfg.run.skip_stages = ["minhash"]
     assert "minhash" not in names("map") and "near_dedup" not in names("global")

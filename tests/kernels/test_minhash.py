@@ -130,7 +130,9 @@ def test_band_keys_and_params():
 def test_ngram_lookup_matches_shingle_hashes():
     texts = ["one two three four five six seven eight nine ten", "a b c", "four five six seven eight nine ten eleven"]
     ev, _off = M.shingle_hashes(pa.array(["xx four five six seven eight yy"]), ngram=5, mode="word")
-    table = M.build_lookup_table(ev, np.arange(ev.size))
+    from engine.stages.contamination import build_lookup_table
+
+    table = build_lookup_table(ev, np.arange(ev.size))
     val, n = M.ngram_lookup(pa.array(texts), [5], table)
     assert list(val >= 0) == [True, False, True] and list(n) == [5, 0, 5]
     val, n = M.ngram_lookup(pa.array(texts), [6], table)

@@ -74,7 +74,7 @@ def test_first_reason_wins_and_counts():
 
 class _Upd:
     name = "upd"
-    stats: dict = {}
+    stats: dict = {}  # noqa: RUF012 - a test double
 
     def __init__(self, frame):
         self.frame = frame
