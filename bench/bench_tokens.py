@@ -152,7 +152,8 @@ def _child(args, share: int, procs: int, barrier, queue) -> None:
 def main(argv=None) -> dict:
     args = _args(argv)
     from engine.models.causal_lm import smollm2_location
-    from engine.stages.tokens import ChunkCounter, TokenCountStage, TokensConfig
+    from engine.stages.tokens import TokenCountStage, TokensConfig
+    from kernels.token_count import ChunkCounter
 
     t0 = time.perf_counter()
     prompts, responses, data_name = make_rows(args.n, args.seed)
