@@ -141,13 +141,16 @@ def embed_pool(table, weights, ids, starts, counts, device: str = "auto") -> np.
 # Natural text repeats its words (Zipf): 1M generated 1 KB documents use ~28,000 distinct words for 8.5M word
 # occurrences per 50,000 rows, alpaca_52k 41,000 for 3.2M. So each distinct word is WordPiece-split once and its
 # weighted token vector sum ``sum_t w[t] * table[t]`` (3.2 tokens per word on the generated text) kept; a row is
-# then one table probe plus one (dim,) add per word. Measured on 50,000 generated rows, one thread: the
-# tokenize-then-pool path took 1.6 s (WordPiece) + 0.6 s (27.5M per-token adds); this one ~0.2 s scanning bytes,
-# ~0.25 s adding 8.5M word vectors, the rest probing the memo.
+# then one memo probe plus one (dim,) add per word, in one pass over the bytes with no token id array. Measured on
+# 50,000 generated rows (50 MB, 27.5M tokens, 8.5M words), one thread, CPU seconds: tokenize-then-pool 1.55 s
+# (WordPiece) + 0.62 s (per-token adds); this path 0.68 s = byte scan 0.13 + key packing 0.06 + memo probes 0.12 +
+# word-vector adds 0.37 (28 MB of memo vectors, read at random: the largest part now).
 #
 # Not bit-identical to embed_pool_numba: a row sums per-word partial sums, ``acc + (w1 v1 + w2 v2)`` instead of
-# ``(acc + w1 v1) + w2 v2``, in float32. Max abs difference ~1e-6 before the float16 cast; after it ~0.1% of
-# elements move by one float16 ulp (tests/kernels/test_embed_pool.py bounds both).
+# ``(acc + w1 v1) + w2 v2``, in float32. Max abs difference ~1e-6 on 1 KB rows, and ~7x closer to the float64
+# reference than the per-token kernel (fewer rounded additions into the running sum); after the float16 cast ~0.1%
+# of elements move by one float16 ulp (tests/kernels/test_embed_pool.py, tests/engine/models/test_static.py).
+# The memo stays float32: Numba has no float16 arrays on the CPU, and rounding each word's sum would lose accuracy.
 
 # A word of <= 16 bytes (all but 0.014% of alpaca's words) packs, lower-cased, into two uint64 keys; clean text has
 # no 0 byte, so the zero padding makes the length implicit and a key compare is two integer compares. Longer words
@@ -159,8 +162,11 @@ class WordVectorMemo:
     """Memo of ``embed_pool_text``: packed lower-cased word -> its weighted token vector sum, one per chunk of rows
     (one chunk per Numba thread, so threads never share one). Kept across calls; a full chunk starts empty again.
 
-    ``keys[c, slot] = (k0, k1, entry)`` (open addressing, load <= 0.5, k0 == 0 marks an empty slot), ``vecs[c,
-    entry]`` float32 (64 MB at the default 65,536 words x 256 dims per chunk; the OS commits only the pages written). Only speed depends on its contents: a word's vector is computed the same way on a hit or a miss.
+    ``keys[c, slot] = (k0, k1, entry)`` (open addressing, load <= 0.5, k0 == 0 marks an empty slot; 32 B per slot:
+    one cache line per probe), ``vecs[c, entry]`` float32 (64 MB at the default 65,536 words x 256 dims per chunk;
+    the OS commits only the pages written: 28 MB for the generated corpus' 28,000 words), ``state[c]`` = (words held,
+    times it started again). Only speed depends on its contents: a word's vector is computed the same way on a hit
+    or a miss.
     """
 
     def __init__(self, dim: int, max_words: int = 1 << 16, chunks: int = 1):

@@ -13,6 +13,9 @@ stripping, CJK spacing, control removal) are no-ops, so the result equals the HF
 tokenises them with the HF tokenizer (6-7% of alpaca_52k rows: curly quotes, accents, symbols; at ~17,000 rows/s
 that fallback is most of the static tier's time, so handling Unicode here is the next speed-up).
 
+The static tier's fused path (``kernels.embed_pool.embed_pool_text``) reuses this file's byte classes
+(``byte_tables``) and per-word split (``_wordpiece_word``), running the split once per distinct word.
+
 Vocabulary lookup: one open-addressing hash table over all pieces, keyed by ``hash_span`` of the piece's bytes
 (continuation pieces ``##x`` are stored as ``x`` with a different seed); a hit is confirmed by comparing bytes,
 so a 64-bit collision cannot return a wrong id.
@@ -125,7 +128,8 @@ def byte_tables(lowercase: bool = True) -> tuple[np.ndarray, np.ndarray]:
     c = np.arange(256)
     cls = np.full(256, WORD, np.uint8)  # same sets as _is_space / _is_punct / _is_unclean above
     cls[(c == 32) | (c == 9) | (c == 10) | (c == 13)] = SPACE
-    cls[((33 <= c) & (c <= 47)) | ((58 <= c) & (c <= 64)) | ((91 <= c) & (c <= 96)) | ((123 <= c) & (c <= 126))] = PUNCT
+    punct = ((33 <= c) & (c <= 47)) | ((58 <= c) & (c <= 64)) | ((91 <= c) & (c <= 96)) | ((123 <= c) & (c <= 126))
+    cls[punct] = PUNCT
     cls[(c >= 128) | (c == 127) | ((c < 32) & (c != 9) & (c != 10) & (c != 13))] = UNCLEAN
     lower = np.arange(256, dtype=np.uint8)
     if lowercase:

@@ -245,9 +245,11 @@ class StaticEmbedder:
         """(n, dim) float32 unit vectors (zero for a row with no known token).
 
         ASCII rows are tokenised and pooled in one pass from the Arrow bytes, each distinct word split and summed
-        once (``kernels.embed_pool.embed_pool_text``, with a per-word memo kept across calls): 2.6-2.9x the
-        tokenize-then-pool path of ``encode_reference`` on 1 KB rows, within ~1e-6 of it (sums per word, then per
-        row, in float32; see the kernel's notes). Other rows go through the HF tokenizer and ``embed_pool``."""
+        once (``kernels.embed_pool.embed_pool_text``, with a per-word memo kept across calls): 3.5x the
+        tokenize-then-pool path of ``encode_reference`` on generated 1 KB rows (75,000 vs 21,000 rows/s, one
+        thread; bench/bench_static.py), within ~1e-6 of it (sums per word, then per row, in float32; see the
+        kernel's notes). Other rows go through the HF tokenizer and ``embed_pool``: on alpaca_52k those 7-8% of rows
+        take ~70% of the time (HF at ~1.5 us per token), so real text gains 1.4x, not 3.5x."""
         from kernels.embed_pool import WordVectorMemo, embed_pool, embed_pool_text
 
         texts = self._as_array(texts)

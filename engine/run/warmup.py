@@ -30,7 +30,8 @@ def warm_batch() -> pa.RecordBatch:
     raw = pa.record_batch({
         "instruction": ["Say hi twice, please.", "Name a colour and say why you like it."],
         "input": ["", "In one sentence."],
-        "output": ["hi hi", "Blue is a colour: it is the colour of the sea and of a clear sky in summer."],
+        # a non-ASCII row too: the static tier pools it on another path (HF tokenizer + embed_pool)
+        "output": ["hi hi", "Blue is a colour: it is the colour of the sea and of a café's awning in summer."],
         "__row": pa.array([0, 1], pa.int64()),
     })  # fmt: skip
     return canonicalize(raw, "alpaca", "<warm-up>", None)

@@ -83,3 +83,18 @@ def test_real_rows_match_hf(tok):
     # Most alpaca rows are plain ASCII: the fast path must cover them (7% fall back on the first 5,000).
     assert fb.mean() < 0.2
     assert np.isfinite(fb.mean())
+
+
+def test_byte_tables_match_the_scalar_classes():
+    """The table lookups of kernels.embed_pool's text path classify every byte as the reference kernel does."""
+    from kernels.wordpiece import PUNCT, SPACE, UNCLEAN, WORD, _is_punct, _is_space, _is_unclean, byte_tables
+
+    for lowercase in (True, False):
+        cls, lower = byte_tables(lowercase)
+        for c in range(256):
+            want = UNCLEAN if _is_unclean(c) else SPACE if _is_space(c) else PUNCT if _is_punct(c) else WORD
+            assert cls[c] == want, c
+            assert lower[c] == (c + 32 if lowercase and 65 <= c <= 90 else c), c
+    cls, _ = byte_tables()
+    assert bytes(np.flatnonzero(cls == SPACE).astype(np.uint8)) == b"\t\n\r "
+    assert (cls[128:] == UNCLEAN).all() and cls[ord("_")] == PUNCT and cls[ord("a")] == WORD

