@@ -28,7 +28,8 @@ Definitions (both implementations below follow them exactly; "characters" are Un
 
 Sections: the character tables, the plain-Python reference ``text_stats_reference`` (``re`` and
 ``collections.Counter``), the Numba kernel ``text_stats_numba`` (``@njit(parallel=True)`` over rows), the
-dispatcher ``text_stats``; then the same three for ``contains_prompt`` (does a response contain its prompt).
+dispatcher ``text_stats``; then the same three for ``contains_prompt`` (does a response contain its prompt) and
+for ``contains_literals`` (which of a few literals occur in each row: the clean stage's regex pre-filter).
 """
 
 from __future__ import annotations
@@ -284,13 +285,14 @@ def text_stats_reference(texts) -> dict[str, np.ndarray]:
 # ``_row_stats`` (UTF-8 decoding, CJK words, scripts) for every other row.
 # --------------------------------------------------------------------------------------------------------------
 
+# The helpers below but _decode (once per character of the general path) are plain @njit functions, which LLVM
+# inlines where it pays: inline="always" (Numba-level inlining, which retypes the callee at every call site) made
+# no measurable difference at run time and cost 6 s of first compile (18 s for the kernel against 12 s).
 _M1 = np.uint64(0x9E3779B97F4A7C15)
 _M2 = np.uint64(0xFF51AFD7ED558CCD)
 _LINE_SEED = np.uint64(0x5EED11AE)
 _WORD_SEED = np.uint64(0x5EED3012)
 _NI, _NF, _NS = len(INT_SIGNALS), len(FLOAT_SIGNALS), len(SCRIPTS)
-_HTTP = np.uint64(int.from_bytes(b"http", "big"))  # the last 4 bytes read, as ``_row_stats_ascii`` keeps them
-_WWW = np.uint64(int.from_bytes(b"www.", "big"))
 _LANE = np.uint64(0xFFFF)
 _ASCII_MAX_BYTES = 0xFFFF  # the ASCII path counts in 16-bit lanes: a row of up to 65,535 bytes cannot overflow one
 
@@ -299,12 +301,12 @@ _ASCII_MAX_BYTES = 0xFFFF  # the ASCII path counts in 16-bit lanes: a row of up 
 def ascii_tables() -> tuple[np.ndarray, np.ndarray]:
     """The ASCII path's tables, from ``char_tables``: per byte < 128, the class counts as four 16-bit lanes of one
     uint64 (letter, digit << 16, punct << 32, space << 48: one add counts all four), and a flag for the bytes that
-    need their own code ('#', '.', '`', newline)."""
+    need their own code ('#', '.', '`', newline, and ':' which ends a URL prefix as '.' does)."""
     cls, _ = char_tables()
     c = cls[:128].astype(np.uint64)
     lanes = (c & 1) | (((c >> 1) & 1) << 16) | (((c >> 2) & 1) << 32) | (((c >> 3) & 1) << 48)
     special = np.zeros(128, dtype=np.uint8)
-    special[[ord("#"), ord("."), ord("`"), ord("\n")]] = 1
+    special[[ord("#"), ord("."), ord("`"), ord("\n"), ord(":")]] = 1
     return lanes.astype(np.uint64), special
 
 
@@ -325,38 +327,63 @@ def _decode(data, i, end):
     return np.int64(0xFFFD), i + 1
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _load64(data, i):
-    """``data[i:i + 8]`` as a little-endian uint64 (LLVM folds the eight byte loads into one)."""
-    return (np.uint64(data[i]) | (np.uint64(data[i + 1]) << np.uint64(8)) | (np.uint64(data[i + 2]) << np.uint64(16))
-            | (np.uint64(data[i + 3]) << np.uint64(24)) | (np.uint64(data[i + 4]) << np.uint64(32))
-            | (np.uint64(data[i + 5]) << np.uint64(40)) | (np.uint64(data[i + 6]) << np.uint64(48))
-            | (np.uint64(data[i + 7]) << np.uint64(56)))  # fmt: skip
+    """``data[i:i + 8]`` as a little-endian uint64 (``i`` unsigned: no wraparound code, so LLVM folds the eight
+    byte loads into one)."""
+    return (np.uint64(data[i]) | (np.uint64(data[i + np.uint64(1)]) << np.uint64(8))
+            | (np.uint64(data[i + np.uint64(2)]) << np.uint64(16)) | (np.uint64(data[i + np.uint64(3)]) << np.uint64(24))
+            | (np.uint64(data[i + np.uint64(4)]) << np.uint64(32)) | (np.uint64(data[i + np.uint64(5)]) << np.uint64(40))
+            | (np.uint64(data[i + np.uint64(6)]) << np.uint64(48))
+            | (np.uint64(data[i + np.uint64(7)]) << np.uint64(56)))  # fmt: skip
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _hash_fast(data, start, end, seed):
     """``hash_span(data, start, end, seed)``, the same value, with the last partial 8-byte word read in one load
-    and masked (when 8 bytes are readable there) instead of byte by byte: on ~1 KB English texts hashing the words
-    with hash_span's byte loop, whose exit depends on each word's length, took 40% of the kernel."""
+    and masked (when 8 bytes are readable there) instead of byte by byte."""
     h = (np.uint64(seed) + _P1) ^ (np.uint64(end - start) * _P2)
-    i = start
-    while i + 8 <= end:
+    i = np.uint64(start)
+    e = np.uint64(end)
+    while i + np.uint64(8) <= e:
         h = (h ^ _fmix64(_load64(data, i) * _P2)) * _P3
         h = (h << np.uint64(27)) | (h >> np.uint64(37))
-        i += 8
-    k = end - i
-    if i + 8 <= data.shape[0]:
-        w = _load64(data, i) & ((np.uint64(1) << np.uint64(8 * k)) - np.uint64(1))
+        i += np.uint64(8)
+    k = e - i
+    if i + np.uint64(8) <= np.uint64(data.shape[0]):
+        w = _load64(data, i) & ((np.uint64(1) << (np.uint64(8) * k)) - np.uint64(1))
     else:
         w = np.uint64(0)
         for t in range(k):
-            w |= np.uint64(data[i + t]) << np.uint64(8 * t)
-    h = (h ^ _fmix64(w * _P2 + np.uint64(k))) * _P3
+            w |= np.uint64(data[i + t]) << (np.uint64(8) * t)
+    h = (h ^ _fmix64(w * _P2 + k)) * _P3
     return _fmix64(h)
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
+def _hash_word(data, start, end, seed):
+    """``hash_span`` again, without a branch on the length for spans under 16 bytes (nearly every word): both the
+    0- and the 1-chunk states are computed and one is selected by a mask. hash_span's byte loop, whose exit depends
+    on each word's length, mispredicts about once per word: hashing the words was 40% of the kernel's time on 1 KB
+    generated documents (0.33 of 0.79 s for 50k rows), now 25% of a 2.5x faster one."""
+    n = np.uint64(end - start)
+    u = np.uint64(start)
+    if n >= np.uint64(16) or u + np.uint64(16) > np.uint64(data.shape[0]):
+        return _hash_fast(data, start, end, seed)
+    w0 = _load64(data, u)
+    w1 = _load64(data, u + np.uint64(8))
+    big = np.uint64(0) - (n >> np.uint64(3))  # all ones if n >= 8 (one full chunk), else 0
+    h0 = (np.uint64(seed) + _P1) ^ (n * _P2)
+    h1 = (h0 ^ _fmix64(w0 * _P2)) * _P3
+    h1 = (h1 << np.uint64(27)) | (h1 >> np.uint64(37))
+    k = n & np.uint64(7)
+    w = ((w1 & big) | (w0 & ~big)) & ((np.uint64(1) << (np.uint64(8) * k)) - np.uint64(1))
+    h = (h1 & big) | (h0 & ~big)
+    h = (h ^ _fmix64(w * _P2 + k)) * _P3
+    return _fmix64(h)
+
+
+@njit(cache=True)
 def _extend(g, h):
     """Order-dependent hash of (n-gram hash ``g``, next word hash ``h``): a murmur-style mix of the pair."""
     x = (g * _M1) ^ (h + np.uint64(0x632BE59BD9B4E019) + (g << np.uint64(6)) + (g >> np.uint64(2)))
@@ -366,13 +393,13 @@ def _extend(g, h):
     return x
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _is_bullet(cp):
     return (cp == 0x2D or cp == 0x2A or cp == 0x2022 or cp == 0x25CF or cp == 0x25E6 or cp == 0x2023
             or cp == 0x2043 or cp == 0x25AA or cp == 0x25A0 or cp == 0x2013)  # fmt: skip
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _url_at(data, i, end, cls):
     """True if ``(?:https?://|www\\.)\\S`` matches at byte ``i``."""
     b = data[i]
@@ -392,7 +419,7 @@ def _url_at(data, i, end, cls):
     return (cls[cp] & 8) == 0
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _seen(h, keys, stamp, epoch, mask):
     """True if ``h`` is already in this epoch's table (linear probing); inserts it otherwise."""
     sl = np.int64(h & np.uint64(mask))
@@ -407,89 +434,86 @@ def _seen(h, keys, stamp, epoch, mask):
 
 # error_model="numpy": every division here is guarded, so skip the per-division zero checks
 @njit(cache=True, error_model="numpy")
-def _ngram_stats(out_f, r, n_words, word_chars, w_hash, w_len, g, cum, pos, slot_of, keys, cnt, first, stamp, epoch):
+def _ngram_stats(out_f, r, n_words, word_chars, w_hash, w_len, g, cum, pos, slot_of, keys, cnt, stamp, epoch):
     """Gopher's top 2/3/4-gram and duplicated 5..10-gram fractions of row ``r`` from its word hashes and lengths.
 
     The n-grams of each n are counted in an open-addressing table (linear probing; a new epoch per (row, n)
     instead of clearing it). An n-gram can only repeat where its first n - 1 words repeat, so each n looks only at
     the positions whose (n-1)-gram occurred twice or more (``pos``, in text order, with their hashes in ``g``):
     every position for n = 2, then usually a few percent; when none is left, no longer n-gram repeats and the loop
-    stops (most texts stop at n = 3..5). The counts, first positions and covered characters of the n-grams that
-    occur twice are those of counting every position, so the fractions are too. Sorting the hashes per n instead ran
-    5.7x slower on t0_train_50k's prompts (7.5 s vs 1.3 s for 54 MB). Returns the last epoch used."""
+    stops (most texts stop at n = 3..5). The counts and covered characters of the n-grams that occur twice are those
+    of counting every position, so the fractions are too. The most frequent n-gram (ties: the one seen first) is the
+    first position in text order whose count is the highest, found after counting, so the counting loop has no
+    data-dependent branch but the probe. Sorting the hashes per n instead ran 5.7x slower on t0_train_50k's
+    prompts (7.5 s vs 1.3 s for 54 MB). Returns the last epoch used."""
+    one = np.uint64(1)
     cum[0] = 0
-    for t in range(n_words):
-        cum[t + 1] = cum[t] + w_len[t]
+    for t in range(np.uint64(n_words)):
+        cum[t + one] = cum[t] + w_len[t]
         g[t] = w_hash[t]
         pos[t] = t
-    m = n_words  # candidate positions for this n
+    m = np.uint64(n_words)  # candidate positions for this n
     for n in range(2, 11):
         k_n = n_words - n + 1  # n-grams start at 0 .. k_n - 1
-        while m > 0 and pos[m - 1] >= k_n:
-            m -= 1
+        while m > 0 and pos[m - one] >= k_n:
+            m -= one
         if m == 0:
             break
         cap = 16
-        while cap < 2 * m:
+        while cap < 2 * np.int64(m):
             cap *= 2
         mask = np.uint64(cap - 1)
         epoch += 1
-        any_dup = False
-        best = -1
-        best_c = 1
-        best_first = 0
+        dups = 0
         for j in range(m):
-            t = pos[j]
-            h = _extend(g[j], w_hash[t + n - 1])
+            h = _extend(g[j], w_hash[np.uint64(pos[j] + n - 1)])
             g[j] = h
-            sl = np.int64(h & mask)
+            sl = h & mask
             while stamp[sl] == epoch and keys[sl] != h:
-                sl = (sl + 1) & (cap - 1)
-            if stamp[sl] != epoch:
-                stamp[sl] = epoch
-                keys[sl] = h
-                cnt[sl] = 1
-                first[sl] = t
-            else:
-                c_new = cnt[sl] + 1
-                cnt[sl] = c_new
-                any_dup = True
-                # the most frequent n-gram so far; ties go to the one seen first
-                if c_new > best_c or (c_new == best_c and first[sl] < best_first):
-                    best_c = c_new
-                    best_first = first[sl]
-                    best = sl
+                sl = (sl + one) & mask
+            fresh = stamp[sl] != epoch
+            c_new = 1 if fresh else cnt[sl] + 1
+            stamp[sl] = epoch
+            keys[sl] = h
+            cnt[sl] = c_new
+            dups += not fresh
             slot_of[j] = sl
-        if not any_dup:
+        if dups == 0:
             break
+        best = -1  # n <= 4: the slot of the most frequent n-gram
+        if n <= 4:
+            best_c = 1
+            for j in range(m):
+                c_j = cnt[slot_of[j]]
+                if c_j > best_c:
+                    best_c = c_j
+                    best = np.int64(slot_of[j])
         covered = 0
         cur = 0
+        kept = np.uint64(0)  # the next n's candidates: positions whose n-gram occurred twice or more
         for j in range(m):
-            sl = slot_of[j]
-            if (sl == best) if n <= 4 else (cnt[sl] >= 2):
-                t = pos[j]
+            s_j = np.int64(slot_of[j])
+            t = np.int64(pos[j])
+            if (s_j == best) if n <= 4 else (cnt[s_j] >= 2):
                 lo = max(cur, t)
                 if t + n > lo:
-                    covered += cum[t + n] - cum[lo]
+                    covered += cum[np.uint64(t + n)] - cum[np.uint64(lo)]
                     cur = t + n
+            if cnt[s_j] >= 2:
+                pos[kept] = t
+                g[kept] = g[j]
+                kept += one
+        m = kept
         if n <= 4:
             out_f[r, 9 + n - 2] = covered / word_chars
         else:
             out_f[r, 12 + n - 5] = covered / word_chars
-        kept = 0  # the next n's candidates: positions whose n-gram occurred twice or more
-        for j in range(m):
-            if cnt[slot_of[j]] >= 2:
-                pos[kept] = pos[j]
-                g[kept] = g[j]
-                kept += 1
-        m = kept
     return epoch
 
 
 @njit(cache=True, error_model="numpy")
 def _row_stats(
-    data, start, end, cls, scr, out_i, out_f, out_s, r, w_hash, w_len, g, cum, pos, slot_of, keys, cnt, first, stamp,
-    epoch,
+    data, start, end, cls, scr, out_i, out_f, out_s, r, w_hash, w_len, g, cum, pos, slot_of, keys, cnt, stamp, epoch
 ):  # fmt: skip
     """Signals of row ``r`` into the output arrays, any UTF-8. The other arrays are scratch reused across a chunk of
     rows (sized for its longest row: every word holds at least one byte, the table 2x that); ``stamp``/``epoch`` mark
@@ -632,8 +656,7 @@ def _row_stats(
     out_f[r, 6] = n_alpha_words / n_words if n_words > 0 else 0.0
     out_f[r, 7] = dup_lines / n_lines if n_lines > 0 else 0.0
     out_f[r, 8] = dup_line_chars / div
-    epoch = _ngram_stats(out_f, r, n_words, word_chars, w_hash, w_len, g, cum, pos, slot_of, keys, cnt, first, stamp,
-                         epoch)  # fmt: skip
+    epoch = _ngram_stats(out_f, r, n_words, word_chars, w_hash, w_len, g, cum, pos, slot_of, keys, cnt, stamp, epoch)
     n_sym = max(n_ellipsis, n_hash)
     out_f[r, 18] = n_sym / n_words if n_words > 0 else 0.0
     out_f[r, 19] = bullets / n_lines if n_lines > 0 else 0.0
@@ -650,68 +673,98 @@ def _row_stats(
     return epoch + 1
 
 
+@njit(cache=True)
+def _ascii_scan(data, start, end, lanes, special, bnd, ev):
+    """The byte loop of ``_row_stats_ascii``, kept apart so that its 12 live values fit in registers (inside the row
+    function they spilled to the stack: 30 instructions a byte, now 14). No branch on the text: ``lanes`` adds the
+    four class counts of a byte in one uint64 add; each space/non-space change stores (offset | letters so far << 32)
+    in ``bnd`` at a slot that only advances on a change, so word j spans ``bnd[2j] .. bnd[2j + 1]``; the offsets of
+    the bytes in ``special`` go to ``ev`` the same way. Returns (changes, class counts, events, whether the text
+    ends in whitespace)."""
+    us = np.uint64(start)
+    acc = np.uint64(0)  # letters | digits << 16 | punct << 32 | spaces << 48
+    prev = np.uint64(1)  # the previous byte was whitespace (the text starts as if after one)
+    k = np.uint64(0)
+    ne = np.uint64(0)
+    for u in range(us, np.uint64(end)):
+        b = data[u]
+        x = lanes[b]
+        sp = x >> np.uint64(48)
+        off = u - us
+        bnd[k] = off | ((acc & _LANE) << np.uint64(32))
+        k += sp ^ prev
+        prev = sp
+        acc += x
+        ev[ne] = np.uint32(off)
+        ne += np.uint64(special[b])
+    return k, acc, ne, prev
+
+
+@njit(cache=True)
+def _ascii_line(data, lo, hi, lanes, keys, stamp, epoch, table_mask):
+    """One line ``data[lo:hi]`` of an ASCII row: (stripped length or -1 if empty, a duplicate of an earlier line,
+    a bullet line, an ellipsis line); inserts the line's hash into this epoch's table."""
+    while lo < hi and (lanes[data[lo]] >> np.uint64(48)) != 0:
+        lo += 1
+    if lo == hi:
+        return -1, False, False, False
+    while (lanes[data[hi - 1]] >> np.uint64(48)) != 0:
+        hi -= 1
+    ln = hi - lo
+    dup = _seen(_hash_fast(data, lo, hi, _LINE_SEED), keys, stamp, epoch, table_mask)
+    bullet = data[lo] == 0x2D or data[lo] == 0x2A  # the ASCII ones among BULLETS
+    ell = ln >= 3 and data[hi - 1] == 0x2E and data[hi - 2] == 0x2E and data[hi - 3] == 0x2E
+    return ln, dup, bullet, ell
+
+
 @njit(cache=True, error_model="numpy")
 def _row_stats_ascii(
-    data, start, end, cls, lanes, special, out_i, out_f, out_s, r, bnd, bacc, w_hash, w_len, g, cum, pos, slot_of,
-    keys, cnt, first, stamp, epoch,
+    data, start, end, cls, lanes, special, out_i, out_f, out_s, r, bnd, ev, w_hash, w_len, g, cum, pos, slot_of,
+    keys, cnt, stamp, epoch,
 ):  # fmt: skip
     """``_row_stats`` for a row of ASCII bytes only (at most ``_ASCII_MAX_BYTES``), the same numbers: every byte is a
-    character and every letter Latin, and no byte is a CJK word. The byte loop has no branch that depends on the
-    text except for the rare bytes in ``special`` and the URL prefixes: ``lanes`` adds the four class counts in one
-    uint64, and each space/non-space change stores its offset in ``bnd`` (and the letters so far in ``bacc``) at a
-    slot that only advances on a change, so the words come out as (start, end) pairs. 5-6x faster than
-    ``_row_stats`` on ~1 KB English texts, where a mispredicted branch at every word boundary dominated."""
+    character and every letter Latin, and no byte is a CJK word. ``_ascii_scan`` finds the words and counts the
+    classes without a branch per byte; the few bytes it lists (newlines, '.', '`', '#', URL prefixes) are handled
+    here in text order. 4x faster than ``_row_stats`` on ~1 KB English texts, where a mispredicted branch at every
+    word boundary dominated."""
     nb = end - start
     cap = 16
     while cap < 2 * ((nb + 1) // 2 + 1):
         cap *= 2
     table_mask = cap - 1
-    acc = np.uint64(0)  # letters | digits << 16 | punct << 32 | spaces << 48
-    prev = np.int64(1)  # the previous byte was whitespace (the text starts as if after one)
-    k = 0  # space/non-space changes so far: word j spans bnd[2j] .. bnd[2j + 1]
-    win = np.uint64(0)  # the last 4 bytes, for the URL prefixes
-    url_word = -1  # the value of k in the word where the last URL started: one URL per word (``\S+`` runs on)
+    k, acc, ne, prev = _ascii_scan(data, start, end, lanes, special, bnd, ev)
     n_hash = n_ellipsis = n_fences = n_urls = 0
+    url_until = start  # a URL runs to the next whitespace (\S+): no other starts before it
     dot_end = tick_end = -1
     dot_run = tick_run = 0
     n_lines = max_line = bullets = ell_lines = dup_lines = dup_line_chars = 0
     l_start = start
-    for i in range(start, end + 1):
-        if i < end:
+    for q in range(ne + np.uint64(1)):
+        if q < ne:
+            i = start + np.int64(ev[q])
             b = data[i]
-            x = lanes[b]
-            sp = np.int64(x >> np.uint64(48))
-            bnd[k] = i - start
-            bacc[k] = np.int32(acc & _LANE)
-            k += sp ^ prev
-            prev = sp
-            acc += x
-            win = (win << np.uint64(8)) | np.uint64(b)
-            w4 = win & np.uint64(0xFFFFFFFF)
-            if (w4 == _HTTP or w4 == _WWW) and k != url_word and _url_at(data, i - 3, end, cls):
+            # a URL prefix ends in ':' ("http:", "https:") or '.' ("www."): look back from those for its start
+            p = i - 3 if b == 0x2E else (i - 5 if i - 5 >= start and data[i - 1] == 0x73 else i - 4)
+            if (b == 0x2E or b == 0x3A) and p >= url_until and _url_at(data, p, end, cls):
                 n_urls += 1
-                url_word = k
-            if special[b] == 0:
+                url_until = p + 1
+                while url_until < end and (lanes[data[url_until]] >> np.uint64(48)) == 0:
+                    url_until += 1
+            if b == 0x3A:
                 continue
         else:
+            i = end
             b = np.uint8(10)  # a virtual newline closes the last line
         if b == 10:
-            lo, hi = l_start, i
-            while lo < hi and (lanes[data[lo]] >> np.uint64(48)) != 0:
-                lo += 1
-            if lo < hi:
-                while (lanes[data[hi - 1]] >> np.uint64(48)) != 0:
-                    hi -= 1
-                ln = hi - lo
-                if _seen(_hash_fast(data, lo, hi, _LINE_SEED), keys, stamp, epoch, table_mask):
-                    dup_lines += 1
-                    dup_line_chars += ln
+            ln, dup, bullet, ell = _ascii_line(data, l_start, i, lanes, keys, stamp, epoch, table_mask)
+            if ln >= 0:
                 n_lines += 1
                 max_line = max(max_line, ln)
-                if data[lo] == 0x2D or data[lo] == 0x2A:
-                    bullets += 1
-                if ln >= 3 and data[hi - 1] == 0x2E and data[hi - 2] == 0x2E and data[hi - 3] == 0x2E:
-                    ell_lines += 1
+                if dup:
+                    dup_lines += 1
+                    dup_line_chars += ln
+                bullets += bullet
+                ell_lines += ell
             l_start = i + 1
         elif b == 0x2E:  # runs of '.' and '`': ellipsis and code-fence counts, like str.count
             if i != dot_end:
@@ -730,19 +783,20 @@ def _row_stats_ascii(
     n_ellipsis += dot_run // 3
     n_fences += tick_run // 3
     if prev == 0:  # close the last word
-        bnd[k] = nb
-        bacc[k] = np.int32(acc & _LANE)
-        k += 1
-    n_words = k // 2
+        bnd[k] = np.uint64(nb) | ((acc & _LANE) << np.uint64(32))
+        k += np.uint64(1)
+    n_words = np.int64(k >> np.uint64(1))
     word_chars = n_alpha_words = 0
-    for j in range(n_words):
-        ws = bnd[2 * j]
-        we = bnd[2 * j + 1]
-        w_hash[j] = _hash_fast(data, start + ws, start + we, _WORD_SEED)
+    low = np.uint64(0xFFFFFFFF)
+    for j in range(np.uint64(n_words)):
+        a = bnd[j + j]
+        z = bnd[j + j + np.uint64(1)]
+        ws = np.int64(a & low)
+        we = np.int64(z & low)
+        w_hash[j] = _hash_word(data, start + ws, start + we, _WORD_SEED)
         w_len[j] = we - ws
         word_chars += we - ws
-        if bacc[2 * j + 1] > bacc[2 * j]:
-            n_alpha_words += 1
+        n_alpha_words += (z >> np.uint64(32)) > (a >> np.uint64(32))  # letters (the high half) inside the word
     n_letters = np.int64(acc & _LANE)
     n_chars = nb
     out_i[r, 0] = n_chars
@@ -761,8 +815,7 @@ def _row_stats_ascii(
     out_f[r, 6] = n_alpha_words / n_words if n_words > 0 else 0.0
     out_f[r, 7] = dup_lines / n_lines if n_lines > 0 else 0.0
     out_f[r, 8] = dup_line_chars / div
-    epoch = _ngram_stats(out_f, r, n_words, word_chars, w_hash, w_len, g, cum, pos, slot_of, keys, cnt, first, stamp,
-                         epoch)  # fmt: skip
+    epoch = _ngram_stats(out_f, r, n_words, word_chars, w_hash, w_len, g, cum, pos, slot_of, keys, cnt, stamp, epoch)
     n_sym = max(n_ellipsis, n_hash)
     out_f[r, 18] = n_sym / n_words if n_words > 0 else 0.0
     out_f[r, 19] = bullets / n_lines if n_lines > 0 else 0.0
@@ -773,11 +826,11 @@ def _row_stats_ascii(
     return epoch + 1
 
 
-@njit(inline="always", cache=True)
+@njit(cache=True)
 def _is_ascii(data, start, end):
     acc = np.uint8(0)
-    for i in range(start, end):
-        acc |= data[i]
+    for u in range(np.uint64(start), np.uint64(end)):  # unsigned: no wraparound code, so LLVM vectorises it
+        acc |= data[u]
     return acc < 0x80
 
 
@@ -801,14 +854,15 @@ def text_stats_numba(data, offsets, cls, scr, lanes, special, ascii_path=True):
             longest = max(longest, offsets[r + 1] - offsets[r])
         # A text of b bytes has at most (b + 1) // 2 words and as many lines: every word but the last is followed
         # by whitespace or is (or precedes) a 3-byte CJK word, and every line but the last ends in "\n"; it has at
-        # most b + 1 space/non-space changes. So scratch is about 80 bytes per word, 40 per byte of the chunk's
-        # longest text (400 MB for a 10 MB text).
+        # most b changes between space and non-space. So scratch is about 68 bytes per word (36 per word, 16 per
+        # table slot) and 12 per byte for the ASCII path: 46 bytes per byte of the chunk's longest text (460 MB for
+        # a 10 MB text).
         m = (longest + 1) // 2 + 2
         cap = 16
         while cap < 2 * m:
             cap *= 2
-        bnd = np.empty(longest + 2, dtype=np.int32)
-        bacc = np.empty(longest + 2, dtype=np.int32)
+        bnd = np.empty(longest + 2, dtype=np.uint64)
+        ev = np.empty(longest + 1, dtype=np.uint32)
         w_hash = np.empty(m, dtype=np.uint64)
         w_len = np.empty(m, dtype=np.int32)
         g = np.empty(m, dtype=np.uint64)
@@ -817,26 +871,26 @@ def text_stats_numba(data, offsets, cls, scr, lanes, special, ascii_path=True):
         slot_of = np.empty(m, dtype=np.int32)
         keys = np.empty(cap, dtype=np.uint64)
         cnt = np.empty(cap, dtype=np.int32)
-        first = np.empty(cap, dtype=np.int32)
         stamp = np.zeros(cap, dtype=np.int32)
         epoch = 1
         for r in range(lo, hi):
             s, e = offsets[r], offsets[r + 1]
             if ascii_path and e - s <= _ASCII_MAX_BYTES and _is_ascii(data, s, e):
-                epoch = _row_stats_ascii(data, s, e, cls, lanes, special, out_i, out_f, out_s, r, bnd, bacc, w_hash,
-                                         w_len, g, cum, pos, slot_of, keys, cnt, first, stamp, epoch)  # fmt: skip
+                epoch = _row_stats_ascii(data, s, e, cls, lanes, special, out_i, out_f, out_s, r, bnd, ev, w_hash,
+                                         w_len, g, cum, pos, slot_of, keys, cnt, stamp, epoch)  # fmt: skip
             else:
                 epoch = _row_stats(data, s, e, cls, scr, out_i, out_f, out_s, r, w_hash, w_len, g, cum, pos, slot_of,
-                                   keys, cnt, first, stamp, epoch)  # fmt: skip
+                                   keys, cnt, stamp, epoch)  # fmt: skip
     return out_i, out_f, out_s
 
 
-def text_stats(arr, device: str = "auto") -> dict[str, np.ndarray]:
+def text_stats(arr, device: str = "auto", *, ascii_path: bool = True) -> dict[str, np.ndarray]:
     """Per-row text signals (see the module docstring) of an Arrow string column, list of str also accepted.
 
     Returns {signal: 1-D numpy array} for ``SIGNALS`` plus ``script_letters`` (n, len(SCRIPTS)) int32.
     ``device`` is "auto" or "cpu": this is branchy byte-level work with per-text sorts, which Numba on CPU threads
-    does well and a GPU would not, so there is no GPU path.
+    does well and a GPU would not, so there is no GPU path. ``ascii_path=False`` sends ASCII rows through the
+    general per-code-point path too (the same numbers, slower: for the tests).
     """
     if device not in ("auto", "cpu"):
         raise ValueError(
@@ -848,7 +902,7 @@ def text_stats(arr, device: str = "auto") -> dict[str, np.ndarray]:
     data, offsets = utf8_view(arr)
     cls, scr = char_tables()
     lanes, special = ascii_tables()
-    out_i, out_f, out_s = text_stats_numba(data, offsets, cls, scr, lanes, special)
+    out_i, out_f, out_s = text_stats_numba(data, offsets, cls, scr, lanes, special, ascii_path)
     out = {k: np.ascontiguousarray(out_i[:, j]) for j, k in enumerate(INT_SIGNALS)}
     out.update({k: np.ascontiguousarray(out_f[:, j]) for j, k in enumerate(FLOAT_SIGNALS)})
     out["script"] = out["script"].astype(np.uint8)
@@ -967,3 +1021,111 @@ def contains_prompt(responses, prompts, todo: np.ndarray | None = None) -> np.nd
     if todo is None:
         todo = np.ones(len(ro) - 1, dtype=np.bool_)
     return contains_prompt_numba(rd, ro, pd_, po, np.ascontiguousarray(todo, dtype=np.bool_))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# contains_literals: which of a few byte strings occur in each row, ASCII A-Z folded to a-z: a pre-filter, so that a
+# regex whose unanchored alternatives each need one of the literals runs only on the rows that hold one (RE2 scans
+# a whole 1 KB text for an unanchored alternative, about 570 MB/s here). One pass over the bytes: a literal is
+# compared only where the (folded) byte pair at a position is its first two bytes (two 256-entry bit tables).
+# --------------------------------------------------------------------------------------------------------------
+
+
+def contains_literals_reference(texts, literals) -> np.ndarray:
+    """uint64 per row: bit j set if ``literals[j]`` (bytes, lower-case ASCII) occurs in the row's UTF-8 bytes with
+    ASCII upper case folded (``None`` reads as "")."""
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        texts = texts.to_pylist()
+    out = np.zeros(len(texts), dtype=np.uint64)
+    for i, t in enumerate(texts):
+        b = (t or "").encode("utf-8").lower()  # bytes.lower() folds ASCII only
+        for j, lit in enumerate(literals):
+            if lit in b:
+                out[i] |= np.uint64(1 << j)
+    return out
+
+
+@njit(cache=True)
+def _literal_hits(data, i, e, m, lits, lit_len, fold):
+    """The bits of ``m`` whose literal occurs at ``data[i]`` (its first two bytes already match)."""
+    hits = np.uint64(0)
+    while m:
+        j = 0
+        while not (m >> np.uint64(j)) & np.uint64(1):
+            j += 1
+        bit = np.uint64(1) << np.uint64(j)
+        m &= ~bit
+        ln = np.uint64(lit_len[j])
+        if i + ln > e:
+            continue
+        same = True
+        for t in range(np.uint64(2), ln):
+            if fold[data[i + t]] != lits[j, t]:
+                same = False
+                break
+        if same:
+            hits |= bit
+    return hits
+
+
+@njit(parallel=True, cache=True)
+def contains_literals_numba(data, offsets, lits, lit_len, first, second, fold, todo):
+    """uint64 bit mask per row (see ``contains_literals_reference``); rows where ``todo`` is false read 0.
+    ``lits`` (k, max length) holds the folded literals, ``first[b]`` / ``second[b]`` the bits of those whose first /
+    second byte is b after folding (every 1-byte literal is in all of ``second``)."""
+    n = offsets.shape[0] - 1
+    out = np.zeros(n, dtype=np.uint64)
+    one_byte = second[0]
+    for c in range(1, 256):
+        one_byte &= second[c]
+    for r in prange(n):
+        if not todo[r] or offsets[r + 1] == offsets[r]:
+            continue
+        s = np.uint64(offsets[r])
+        e = np.uint64(offsets[r + 1])
+        found = np.uint64(0)
+        for i in range(s, e - np.uint64(1)):
+            m = first[data[i]] & second[data[i + np.uint64(1)]] & ~found
+            if m:
+                found |= _literal_hits(data, i, e, m, lits, lit_len, fold)
+        m = first[data[e - np.uint64(1)]] & one_byte & ~found
+        if m:
+            found |= m
+        out[r] = found
+    return out
+
+
+@functools.cache
+def _literal_tables(literals: tuple[bytes, ...]) -> tuple[np.ndarray, ...]:
+    k = len(literals)
+    if not 0 < k <= 64 or any(not lit for lit in literals):
+        raise ValueError(f"contains_literals needs 1..64 non-empty literals, got {k}")
+    lits = np.zeros((k, max(map(len, literals))), dtype=np.uint8)
+    lit_len = np.zeros(k, dtype=np.int64)
+    first = np.zeros(256, dtype=np.uint64)
+    second = np.zeros(256, dtype=np.uint64)
+    for j, lit in enumerate(literals):
+        if lit != lit.lower():
+            raise ValueError(f"contains_literals: literal {lit!r} must be lower case (ASCII is folded)")
+        lits[j, : len(lit)] = np.frombuffer(lit, dtype=np.uint8)
+        lit_len[j] = len(lit)
+        first[lit[0]] |= np.uint64(1 << j)
+        if len(lit) == 1:
+            second |= np.uint64(1 << j)
+        else:
+            second[lit[1]] |= np.uint64(1 << j)
+    fold = np.arange(256, dtype=np.uint8)
+    fold[65:91] += 32
+    return lits, lit_len, first[fold], second[fold], fold  # indexed by the raw byte: no fold in the scan
+
+
+def contains_literals(arr, literals: tuple[bytes, ...], todo: np.ndarray | None = None) -> np.ndarray:
+    """uint64 bit mask per row of an Arrow string column: bit j set if ``literals[j]`` (lower-case bytes, at most 64)
+    occurs, ASCII case ignored. ``todo`` (bool per row) limits the work to those rows; the others read 0."""
+    data, offsets = utf8_view(arr)
+    if todo is None:
+        todo = np.ones(len(offsets) - 1, dtype=np.bool_)
+    if len(data) == 0:
+        data = np.zeros(1, dtype=np.uint8)
+    return contains_literals_numba(data, offsets, *_literal_tables(tuple(literals)),
+                                   np.ascontiguousarray(todo, dtype=np.bool_))  # fmt: skip

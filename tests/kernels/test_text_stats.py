@@ -10,12 +10,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernels.strings import hash_span
 from kernels.text_stats import (
+    _ASCII_MAX_BYTES,
     C_SPACE,
     REPETITION_SIGNALS,
     SCRIPT_ID,
     SIGNALS,
+    _hash_fast,
+    _hash_word,
     char_tables,
+    contains_literals,
+    contains_literals_reference,
     contains_prompt,
     contains_prompt_reference,
     gopher_repetition_reference,
@@ -181,3 +187,112 @@ def test_contains_prompt_planted():
     r = pa.array(["Say  HELLO\nworld now", "hello world", "hello", "abc", ""], STR)
     p = pa.array(["hello world", "Hello   World ", "hello world", "", "x"], STR)
     assert contains_prompt(r, p).tolist() == [1, 2, 0, 0, 0]
+
+
+# ---- the ASCII path (_row_stats_ascii) against the general path and the reference -----------------------------
+# Pieces for ASCII-only rows, which take the ASCII path: every whitespace byte str.isspace accepts, the special bytes
+# (newline, '.', '`', '#', ':'), URL prefixes whole and cut, bullets, symbols that are not punctuation.
+ASCII_PIECES = list("ab c\n\n  ...#-*`hw.tps:/x9$+<=>^|~!?,;'\"") + [
+    "http://", "https://", "www.", "https:", "http:/", "wwww.", "hhttp://x", "https//", "a.b", "```", "....",
+    "\t", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f", "\x00", "the cat ", "the cat sat ", "- item\n", "  * x ...\n",
+    "def f(x):\n    return x\n", "#include <a>\n", "\n\n\n",
+]  # fmt: skip
+
+
+def ascii_texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = ["".join(rng.choice(ASCII_PIECES) for _ in range(rng.randint(0, 80))) for _ in range(n)]
+    words = ["a", "bb", "the", "cat", "x.", "www.a", "1", "#"]
+    out += [" ".join(rng.choice(words) for _ in range(rng.randint(0, 300))) for _ in range(n // 4)]
+    out += ["\n".join(rng.choice(["same line", "  same line  ", "other", "...", "- a"]) for _ in range(40))
+            for _ in range(n // 10)]  # fmt: skip
+    return out
+
+
+def assert_identical(a: dict, b: dict, texts: list[str]) -> None:
+    """Every output bit-identical (the two kernel paths must agree exactly, not within a tolerance)."""
+    for k in SIGNALS + ("script_letters",):
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        bad = x != y if x.ndim == 1 else (x != y).any(axis=1)
+        if bad.any():
+            i = int(np.nonzero(bad)[0][0])
+            raise AssertionError(f"{k} differs on {bad.sum()} rows; first {i}: {texts[i][:120]!r}: {x[i]} vs {y[i]}")
+
+
+def test_ascii_path_matches_general_path_and_reference():
+    texts = ascii_texts(1500, seed=2) + ["", " ", "\n", "a", "#", ".", "...", "```", "http://x", "www.x", " \t\n "]
+    assert all(t.isascii() for t in texts)
+    fast = text_stats(texts)
+    assert_identical(fast, text_stats(texts, ascii_path=False), texts)
+    assert_same(fast, text_stats_reference(texts), texts)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(ASCII_PIECES), max_size=50).map("".join), min_size=1, max_size=8))
+def test_ascii_path_property(texts):
+    fast = text_stats(texts)
+    assert_identical(fast, text_stats(texts, ascii_path=False), texts)
+    assert_same(fast, text_stats_reference(texts), texts)
+
+
+def test_mixed_rows_and_the_ascii_size_limit():
+    """ASCII rows next to non-ASCII ones (CJK, accents, emoji, Unicode spaces), code, repeated lines, empty rows,
+    and ASCII rows just under, at and over the ASCII path's 16-bit limit (the last two take the general path)."""
+    rng = random.Random(4)
+    unit = "the cat sat on the mat. www.x.y ... # ```\n"
+    at_limit = (unit * (_ASCII_MAX_BYTES // len(unit) + 1))[:_ASCII_MAX_BYTES]
+    texts = [
+        "", "plain ascii words here", "naïve café", "你好 world", "😀 x", "a\u00a0b", "x\u3000y", "line\u2028two",
+        "```python\nprint('hi')\n```\n", "same\nsame\nsame\n", "  \n\t\n", at_limit[:-1], at_limit,
+        at_limit + "z", at_limit[:-3] + "你", " ".join(["repeat me now"] * 2000),
+    ] + random_texts(200, seed=9) + ascii_texts(200, seed=10)  # fmt: skip
+    rng.shuffle(texts)
+    fast = text_stats(texts)
+    assert_identical(fast, text_stats(texts, ascii_path=False), texts)
+    assert_same(fast, text_stats_reference(texts), texts)
+
+
+def test_word_hashes_equal_hash_span():
+    """_hash_fast (one masked load for the tail) and _hash_word (no branch on the length under 16 bytes) give
+    hash_span's value for every length and offset, up to the last byte of the buffer (where they fall back)."""
+    from numba import njit
+
+    @njit
+    def all_three(data, seed):
+        n = data.shape[0]
+        out = np.zeros((n + 1, 41, 3), dtype=np.uint64)
+        for s in range(n + 1):
+            for ln in range(min(40, n - s) + 1):
+                out[s, ln, 0] = hash_span(data, s, s + ln, seed)
+                out[s, ln, 1] = _hash_fast(data, s, s + ln, seed)
+                out[s, ln, 2] = _hash_word(data, s, s + ln, seed)
+        return out
+
+    rng = random.Random(5)
+    data = np.frombuffer(bytes(rng.randrange(256) for _ in range(97)), dtype=np.uint8)
+    h = all_three(data, np.uint64(0x5EED3012))
+    assert np.array_equal(h[..., 0], h[..., 1]) and np.array_equal(h[..., 0], h[..., 2])
+    assert len(np.unique(h[:, 1:, 0])) > 1000  # the spans really differ
+
+
+LITERALS = tuple(x.encode() for x in ("<", "&", "lorem ipsum", "as a", "i'm ", "作为", "\u017f", "zz"))
+
+
+def test_contains_literals_matches_reference():
+    rng = random.Random(6)
+    pieces = ["As A", "I'M ", "i'm", "LOREM IPSUM", "lorem ipsu", "<", "&", "作为", "作", "\u017f", "Z", "z", "a",
+              "s", " ", "x", "你"]  # fmt: skip
+    texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(0, 14))) for _ in range(3000)]
+    texts += ["", "<", "zz", "z", "ZZ", "x<", "as a", "as", "AS A", None]
+    arr = pa.array(texts, STR)
+    got = contains_literals(arr, LITERALS)
+    want = contains_literals_reference(texts, LITERALS)
+    assert np.array_equal(got, want)
+    for j in range(len(LITERALS)):  # every literal found somewhere, and missed somewhere
+        assert 0 < np.count_nonzero(want & np.uint64(1 << j)) < len(texts), LITERALS[j]
+    todo = np.arange(len(texts)) % 3 == 0
+    assert np.array_equal(contains_literals(arr, LITERALS, todo), np.where(todo, want, 0))
+    assert np.array_equal(contains_literals(arr.slice(5, 20), LITERALS), want[5:25])
+    with pytest.raises(ValueError, match="lower case"):
+        contains_literals(arr, (b"As",))

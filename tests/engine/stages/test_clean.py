@@ -8,8 +8,20 @@ import collections
 import numpy as np
 import pyarrow as pa
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from engine.stages.clean import CleanConfig, CleanStage
+from engine.stages.clean import (
+    PLACEHOLDER_REGEX,
+    REFUSAL_REGEX,
+    TRANSLATION_REGEX,
+    CleanConfig,
+    CleanStage,
+    _alternatives,
+    _anchored_part,
+    _regex,
+)
+from kernels.text_stats import contains_literals
 from tests.conftest import SHARED_DATA
 
 STR = pa.large_string()
@@ -247,3 +259,99 @@ def test_alpaca_chinese_keeps_the_large_majority(stage):
     v, _ = verdicts(stage, rows)
     kept = np.mean([x == "kept" for x in v])
     assert kept >= 0.98, collections.Counter(v)
+
+
+# ---- the default path (ASCII kernel path, split patterns, tails cut only where needed) against the reference ------
+LONG_LINE = " ".join(["word"] * 70)  # 349 characters: the 300-character tail starts inside it
+VARIED = [
+    # placeholder: every unanchored alternative, in odd case, and the anchored whole-text ones
+    ("Q", "<no input>"), ("Q", "see < NO  OUTPUT >"), ("Q", "x &lt;no input&gt; y"), ("Q", "<无输入>"),
+    ("Q", "&lt;无输入&gt;"), ("Q", "Intro. LOREM Ipsum dolor"), ("Q", "lorem ip\u017fum"), ("Q", "  tbd. "),
+    ("Q", "[insert your answer here]"), ("Q", "<empty>"), ("Q", "a < b && c > d"), ("Q", "lorem, ipsum"),
+    # refusal: every unanchored alternative (and ſ / K spellings), the anchored ones, look-alikes
+    ("Q", "As an AI language model, I cannot."), ("Q", "Sure. AS A LANGUAGE MODEL I know."),
+    ("Q", "Well!  as an artificial intelligence I"), ("Q", "Hi, I'm just an AI."), ("Q", "i am an ai assistant"),
+    ("Q", "Sadly we cannot complete this task."), ("Q", "So i can't complete this request, sorry"),
+    ("Q", "好的，作为一个AI，我"), ("Q", "语言模型无法完成这个"), ("Q", "这无法由AI模型完成"), ("Q", "我无法回答这个问题"),
+    ("Q", "a\u017f an AI language model"), ("Q", "I'm sorry, but I cannot draw images."),
+    ("Q", "I cannot provide that."), ("Q", "Unfortunately, this task cannot be completed here."),
+    ("Q", "抱歉，我无法完成"), ("Q", "This task requires a visual output."), ("Q", "as a rule, yes"),
+    ("Q", "I am a teacher."), ("Say sorry.", "I'm sorry, but I cannot come."),
+    # truncated: ends the three patterns look for, on short and on long texts (the tail cut matters)
+    ("Q", "An answer that stops at the word and"), ("Q", "A list: (red, green"), ("Q", "北京是中国的首都（"),
+    ("Q", LONG_LINE + ","), ("Q", LONG_LINE + "..."), ("Q", "x " * 200 + "y" * 5 + "，"),
+    ("Q", "one two three four five six seven eight nine ten eleven twelve and so on and on to twenty words here,"),
+    ("Q", "one two three four five six seven eight nine ten eleven twelve and so on and on to twenty words end…"),
+    ("Q", "```py\nx = 1\n"), ("Q", "The end."),
+    # repetition, quality, scripts, repeats_prompt
+    ("Write about learning.", EN_LOOP), ("写一段关于学习的话。", ZH_LOOP), ("Explain.", PROSE), ("解释。", ZH_PROSE),
+    ("Explain how photosynthesis works in green plants.", ZH_PROSE),
+    ("Write a short poem about the sea and the sky.", "write a short poem about   the sea and the sky."),
+    ("Q", "\n".join(["- same item here"] * 30)), ("Q", "see http://a.b and https://c.d/x, www.e.f"),
+    ("Q", "naïve café, 😀 and\u00a0spaces\u3000here"), ("Q", ""), ("Q", " "),
+    # other formats and already rejected rows
+    (EN_LOOP, "positive", "classification"), ("N/A", "neutral", "classification"),
+    ("", "Lorem ipsum text", "text"), ("Q?", "<noinput>", "alpaca", "empty_prompt"),
+]  # fmt: skip
+
+
+def assert_paths_agree(config: CleanConfig, rows: list[tuple]) -> collections.Counter:
+    fast, ref = CleanStage(config), CleanStage(config)
+    ref.reference = True
+    batch = make_batch(rows)
+    a, b = fast.process(batch), ref.process(batch)
+    assert a.schema.names == b.schema.names
+    for name in a.schema.names:
+        assert a.column(name).equals(b.column(name)), (name, [
+            (i, x, y) for i, (x, y) in enumerate(zip(a.column(name).to_pylist(), b.column(name).to_pylist())) if x != y
+        ][:5])  # fmt: skip
+    assert fast.stats == ref.stats
+    return collections.Counter(a.column("verdict").to_pylist())
+
+
+def test_default_path_equals_reference_path():
+    counts = assert_paths_agree(CleanConfig(), VARIED * 3)
+    for verdict in ("placeholder", "refusal", "truncated", "gopher_repetition", "script_mismatch", "repeats_prompt"):
+        assert counts[verdict] > 0, counts  # the rows exercise every rule
+    assert_paths_agree(CleanConfig.gopher(judge_prompt_repetition=True), VARIED)
+    # a pattern that is not a default one is matched whole on both paths
+    assert_paths_agree(CleanConfig(refusal_regex=REFUSAL_REGEX + "|zzz", placeholder_regex="(?i)^n/a$"), VARIED)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "alpaca_52k").exists(), reason="shared datasets absent")
+def test_default_path_equals_reference_path_on_real_rows():
+    import polars as pl
+
+    rows = []
+    for name in ("alpaca_52k", "alpaca_chinese"):
+        df = pl.read_parquet(SHARED_DATA / name / "train.parquet").sample(3000, seed=2)
+        rows += list(zip(df["instruction"].to_list(), df["output"].to_list()))
+    counts = assert_paths_agree(CleanConfig(), rows)
+    assert counts["placeholder"] and counts["refusal"], counts
+
+
+def test_pattern_split_is_lossless():
+    for pattern in (PLACEHOLDER_REGEX, REFUSAL_REGEX, TRANSLATION_REGEX, r"a|(b|c)|[|]|\||[]|]x|[^]|]y"):
+        flags, alts = _alternatives(pattern)
+        assert flags + "|".join(alts) == pattern
+    assert _alternatives(r"(?i)a|(b|c)|[|]|\|") == ("(?i)", ["a", "(b|c)", "[|]", r"\|"])
+    assert _alternatives(r"[]|]x|[^]|]y") == ("", ["[]|]x", "[^]|]y"])
+    flags, alts = _alternatives(REFUSAL_REGEX)
+    assert flags == "(?i)" and len(alts) == 14 and sum(a.startswith("^") for a in alts) == 7
+    assert _anchored_part(PLACEHOLDER_REGEX).startswith(r"(?i)^\s*(?:n/?a|") and _anchored_part("a|b") is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_split_patterns_agree_with_whole_patterns(data):
+    """Texts holding a match of an unanchored alternative of a default pattern (any case): the split match agrees
+    with the whole pattern's on every row."""
+    stage = CleanStage(CleanConfig())
+    for pattern in (PLACEHOLDER_REGEX, REFUSAL_REGEX):
+        flags, alts = _alternatives(pattern)
+        floating = st.one_of(*[st.from_regex(flags + a) for a in alts if not a.startswith("^")])
+        texts = data.draw(st.lists(floating | st.text(max_size=20), min_size=1, max_size=6))
+        arr = pa.array(texts, STR)
+        rows = np.ones(len(texts), dtype=bool)
+        split = stage._search(arr, pattern, rows, contains_literals(arr, stage._literals))
+        assert split.tolist() == _regex(arr, pattern, rows).tolist(), texts
