@@ -81,6 +81,18 @@ def _patch(batch: pa.Table, upd_rows: np.ndarray, upd: pa.Table) -> pa.Table:
     return batch
 
 
+def _patch_range(t: pa.Table, upd: list[tuple[np.ndarray, pa.Table]]) -> pa.Table:
+    """``t`` (rows ascending) with the updates that fall inside its row range applied; ``t`` itself if none do."""
+    if not upd or t.num_rows == 0:
+        return t
+    first, last = t.column("row")[0].as_py(), t.column("row")[-1].as_py()
+    for rows, u in upd:
+        lo, hi = np.searchsorted(rows, [first, last + 1])
+        if hi > lo:
+            t = _patch(t, rows[lo:hi], u.slice(lo, hi - lo))
+    return t
+
+
 def _by_shard(updates: list[pl.DataFrame]) -> dict[int, list[tuple[np.ndarray, pa.Table]]]:
     out: dict[int, list[tuple[np.ndarray, pa.Table]]] = {}
     for u in updates:
@@ -105,18 +117,38 @@ def finalize(ctx: PartsContext, scores_dir: Path, updates: list[pl.DataFrame], c
     def one(job) -> None:
         src, dest, upd = job
         tmp = dest.with_name(dest.name + ".tmp")
-        if upd or src.suffix != ".parquet":
+        if src.suffix == ".arrow":  # a map part: patched and written as Parquet batch by batch (memory: one batch)
+            with pa.memory_map(str(src)) as mm:
+                reader = pa.ipc.open_file(mm)
+                schema = reader.schema
+                for _rows, u in upd:  # a column no stage declared (tests' ad hoc stages): added to every batch
+                    for f in u.schema:
+                        if f.name not in schema.names:
+                            schema = schema.append(f)
+                writer = None
+                try:
+                    for k in range(reader.num_record_batches):
+                        b = pa.Table.from_batches([reader.get_batch(k)])
+                        b = _patch_range(b, upd)
+                        for f in schema:
+                            if f.name not in b.column_names:
+                                b = b.append_column(f, pa.nulls(b.num_rows, f.type))
+                        if writer is None:
+                            writer = pq.ParquetWriter(tmp, schema, **parquet_options(
+                                schema, config.run.compression, config.run.compression_level))
+                        writer.write_table(b.select(schema.names).cast(schema))
+                finally:
+                    if writer is not None:
+                        writer.close()
+            if writer is not None:
+                os.replace(tmp, dest)
+                return
+        elif upd:
             t = read_part(src)
-            first, last = t.column("row")[0].as_py(), t.column("row")[-1].as_py()
-            touched = src.suffix != ".parquet"  # map parts are Arrow IPC: written as Parquet once, here
-            for rows, u in upd:
-                lo, hi = np.searchsorted(rows, [first, last + 1])
-                if hi > lo:
-                    t = _patch(t, rows[lo:hi], u.slice(lo, hi - lo))
-                    touched = True
-            if touched:
+            patched = _patch_range(t, upd)
+            if patched is not t:
                 kw = parquet_options(t.schema, config.run.compression, config.run.compression_level)
-                pq.write_table(t, tmp, row_group_size=config.read.batch_rows, **kw)
+                pq.write_table(patched, tmp, row_group_size=config.read.batch_rows, **kw)
                 os.replace(tmp, dest)
                 return
         if dest.exists():
