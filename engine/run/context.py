@@ -7,8 +7,9 @@ tests can each give it their own storage:
 - ``ctx.iter_tables(columns, kept_only=False, where=None, keys=None)``: Arrow tables of ``_shard`` (int32), ``row``
   (int64), the current ``verdict`` (after earlier global stages) and the requested columns (null where a column is
   absent), one piece of the corpus at a time (bounded memory), in (shard, row) order. ``kept_only`` keeps rows whose
-  verdict is still ``kept``; ``where`` is a polars expression filter; ``keys`` a polars frame of (``_shard``, ``row``)
-  restricting the rows;
+  verdict is still ``kept``; ``where`` is a polars expression filter (list-typed columns such as ``embedding`` reach
+  it as null-or-1 stand-ins: test them with ``is_null`` / ``is_not_null`` only); ``keys`` a polars frame of
+  (``_shard``, ``row``) restricting the rows;
 - ``ctx.table(...)`` / ``ctx.frame(...)`` / ``ctx.iter_frames(...)``: the same, concatenated or as polars;
 - ``ctx.previous(run_dir)``: a read-only context over an earlier finished run (MinHash dedup against it).
 
@@ -73,6 +74,9 @@ class GlobalContext:
         return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int16()), pa.array(self._names, pa.large_string())
                                               ).cast(pa.large_string())
 
+    def num_rows(self) -> int:
+        return int(sum(len(r) for r in self._rows.values()))
+
     def kept_count(self) -> int:
         return int(sum((c == 0).sum() for c in self._codes.values()))
 
@@ -135,7 +139,7 @@ class GlobalContext:
             if keys is not None:
                 mask &= np.isin(t.column("row").to_numpy(), wanted[shard])
             if where is not None and mask.any():
-                probe = pl.from_arrow(t.select(["row", *filter_cols])).with_columns(
+                probe = pl.from_arrow(_probe_table(t, ["row", *filter_cols])).with_columns(
                     pl.lit(shard, pl.Int32).alias("_shard"),
                     pl.from_arrow(self.verdict_array(shard, pos)).alias("verdict"),
                 )
@@ -173,6 +177,21 @@ class GlobalContext:
     def previous(self, run_dir: str | Path) -> GlobalContext:
         """A read-only context over an earlier finished run folder (its map parts and final verdicts)."""
         return open_run(run_dir, self.config)
+
+
+def _probe_table(t: pa.Table, names: list[str]) -> pa.Table:
+    """The columns a ``where`` filter reads; list-typed ones (embeddings) become int8 stand-ins, 1 or null where the
+    value is null, so ``is_null`` / ``is_not_null`` keep their meaning and no vector is copied into polars (at 10M
+    rows x 256 float16 that copy was 5 GB and 20 s for a label-noise pass on unlabelled data)."""
+    cols = {}
+    for c in names:
+        col = t.column(c)
+        typ = col.type
+        if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+            valid = pc.is_valid(col)
+            col = pc.if_else(valid, pa.scalar(1, pa.int8()), pa.scalar(None, pa.int8()))
+        cols[c] = col
+    return pa.table(cols)
 
 
 def _column_or_nulls(t: pa.Table, names: list[str], n: int) -> dict[str, pa.ChunkedArray | pa.Array]:
