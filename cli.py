@@ -47,8 +47,8 @@ def _add_score_options(p: argparse.ArgumentParser) -> None:
         if o.type is None:
             g.add_argument(o.flag, dest=_dest(o.flag), action="store_true", help=o.help)
         else:
-            g.add_argument(o.flag, dest=_dest(o.flag), type=o.type, default=None, nargs=o.nargs, metavar=o.metavar,
-                           help=o.help.replace("%", "%%"))
+            g.add_argument(o.flag, dest=_dest(o.flag), type=o.type, default=None, nargs=o.nargs,
+                           metavar=o.metavar or o.field.upper(), help=o.help.replace("%", "%%"))
     g.add_argument("--map", default=None, metavar="CANON=COL,...",
                    help="map input columns onto canonical ones, e.g. prompt=question,response=answer,label=y")
     g.add_argument("--seed", dest="opt_seed", type=int, default=None, help="seed for every random choice (default: 0)")

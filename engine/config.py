@@ -81,7 +81,8 @@ CORE_OPTIONS = [
            section="read"),
     Option("--workers", "workers", "processes for the map phase (default: 0 = one per core)", int, section="run"),
     Option("--seed", "seed", "seed for every random choice (default: 0)", int, section="run"),
-    Option("--skip-stages", "skip_stages", "stage names to leave out (see `cli.py inspect --stages`)",
+    Option("--skip-stages", "skip_stages",
+           "stage names to leave out, e.g. clean minhash (the manifest's stages_run names them)",
            nargs="+", metavar="STAGE", section="run"),
 ]
 
