@@ -23,6 +23,7 @@ small corpora).
 
 from __future__ import annotations
 
+import abc
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,8 +40,8 @@ KEPT = "kept"
 KEY_COLUMNS = ("_shard", "row", "verdict")
 
 
-class GlobalContext:
-    """The interface (see the module docstring); subclasses implement ``_pieces`` and the verdict store."""
+class GlobalContext(abc.ABC):
+    """The interface (see the module docstring); subclasses say where the data are (``_pieces``)."""
 
     config: Any
 
@@ -118,9 +119,9 @@ class GlobalContext:
         return upd.filter(pl.Series(keep))
 
     # ------------------------------------------------------------------------------------------------ reading
+    @abc.abstractmethod
     def _pieces(self, columns: list[str]) -> Iterator[tuple[int, np.ndarray, pa.Table]]:
         """(shard, positions of its rows in the verdict store, table of ``row`` + ``columns``) per piece."""
-        raise NotImplementedError  # pragma: no cover - each context says where its data are
 
     def iter_tables(self, columns: list[str], kept_only: bool = False, where: pl.Expr | None = None,
                     keys: pl.DataFrame | None = None) -> Iterator[pa.Table]:
