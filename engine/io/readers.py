@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from pyarrow import ipc
 
 from engine.errors import UserError
+from engine.io.columns import escape_all, unescape
 
 ROW, ERROR, RAW = "__row", "__error", "__raw"
 INTERNAL = (ROW, ERROR, RAW)
@@ -58,6 +59,8 @@ class Shard:
     kind: str  # parquet | arrow | jsonl | jsonl.gz | json
     size: int  # bytes on disk
     mtime_ns: int
+    content_hash: str = ""  # xxh3-128 of the bytes (engine.run.shards.file_hash), set by the driver
+    id_prefix: str = ""  # the prefix of this shard's ids, unique in the run (engine.io.schema.id_prefix)
 
 
 def _kind_of(path: str) -> str | None:
@@ -133,7 +136,7 @@ def discover(inputs: list[str], exclude: str | None = None) -> tuple[list[Shard]
 def _with_internal(batch: pa.RecordBatch, rows: np.ndarray, errors=None, raws=None) -> pa.RecordBatch:
     n = batch.num_rows
     cols = list(batch.columns)
-    names = list(batch.schema.names)
+    names = escape_all(batch.schema.names)  # the input's names stored escaped: never an internal or winnow name
     cols += [
         pa.array(rows, pa.int64()),
         pa.array(errors, pa.large_string()) if errors is not None else pa.nulls(n, pa.large_string()),
@@ -235,7 +238,8 @@ def _read_jsonl(path: str, gz: bool, batch_rows: int, block_bytes: int) -> Itera
 
 def _parse_schema(batch: pa.RecordBatch) -> pa.Schema:
     """The block's own columns without internal or all-null ones: the explicit schema for the next block."""
-    return pa.schema([f for f in batch.schema if f.name not in INTERNAL and not pa.types.is_null(f.type)])
+    return pa.schema([f.with_name(unescape(f.name)) for f in batch.schema
+                      if f.name not in INTERNAL and not pa.types.is_null(f.type)])
 
 
 def _parse_block(path, chunk: bytes, first_line: int, schema, batch_rows) -> Iterator[pa.RecordBatch]:
@@ -362,7 +366,7 @@ def _records_to_batch(path, records, rows, errors, raws, line_nos) -> pa.RecordB
         cols.append(arr)
         names.append(k)
     cols += [pa.array(rows, pa.int64()), pa.array(errors, pa.large_string()), pa.array(raws, pa.large_string())]
-    return pa.RecordBatch.from_arrays(cols, names=names + [ROW, ERROR, RAW])
+    return pa.RecordBatch.from_arrays(cols, names=escape_all(names) + [ROW, ERROR, RAW])
 
 
 def _read_json(path: str, batch_rows: int, block_bytes: int) -> Iterator[pa.RecordBatch]:

@@ -5,10 +5,13 @@ Formats, detected from a shard's column names (``--format`` overrides, ``--map``
 - ``chat``: ``messages`` = list of {role, content}; ``sharegpt``: ``conversations`` = list of {from, value}.
   prompt = every turn before the last assistant turn (a single user turn as its text; several turns as
   "role: text" blocks joined by a blank line), response = the last assistant turn. The list is kept as is.
-- ``classification``: ``text`` + ``label``; prompt = text, response = the label's name (``label_name`` if present,
-  else the label as text), label = the label as text.
+- ``classification``: ``text`` + ``label``; prompt = "", response = text (the content every stage judges),
+  label = the label as text (``label_name`` and every other column are kept as input columns).
 - ``text``: ``text`` only; prompt = "", response = text.
 - ``mapped``: ``--map prompt=COL,response=COL[,label=COL,id=COL]``.
+
+Input columns travel after the canonical block under their stored names (``engine.io.columns``: a name winnow uses
+is stored as ``orig_<name>``), so nothing winnow writes can overwrite them.
 
 All of it is Arrow compute over whole columns: no Python object per row.
 """
@@ -22,8 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.errors import UserError
+from engine.io.columns import escape, unescape
 from engine.io.readers import ERROR, RAW, ROW
-from kernels.strings import combine_hashes, hash_strings
+from kernels.strings import hash_strings
 
 STR = pa.large_string()
 CANONICAL = (
@@ -53,7 +57,6 @@ CANONICAL_TYPES = {
     "raw": STR,
 }
 FORMATS = ("alpaca", "chat", "sharegpt", "classification", "text", "mapped")
-ORIG_PREFIX = "orig_"
 # ShareGPT and other chat dialects name roles differently; everything maps onto user / assistant / system.
 ROLE_MAP = {
     "human": "user",
@@ -75,7 +78,7 @@ def detect_format(columns: list[str], override: str = "auto", mapping: dict[str,
         if override not in FORMATS:
             raise UserError(f"--format {override}: unknown format; choose one of auto, {', '.join(FORMATS)}")
         return override
-    cols = set(columns)
+    cols = {unescape(c) for c in columns}  # stored names (engine.io.columns) back to the input's
     if "messages" in cols:
         return "chat"
     if "conversations" in cols:
@@ -103,7 +106,7 @@ def required_columns(fmt: str, mapping: dict[str, str] | None = None) -> list[st
     }[fmt]
 
 
-def _as_text(batch: pa.RecordBatch, col: str, problems: list) -> pa.Array:
+def _as_text(batch: pa.RecordBatch, col: str, problems: list, shown: str | None = None) -> pa.Array:
     """Column ``col`` as large_string; a missing column reads as all-null, a non-text one is cast (numbers)
     or marks every row malformed (nested values)."""
     n = batch.num_rows
@@ -117,14 +120,15 @@ def _as_text(batch: pa.RecordBatch, col: str, problems: list) -> pa.Array:
     try:
         return arr.cast(STR)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        problems.append((pc.is_valid(arr), f"field '{col}': expected text, got {arr.type}"))
+        problems.append((pc.is_valid(arr), f"field '{shown or col}': expected text, got {arr.type}"))
         return pa.nulls(n, STR)
 
 
-def _chat(batch: pa.RecordBatch, col: str, role_key: str, text_key: str, problems: list):
-    """(prompt, response) arrays from a list-of-turns column, vectorised over the flattened turns."""
+def _chat(batch: pa.RecordBatch, stored: str, role_key: str, text_key: str, problems: list, col: str):
+    """(prompt, response) arrays from a list-of-turns column (stored name ``stored``, input name ``col``),
+    vectorised over the flattened turns."""
     n = batch.num_rows
-    arr = batch.column(col)
+    arr = batch.column(stored)
     if pa.types.is_null(arr.type):
         return pa.nulls(n, STR), pa.nulls(n, STR)
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)) or not pa.types.is_struct(
@@ -180,41 +184,43 @@ def _chat(batch: pa.RecordBatch, col: str, role_key: str, text_key: str, problem
     return prompt.cast(STR), response.cast(STR)
 
 
-def rename_collisions(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """Input columns named like a canonical column are kept as ``orig_<name>``."""
-    names = [f"{ORIG_PREFIX}{c}" if c in CANONICAL_TYPES and c not in (ROW, ERROR, RAW) else c
-             for c in batch.schema.names]
-    return batch.rename_columns(names) if names != batch.schema.names else batch
+def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str, str] | None = None,
+                 id_prefix: str = ""):
+    """Reader batch (input columns under their stored names, engine.io.columns, + internal ones) -> canonical batch
+    with the input columns kept after the canonical ones. Rows that cannot be read get verdict ``malformed`` and the
+    reason in ``detail``.
 
-
-def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str, str] | None = None):
-    """Reader batch (input columns + internal ones) -> canonical batch with the input columns kept after the
-    canonical ones. Rows that cannot be read get verdict ``malformed`` and the reason in ``detail``."""
+    ``id`` is ``<id_prefix>-<row>``: the prefix is derived from the shard's content hash and made unique per run by
+    the driver (engine.run.local), so ids are unique across the run by construction and stable across reruns. With
+    ``--map id=COL`` the id is that column's value (its uniqueness is checked by the ``identity`` global stage).
+    The input's own ``id`` column, if any, is kept (as ``orig_id``)."""
     n = batch.num_rows
     problems: list[tuple[pa.Array, str]] = []
     label = pa.nulls(n, STR)
+    E = escape
     if fmt == "alpaca":
-        instruction = _as_text(batch, "instruction", problems)
-        inp = pc.fill_null(_as_text(batch, "input", problems), "")
+        instruction = _as_text(batch, E("instruction"), problems, "instruction")
+        inp = pc.fill_null(_as_text(batch, E("input"), problems, "input"), "")
         has_input = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(inp)), 0)
         prompt = pc.if_else(has_input, pc.binary_join_element_wise(instruction, inp, pa.scalar("\n\n", STR)), instruction)
-        response = _as_text(batch, "output", problems)
+        response = _as_text(batch, E("output"), problems, "output")
         needed = [("instruction", instruction), ("output", response)]
     elif fmt in ("chat", "sharegpt"):
         col, rk, tk = ("messages", "role", "content") if fmt == "chat" else ("conversations", "from", "value")
-        if col not in batch.schema.names:
+        if E(col) not in batch.schema.names:
             prompt, response = pa.nulls(n, STR), pa.nulls(n, STR)
         else:
-            prompt, response = _chat(batch, col, rk, tk, problems)
-        needed = [(col, batch.column(col) if col in batch.schema.names else pa.nulls(n, STR))]
+            prompt, response = _chat(batch, E(col), rk, tk, problems, col)
+        needed = [(col, batch.column(E(col)) if E(col) in batch.schema.names else pa.nulls(n, STR))]
     elif fmt == "classification":
-        prompt = _as_text(batch, "text", problems)
-        label = _as_text(batch, "label", problems)
-        names = _as_text(batch, "label_name", problems) if "label_name" in batch.schema.names else label
-        response = pc.coalesce(names, label)
-        needed = [("text", prompt), ("label", label)]
+        # The content of a classification row is its text: every stage judges `response`, so the text goes there
+        # (prompt empty) and the label only into `label`: rules, cleaning, dedup and embeddings never see the label.
+        response = _as_text(batch, E("text"), problems, "text")
+        prompt = pa.repeat(pa.scalar("", STR), n)
+        label = _as_text(batch, E("label"), problems, "label")
+        needed = [("text", response), ("label", label)]
     elif fmt == "text":
-        response = _as_text(batch, "text", problems)
+        response = _as_text(batch, E("text"), problems, "text")
         prompt = pa.repeat(pa.scalar("", STR), n)
         needed = [("text", response)]
     elif fmt == "unknown":  # a batch of unreadable lines only: every row already carries its error
@@ -225,10 +231,10 @@ def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str
         for k in ("prompt", "response"):
             if k not in mapping:
                 raise UserError(f"--map needs {k}=COLUMN (got {mapping})")
-        prompt = _as_text(batch, mapping["prompt"], problems)
-        response = _as_text(batch, mapping["response"], problems)
+        prompt = _as_text(batch, E(mapping["prompt"]), problems, mapping["prompt"])
+        response = _as_text(batch, E(mapping["response"]), problems, mapping["response"])
         if "label" in mapping:
-            label = _as_text(batch, mapping["label"], problems)
+            label = _as_text(batch, E(mapping["label"]), problems, mapping["label"])
         needed = [(mapping["prompt"], prompt), (mapping["response"], response)]
     else:
         raise UserError(f"unknown format {fmt}")
@@ -249,6 +255,11 @@ def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str
             )
         return pc.binary_join_element_wise(loc, pa.scalar(msg, STR), pa.scalar(": ", STR))
 
+    id_col = (mapping or {}).get("id")
+    user_ids = None
+    if id_col:
+        user_ids = _as_text(batch, E(id_col), problems, id_col)
+        needed.append((id_col, user_ids))
     for mask, msg in problems:
         hit = pc.and_(pc.is_null(detail), pc.fill_null(mask, False))
         if pc.any(hit).as_py():
@@ -263,22 +274,13 @@ def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str
     prompt = pc.fill_null(prompt, "").cast(STR)
     response = pc.fill_null(response, "").cast(STR)
 
-    # id: the source's own id where present, else a hash of (file name, row, content): stable across reruns and
-    # unique per row (exact duplicates share ``content_hash``, never ``id``).
-    h_content = combine_hashes(hash_strings(prompt), hash_strings(response))
-    h_row = combine_hashes(np.full(n, hash_strings(pa.array([base], STR))[0], np.uint64),
-                           rows.to_numpy().astype(np.uint64))
-    hid = combine_hashes(h_content, h_row)
-    hex_ids = _hex(hid)
-    if "id" in batch.schema.names and not pa.types.is_null(batch.column("id").type):
-        try:
-            own = batch.column("id").cast(STR)
-            hex_ids = pc.coalesce(own, hex_ids)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            pass
+    prefix = id_prefix or _fallback_prefix(source)
+    ids = pc.binary_join_element_wise(pa.scalar(prefix, STR), pc.cast(rows, STR), pa.scalar("-", STR))
+    if user_ids is not None:  # a row without a usable id is malformed and keeps the generated one
+        ids = pc.coalesce(user_ids, ids)
 
     canon = {
-        "id": hex_ids,
+        "id": ids.cast(STR),
         "prompt": prompt,
         "response": response,
         "label": label.cast(STR),
@@ -291,26 +293,20 @@ def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str
         "raw": batch.column(RAW).cast(STR) if RAW in batch.schema.names else pa.nulls(n, STR),
     }
     extra = batch.drop_columns([c for c in (ROW, ERROR, RAW) if c in batch.schema.names])
-    extra = rename_collisions(extra)
     arrays = list(canon.values()) + list(extra.columns)
     names = list(canon) + list(extra.schema.names)
     return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
-def _hex(h: np.ndarray) -> pa.Array:
-    """uint64 -> 16-char lowercase hex strings, vectorised through a fixed-width byte buffer."""
-    n = len(h)
-    if n == 0:
-        return pa.array([], STR)
-    digits = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-    shifts = np.arange(60, -4, -4, dtype=np.uint64)
-    nib = ((h.astype(np.uint64)[:, None] >> shifts[None, :]) & np.uint64(15)).astype(np.intp)
-    buf = digits[nib].reshape(-1)
-    offsets = np.arange(0, 16 * (n + 1), 16, dtype=np.int64)
-    return pa.LargeStringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(buf.tobytes()))
+def id_prefix(content_hash: str, occurrence: int = 0) -> str:
+    """The id prefix of a shard: 16 hex digits of its content hash; the k-th further shard with the same content in
+    one run (a copied file) gets a prefix re-hashed with k, so its ids differ from the first copy's."""
+    digest = content_hash.split(":", 1)[-1]
+    if occurrence == 0:
+        return digest[:16]
+    return f"{int(hash_strings(pa.array([f'{digest}#{occurrence}'], STR))[0]):016x}"
 
 
-def input_columns(schema: pa.Schema) -> list[str]:
-    """Names of the input's own columns in a canonical batch (everything after the canonical block that is not a
-    score column is recorded separately by the writer; this returns the stored names)."""
-    return [n for n in schema.names if n not in CANONICAL_TYPES]
+def _fallback_prefix(source: str) -> str:
+    """Prefix when the caller gave none (direct use of canonicalize in tests and tools): a hash of the path."""
+    return f"{int(hash_strings(pa.array([os.path.abspath(source)], STR))[0]):016x}"

@@ -30,7 +30,7 @@ from engine.run import manifest as mf
 from engine.run.context import PartsContext
 from engine.run.finalize import finalize, run_global
 from engine.run.pipeline import init_worker, limit_threads, process_shard, run_in_worker
-from engine.run.shards import clean_map_dir, reusable
+from engine.run.shards import clean_map_dir, reusable, with_identity
 from engine.run.warmup import warm
 from engine.stage import GlobalStage, Stage
 
@@ -62,6 +62,7 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
     t_start = time.perf_counter()
     validate(config)
     shards, warnings = discover(inputs, exclude=str(out))
+    shards = with_identity(shards)
     out = Path(out)
     work = out / "work"
     map_dir = work / "map"

@@ -153,7 +153,7 @@ def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, st
         for batch in read_shard(shard, rc.batch_rows, rc.jsonl_block_bytes):
             if not any(not c.startswith("__") for c in batch.schema.names):
                 # Every row of this batch was unreadable: nothing to detect a format from yet.
-                out = canonicalize(batch, "unknown", shard.path, None)
+                out = canonicalize(batch, "unknown", shard.path, None, shard.id_prefix)
                 counts["rows"] += out.num_rows
                 yield out
                 continue
@@ -166,7 +166,7 @@ def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, st
                 need = required_columns(fmt_box["fmt"], rc.map)
                 if have and need and not any(c in have for c in need):
                     raise UserError(f"{shard.path}: format {fmt_box['fmt']} needs column(s) {need}, found {have}")
-            out = canonicalize(batch, fmt_box["fmt"], shard.path, rc.map or None)
+            out = canonicalize(batch, fmt_box["fmt"], shard.path, rc.map or None, shard.id_prefix)
             if "input_cols" not in fmt_box:
                 fmt_box["input_cols"] = out.schema.names[len(CANONICAL_TYPES):]
             counts["rows"] += out.num_rows
@@ -235,7 +235,7 @@ def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, st
         "path": shard.path,
         "kind": shard.kind,
         "size": shard.size,
-        "hash": file_hash(shard.path),
+        "hash": shard.content_hash or file_hash(shard.path),
         "format": fmt_box.get("fmt"),
         "rows": counts["rows"],
         "map_verdicts": verdicts,

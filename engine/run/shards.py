@@ -1,7 +1,7 @@
 """Which shards a run must (re)do: input fingerprints and the resume key.
 
 A finished shard leaves ``work/map/done-SSSSS.json`` (written last, atomically) holding its stats and its key. A
-rerun reuses a shard only when its key matches: the input file (path, size, mtime), the config sections that
+rerun reuses a shard only when its key matches: the input file (path, size, content hash, id prefix), the config sections that
 change what a shard holds (derived from the stage registry, with ``auto`` settings already resolved), the skipped
 stages and the winnow version. A shard without a marker (a kill mid-shard) is redone from scratch, so a resume
 neither loses nor duplicates rows.
@@ -29,9 +29,28 @@ def file_hash(path: str, block: int = 8 << 20) -> str:
     return "xxh3_128:" + h.hexdigest()
 
 
+def with_identity(shards: list[Shard], threads: int = 4) -> list[Shard]:
+    """``shards`` with their content hashes and run-unique id prefixes set (hashes computed in threads: xxh3 runs
+    at memory speed, so this is the cost of reading the inputs once)."""
+    import concurrent.futures as cf
+    import dataclasses
+
+    from engine.io.schema import id_prefix
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
+        hashes = list(ex.map(lambda sh: sh.content_hash or file_hash(sh.path), shards))
+    seen: dict[str, int] = {}
+    out = []
+    for sh, h in zip(shards, hashes):
+        k = seen.get(h, 0)
+        seen[h] = k + 1
+        out.append(dataclasses.replace(sh, content_hash=h, id_prefix=id_prefix(h, k)))
+    return out
+
+
 def shard_key(shard: Shard, config: Any) -> str:
     sections = registry.resume_sections(config)
-    blob = (f"{shard.path}|{shard.size}|{shard.mtime_ns}|{sections}|{config.section_hash(*sections)}|"
+    blob = (f"{shard.path}|{shard.size}|{shard.content_hash or shard.mtime_ns}|{shard.id_prefix}|{sections}|{config.section_hash(*sections)}|"
             f"{sorted(config.run.skip_stages)}|{__version__}")
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from engine.config import SelectConfig
 from engine.errors import UserError
-from engine.io.schema import CANONICAL_TYPES, ORIG_PREFIX
+from engine.io.columns import unescape
 from engine.io.writers import META_INPUT_COLUMNS, align_table, write_json_atomic
 
 CHARS_PER_TOKEN = 4.0
@@ -216,6 +216,5 @@ def _write_jsonl(batch: pa.RecordBatch, in_cols: list[str], fh) -> None:
     if not cols:  # no input columns known (should not happen): fall back to the canonical prompt/response
         cols = ["prompt", "response"]
     t = pa.Table.from_batches([batch.select(cols)])
-    n = len(ORIG_PREFIX)
-    t = t.rename_columns([c[n:] if c.startswith(ORIG_PREFIX) and c[n:] in CANONICAL_TYPES else c for c in cols])
+    t = t.rename_columns([unescape(c) for c in cols])
     pl.from_arrow(t).write_ndjson(fh)

@@ -51,8 +51,9 @@ def test_chat_and_sharegpt_take_the_last_assistant_turn(tmp_path):
 
 def test_classification_text_and_mapped_formats(tmp_path):
     cls = _canon(tmp_path, [{"text": "great phone", "label": 2, "label_name": "positive"}], name="c.jsonl")
-    assert cls[0]["prompt"] == "great phone" and cls[0]["label"] == "2" and cls[0]["response"] == "positive"
-    assert cls[0]["orig_label"] == 2
+    # the content of a classification row is its text (every stage judges `response`); the label stays in `label`
+    assert cls[0]["response"] == "great phone" and cls[0]["prompt"] == "" and cls[0]["label"] == "2"
+    assert cls[0]["orig_label"] == 2 and cls[0]["label_name"] == "positive"
     txt = _canon(tmp_path, [{"text": "just text"}], name="t.jsonl")
     assert txt[0]["format"] == "text" and txt[0]["prompt"] == "" and txt[0]["response"] == "just text"
     m = _canon(tmp_path, [{"question": "Q?", "answer": "A."}], name="m.jsonl",
@@ -60,14 +61,29 @@ def test_classification_text_and_mapped_formats(tmp_path):
     assert m[0]["format"] == "mapped" and m[0]["prompt"] == "Q?" and m[0]["response"] == "A."
 
 
-def test_ids_are_stable_unique_and_prefer_the_source_id(tmp_path):
+def test_ids_are_stable_unique_and_keep_the_source_id_aside(tmp_path):
     rows = [{"instruction": "same", "output": "same answer"}] * 3
     a = _canon(tmp_path, rows)
     b = _canon(tmp_path, rows)
     assert [r["id"] for r in a] == [r["id"] for r in b]
     assert len({r["id"] for r in a}) == 3
     own = _canon(tmp_path, [{"id": 17, "instruction": "q", "output": "a"}], name="own.jsonl")
-    assert own[0]["id"] == "17"
+    assert own[0]["orig_id"] == 17 and own[0]["id"] != "17"  # the source's id is kept, never trusted as unique
+    m = _canon(tmp_path, [{"uid": "u-1", "instruction": "q", "output": "a"}, {"instruction": "q", "output": "b"}],
+               name="mapped_id.jsonl", mapping={"prompt": "instruction", "response": "output", "id": "uid"})
+    assert m[0]["id"] == "u-1" and m[0]["uid"] == "u-1"
+    assert m[1]["verdict"] == "malformed" and "missing field 'uid'" in m[1]["detail"] and m[1]["id"] != "u-1"
+
+
+def test_input_columns_named_like_winnow_columns_are_stored_escaped(tmp_path):
+    row = {"instruction": "q", "output": "a", "n_words": 99, "embedding": "mine", "source": "s1",
+           "orig_source": "s2", "__row": 5, "__raw": "r", "__error": "e", "orig_x": 1, "_id": "m"}
+    (r,) = _canon(tmp_path, [row], name="esc.jsonl")
+    assert r["orig_n_words"] == 99 and r["orig_embedding"] == "mine"
+    assert r["orig_source"] == "s1" and r["orig_orig_source"] == "s2"
+    assert r["orig___row"] == 5 and r["orig___raw"] == "r" and r["orig___error"] == "e"
+    assert r["orig_orig_x"] == 1 and r["orig__id"] == "m"
+    assert r["verdict"] == "kept" and r["row"] == 0 and r["detail"] is None
 
 
 def test_missing_fields_and_wrong_types_are_row_level(tmp_path):
