@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from engine.config import SelectConfig
 from engine.errors import UserError
 from engine.io.columns import unescape
-from engine.io.writers import META_INPUT_COLUMNS, align_table, write_json_atomic
+from engine.io.writers import META_INPUT_COLUMNS, write_json_atomic
 
 CHARS_PER_TOKEN = 4.0
 
@@ -141,7 +141,7 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
     chosen = kept.head(n)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = _write_selected(files, chosen, out)
+    written, rebuilt = _write_selected(files, chosen, out, Path(scores_dir))
     manifest = {
         "scores": str(Path(scores_dir)),
         "method": method,
@@ -157,6 +157,9 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
         "token_count": token_source,
         "score_stats": _stats(chosen, config.score) if method == "topk" else None,
         "files": written,
+        # selected.jsonl copies each JSON-lines row as it was read; these inputs changed since scoring, so their rows
+        # were rebuilt from the scored columns instead
+        "jsonl_rebuilt_from_scores": rebuilt,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_json_atomic(out / "manifest.json", manifest)
@@ -170,48 +173,153 @@ def _stats(df: pl.DataFrame, col: str) -> dict | None:
     return {"min": s.min(), "mean": s.mean(), "max": s.max()}
 
 
-def _write_selected(files: list[Path], chosen: pl.DataFrame, out: Path) -> list[str]:
+def _run_inputs(scores_dir: Path) -> dict[str, dict]:
+    """{input path: its manifest entry (kind, size, hash)} from the run folder's manifest, if there is one."""
+    d = Path(scores_dir)
+    for m in (d / "manifest.json", d.parent / "manifest.json"):
+        if m.is_file():
+            try:
+                return {e["path"]: e for e in json.loads(m.read_text()).get("inputs", []) if e.get("path")}
+            except (OSError, ValueError, TypeError, KeyError):
+                return {}
+    return {}
+
+
+def union_schema(schemas: list[pa.Schema]) -> pa.Schema:
+    """Every column of every part, in first-seen order; a column whose type differs between parts gets the type
+    Arrow promotes both to, or large_string (values as text) when there is none."""
+    fields: dict[str, pa.Field] = {}
+    for sch in schemas:
+        for f in sch:
+            old = fields.get(f.name)
+            if old is None:
+                fields[f.name] = f.remove_metadata()
+            elif not old.type.equals(f.type):
+                try:
+                    fields[f.name] = pa.unify_schemas([pa.schema([old]), pa.schema([f.remove_metadata()])],
+                                                      promote_options="permissive").field(0)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                    fields[f.name] = pa.field(f.name, pa.large_string())
+    return pa.schema(list(fields.values()))
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``t`` in ``schema``: missing columns as nulls, other types cast (to text through JSON where Arrow cannot)."""
+    cols = []
+    for f in schema:
+        if f.name not in t.column_names:
+            cols.append(pa.nulls(t.num_rows, f.type))
+            continue
+        c = t.column(f.name)
+        if c.type.equals(f.type):
+            cols.append(c)
+            continue
+        try:
+            cols.append(c.cast(f.type))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            vals = [None if v is None else json.dumps(v, ensure_ascii=False, default=str) for v in c.to_pylist()]
+            cols.append(pa.array(vals, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def _source_lines(path: str, kind: str, rows: np.ndarray, fh) -> None:
+    """Copy the lines (JSONL; items of a JSON array) numbered ``rows`` (sorted) from the input file as they are."""
+    import gzip
+
+    if kind == "json":
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
+        if head.startswith(b"["):
+            data = json.loads(Path(path).read_bytes().decode("utf-8-sig"))
+            for r in rows:
+                fh.write(json.dumps(data[int(r)], ensure_ascii=False).encode() + b"\n")
+            return
+    opener = gzip.open if kind == "jsonl.gz" else open
+    want = iter(rows.tolist())
+    nxt = next(want, None)
+    with opener(path, "rb") as f:
+        for i, line in enumerate(f):
+            if nxt is None:
+                break
+            if i != nxt:
+                continue
+            if i == 0 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            fh.write(line if line.endswith(b"\n") else line + b"\n")
+            nxt = next(want, None)
+
+
+def _write_selected(files: list[Path], chosen: pl.DataFrame, out: Path,
+                    scores_dir: Path | None = None) -> tuple[list[str], list[str]]:
+    """``selected.parquet``: the chosen rows with every column of scores/ (the union of all parts' schemas, so rows
+    of a chat shard behind an alpaca shard keep their ``messages``). ``selected.jsonl``: each chosen row exactly as
+    it was read: the input's own line for JSON lines / JSON inputs whose content hash still matches the run's
+    manifest, else (Parquet, Arrow, or a changed input) the row rebuilt from its input columns under their own
+    names. Rows are in input order (shard, then row). Returns (file names, JSON inputs whose rows were rebuilt
+    because the file changed or vanished since scoring)."""
+    from engine.run.shards import file_hash
+
     pq_path, jl_path = out / "selected.parquet", out / "selected.jsonl"
     tmp_pq, tmp_jl = out / "selected.parquet.tmp", out / "selected.jsonl.tmp"
-    by_part = chosen.group_by("_part").agg(pl.col("row")) if chosen.height else None
-    wanted: dict[int, set] = {}
-    if by_part is not None:
-        for part, rows in by_part.iter_rows():
-            wanted[part] = rows
-    writer = None
-    schema0 = None
-    with open(tmp_jl, "wb") as jl:
-        for i, f in enumerate(files):
-            if i not in wanted:
-                continue
-            pf = pq.ParquetFile(f)
+    wanted: dict[int, np.ndarray] = {}
+    if chosen.height:
+        for part, rows in chosen.group_by("_part").agg(pl.col("row")).iter_rows():
+            wanted[part] = np.sort(np.asarray(rows, dtype=np.int64))
+    inputs = _run_inputs(scores_dir) if scores_dir is not None else {}
+    pfs = {i: pq.ParquetFile(files[i]) for i in sorted(wanted)}
+    schema = union_schema([pf.schema_arrow for pf in pfs.values()]) if pfs else None
+    rebuilt: list[str] = []
+    try:
+        writer = pq.ParquetWriter(tmp_pq, schema, compression="zstd") if schema is not None else None
+        # One pass over the chosen parts writes the Parquet file and collects what the JSONL needs per source.
+        per_source: dict[str, dict] = {}
+        for i, pf in pfs.items():
+            rows = pa.array(wanted[i])
             meta = pf.schema_arrow.metadata or {}
             in_cols = json.loads(meta.get(META_INPUT_COLUMNS, b"[]"))
-            rows = pa.array(np.asarray(wanted[i], dtype=np.int64))
             for b in pf.iter_batches():
                 sel = b.filter(pc.is_in(b.column("row"), value_set=rows))
                 if not sel.num_rows:
                     continue
-                if writer is None:
-                    schema0 = sel.schema
-                    writer = pq.ParquetWriter(tmp_pq, schema0, compression="zstd")
-                t = pa.Table.from_batches([sel])
-                if not t.schema.equals(schema0, check_metadata=False):
-                    t = align_table(t, schema0)
-                if t is not None:
-                    writer.write_table(t)
-                _write_jsonl(sel, in_cols, jl)
-    if writer is None:
-        pq.write_table(pa.table({"id": pa.array([], pa.large_string())}), tmp_pq)
-    else:
-        writer.close()
+                writer.write_table(_conform(pa.Table.from_batches([sel]), schema))
+                src = sel.column("source")[0].as_py()
+                entry = per_source.setdefault(src, {"rows": [], "parts": [], "in_cols": in_cols})
+                entry["rows"].append(sel.column("row").to_numpy())
+                if i not in entry["parts"]:
+                    entry["parts"].append(i)
+        with open(tmp_jl, "wb") as jl:
+            for src, entry in per_source.items():
+                rows = np.sort(np.concatenate(entry["rows"]))
+                info = inputs.get(src, {})
+                kind = info.get("kind") or ""
+                exact = kind in ("jsonl", "jsonl.gz", "json") and os.path.isfile(src) and info.get("hash") and \
+                    file_hash(src) == info["hash"]
+                if exact:
+                    _source_lines(src, kind, rows, jl)
+                    continue
+                if kind in ("jsonl", "jsonl.gz", "json"):
+                    rebuilt.append(src)
+                for i in entry["parts"]:
+                    rows_i = pa.array(wanted[i])
+                    for b in pfs[i].iter_batches():
+                        sel = b.filter(pc.is_in(b.column("row"), value_set=rows_i))
+                        if sel.num_rows:
+                            _write_jsonl(sel, entry["in_cols"], jl)
+        if writer is None:
+            pq.write_table(pa.table({"id": pa.array([], pa.large_string())}), tmp_pq)
+        else:
+            writer.close()
+    except BaseException:
+        tmp_pq.unlink(missing_ok=True)
+        tmp_jl.unlink(missing_ok=True)
+        raise
     os.replace(tmp_pq, pq_path)
     os.replace(tmp_jl, jl_path)
-    return [pq_path.name, jl_path.name]
+    return [pq_path.name, jl_path.name], rebuilt
 
 
 def _write_jsonl(batch: pa.RecordBatch, in_cols: list[str], fh) -> None:
-    """Rows in their input's own format: the input's columns under their original names."""
+    """Rows rebuilt in their input's own format: the input's columns under their input names (engine.io.columns)."""
     cols = [c for c in in_cols if c in batch.schema.names]
     if not cols:  # no input columns known (should not happen): fall back to the canonical prompt/response
         cols = ["prompt", "response"]

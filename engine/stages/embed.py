@@ -1,9 +1,10 @@
 """Sentence embeddings for every kept row: an encoder tier (all-MiniLM-L6-v2 or any local HF encoder) and a static
 tier distilled from the same encoder (model2vec's method) that is >100x faster on CPU.
 
-What is embedded: ``prompt + "\\n" + response``; for rows with a ``label`` (classification data) only ``prompt``,
-because the response is the label's name there, and an embedding that contains the label would let the label-noise
-proxy (engine/stages/labels.py) read the given label back instead of judging it from the text.
+What is embedded: ``prompt + "\\n" + response`` (the response alone when the prompt is empty: text and
+classification rows, whose content is the response). A labelled row whose response is its label (a ``--map`` that
+made the label the response) embeds the prompt alone: an embedding that contains the label would let the
+label-noise proxy (engine/stages/labels.py) read the given label back instead of judging it from the text.
 
 The embedders live in ``engine/models/``: ``encoder.py`` (``EncoderEmbedder``: mean pooling + L2 norm, exactly
 sentence-transformers' for all-MiniLM-L6-v2, token-budget batches, bf16 autocast on a CPU with native bf16),
@@ -136,7 +137,8 @@ def make_embedder(choice: str, config: EmbedConfig):
 
 
 def embedding_text(batch: pa.RecordBatch | pa.Table) -> pa.Array:
-    """``prompt + "\\n" + response``, or ``prompt`` alone where ``label`` is set (see the module docstring)."""
+    """``prompt + "\\n" + response``, the response alone when the prompt is empty, the prompt alone when the response
+    is the row's label (see the module docstring)."""
     names = batch.schema.names
     prompt = pc.fill_null(batch.column("prompt").cast(STR), "")
     if "response" not in names:
@@ -146,8 +148,8 @@ def embedding_text(batch: pa.RecordBatch | pa.Table) -> pa.Array:
     # A plain-text row has prompt "" (schema: format text): embed the response alone, not "\n" + response.
     both = pc.if_else(pc.equal(pc.binary_length(prompt), 0), response, both)
     if "label" in names:
-        labelled = pc.is_valid(batch.column("label"))
-        both = pc.if_else(labelled, prompt, both)
+        is_label = pc.fill_null(pc.equal(response, batch.column("label").cast(STR)), False)
+        both = pc.if_else(is_label, prompt, both)
     if isinstance(both, pa.ChunkedArray):
         both = both.combine_chunks()
     return both
