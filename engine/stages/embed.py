@@ -75,6 +75,8 @@ class EmbedConfig:
     static_dim: int = 256
     # SIF coefficient a in w = a / (a + p), p = Zipf probability of the token's vocab rank (model2vec's 1e-4).
     static_sif: float = 1e-4
+    # Set by the driver (not an option): hash of the encoder's weight files, so the resume key sees new weights.
+    fingerprint: str = ""
     # Folder for distilled static tables; "" = $WINNOW_CACHE or $XDG_CACHE_HOME/winnow or ~/.cache/winnow.
     static_dir: str = ""
     # auto on CPU picks the encoder up to this many rows (at ~50-250 rows/s: 20,000 rows = 2-7 minutes), above it
@@ -183,16 +185,61 @@ def embeddings_to_numpy(col: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np
     return arr, valid
 
 
+def model_path(choice: str) -> str:
+    """The encoder folder a resolved choice embeds with (the static tier is distilled from it)."""
+    if choice in ("minilm", "static"):
+        from engine.models.encoder import default_model_path
+
+        try:
+            return default_model_path()
+        except RuntimeError:
+            return ""
+    return choice.split(":", 1)[1] if choice.startswith("static:") else choice
+
+
 def _resolve(config, facts: dict) -> dict:
     """Turn ``embedder = auto`` into the concrete choice once, in the driver (by device and the corpus size), so
-    every worker, the resume key and the manifest see the same embedder; point the cache at ``OUT/work``."""
+    every worker, the resume key and the manifest see the same embedder; point the cache at ``OUT/work``.
+
+    One run folder uses one embedder: the choice ``auto`` made is recorded in ``OUT/work/embedder.json``, and a rerun
+    (a resumed or a grown corpus for which ``auto`` would now choose otherwise) keeps it, saying so, so that old and
+    new shards never hold vectors of two models. An explicit ``--embedder`` always wins (shards embedded otherwise
+    are then redone: the embed section is in the resume key). ``fingerprint`` (set here) is the hash of the encoder's
+    weight files (engine/models/fingerprint.py): new weights at the same path redo the shards too."""
+    import json
+
+    from engine.models.fingerprint import fingerprint
+
     sec = config.embed
-    choice, reason = choose_embedder(sec.embedder, facts.get("n_rows"), sec.device, sec.auto_cpu_max_rows)
+    requested = sec.embedder
+    choice, reason = choose_embedder(requested, facts.get("n_rows"), sec.device, sec.auto_cpu_max_rows)
+    record = os.path.join(facts["work_dir"], "embedder.json") if facts.get("work_dir") else None
+    earlier = None
+    if record and requested == "auto" and os.path.exists(record):
+        try:
+            with open(record) as f:
+                earlier = json.load(f).get("choice")
+        except (OSError, ValueError, AttributeError):
+            earlier = None
+    kept_earlier = bool(earlier) and earlier != choice
+    if kept_earlier:
+        reason = (f"kept {earlier}, the choice of this run folder's earlier run (auto would now choose {choice}: "
+                  f"{reason}); pass --embedder {choice} to re-embed every shard with it")
+        choice = earlier
     sec.embedder = choice
+    if choice != "none":
+        sec.fingerprint = fingerprint(model_path(choice))
     if not sec.cache_dir and facts.get("work_dir"):
         sec.cache_dir = os.path.join(facts["work_dir"], "embed_cache")
+    if record:
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        tmp = record + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"requested": requested, "choice": choice}, f)
+        os.replace(tmp, record)
     print(f"[embed] embedder = {choice}: {reason}", file=sys.stderr)
-    return {"choice": choice, "reason": reason, "tier": embed_tier(choice)}
+    return {"choice": choice, "reason": reason, "tier": embed_tier(choice), "fingerprint": sec.fingerprint,
+            "kept_earlier_choice": kept_earlier}
 
 
 def embed_tier(choice: str) -> str:

@@ -46,4 +46,3 @@ class IdentityCheck(GlobalStage):
                 f"--map id={col}: id {first['id']!r} repeats ({_where(first['source'], first['row'])} and "
                 f"{_where(second['source'], second['row'])}; {n} id(s) repeat in all): ids must be unique, drop "
                 "id= from --map to let winnow generate them (the column is kept either way)")
-        return None

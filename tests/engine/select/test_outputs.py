@@ -96,7 +96,7 @@ def test_selected_parquet_has_every_shards_columns_and_jsonl_is_exact(tmp_path):
 
 
 def test_parquet_rows_come_back_under_their_own_names(tmp_path):
-    words = "apple river stone cloud music garden window letter orange silver market forest candle pocket".split()
+    words = ["apple", "river", "stone", "cloud", "music", "garden", "window", "letter", "orange", "silver", "market", "forest", "candle", "pocket"]
     texts = [" ".join(words[(i * k) % len(words)] for k in (1, 3, 5, 7, 11)) + f" {i}" for i in range(20)]
     t = pa.table({"text": texts, "label": [i % 3 for i in range(20)],
                   "id": [f"u{i}" for i in range(20)], "n_words": list(range(20))})
