@@ -54,9 +54,25 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _cache_root() -> Path | None:
-    """``$WINNOW_CACHE`` (default ``~/.cache/winnow``); ``WINNOW_CACHE=off`` disables the cache."""
-    root = os.environ.get("WINNOW_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "winnow"))
-    return None if root.lower() in ("", "0", "off", "none") else Path(root)
+    """``$WINNOW_CACHE``, else ``$XDG_CACHE_HOME/winnow`` or ``~/.cache/winnow`` (the embeddings' user cache dir);
+    ``WINNOW_CACHE=off`` disables the cache."""
+    from engine.models.embed_cache import user_cache_dir
+
+    root = os.environ.get("WINNOW_CACHE")
+    if root is not None and root.lower() in ("", "0", "off", "none"):
+        return None
+    return user_cache_dir()
+
+
+def model_files(name: str) -> str:
+    """The file or folder whose bytes are model ``name``'s weights (for its fingerprint)."""
+    if name == SMOLLM2:
+        try:
+            folder, gguf = smollm2_location()
+        except RuntimeError:
+            return ""
+        return str(Path(folder) / gguf)
+    return name
 
 
 def smollm2_cache() -> Path | None:

@@ -444,10 +444,13 @@ class LossScorer:
 
     def manifest_info(self) -> dict:
         """What the manifest records about this scorer: model, device, the xent paths that ran, the render cache."""
+        from engine.models.causal_lm import model_files
+        from engine.models.fingerprint import fingerprint
         from kernels import xent as xent_mod
 
         return {
             "model": self.config.model,
+            "fingerprint": fingerprint(model_files(self.config.model)),
             "device": str(self.device),
             "dtype": str(self.head.dtype).removeprefix("torch."),
             # device key ("cuda:0 NVIDIA H200 bfloat16") -> "triton" | "torch-chunked" | "triton-failed-check->..."
