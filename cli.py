@@ -18,13 +18,12 @@ import sys
 import traceback
 from pathlib import Path
 
-SELECT_OPTIONS = [
-    ("--method", "select", "method", str, "topk | random | auto (default: auto = topk if --score is given, else random)"),
-    ("--score", "select", "score", str, "score column for topk, higher is better (see --ascending)"),
-    ("--budget", "select", "budget", str,
-     ("how much to select: a count (5000), a fraction of kept rows (0.2 or 20%%), or tokens (tokens:2e6); "
-      "default: 0.2")),
-]
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like winnow's own (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"winnow: error: {message} (see `{self.prog} -h`)\n")
 
 
 def _score_options():
@@ -35,30 +34,37 @@ def _score_options():
     return CORE_OPTIONS + registry.options()
 
 
+def _select_options():
+    """--method, --score, --budget, --ascending (engine.config.SELECT_OPTIONS)."""
+    from engine.config import SELECT_OPTIONS
+
+    return SELECT_OPTIONS
+
+
 def _dest(flag: str) -> str:
     return "opt_" + flag.lstrip("-").replace("-", "_")
 
 
-def _add_score_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scoring")
-    for o in _score_options():
-        if o.flag == "--seed":
-            continue  # added per command (select has its own)
+def _add_options(g, options) -> None:
+    for o in options:
         if o.type is None:
-            g.add_argument(o.flag, dest=_dest(o.flag), action="store_true", help=o.help)
+            g.add_argument(o.flag, dest=_dest(o.flag), action="store_true", help=o.help.replace("%", "%%"))
         else:
             g.add_argument(o.flag, dest=_dest(o.flag), type=o.type, default=None, nargs=o.nargs,
                            metavar=o.metavar or o.field.upper(), help=o.help.replace("%", "%%"))
+
+
+def _add_score_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scoring")
+    _add_options(g, [o for o in _score_options() if o.flag != "--seed"])  # --seed: added per command
     g.add_argument("--map", default=None, metavar="CANON=COL,...",
-                   help="map input columns onto canonical ones, e.g. prompt=question,response=answer,label=y")
+                   help="map input columns onto canonical ones, e.g. prompt=question,response=answer,label=y "
+                        "(id=COL: COL is the row id)")
     g.add_argument("--seed", dest="opt_seed", type=int, default=None, help="seed for every random choice (default: 0)")
 
 
 def _add_select_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("selection")
-    for flag, _s, _f, typ, help_ in SELECT_OPTIONS:
-        g.add_argument(flag, type=typ, default=None, help=help_)
-    g.add_argument("--ascending", action="store_true", help="topk takes the lowest scores (e.g. a loss)")
+    _add_options(p.add_argument_group("selection"), _select_options())
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -67,7 +73,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cli.py", description="winnow: score and select supervised fine-tuning data.")
+    ap = _Parser(prog="cli.py", description="winnow: score and select supervised fine-tuning data.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="score every row of INPUT into OUT/scores/ with a verdict per row")
@@ -81,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scores", metavar="DIR", help="run folder (or its scores/ folder) written by `score`")
     p.add_argument("--out", required=True, help="folder for selected.parquet, selected.jsonl, manifest.json")
     _add_select_options(p)
-    p.add_argument("--seed", type=int, default=None, help="seed for --method random (default: 0)")
+    p.add_argument("--seed", dest="opt_seed", type=int, default=None, help="seed for --method random (default: 0)")
     _common(p)
 
     p = sub.add_parser("run", help="score then select; with no INPUT, runs on the generated demo corpus")
@@ -91,11 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select_options(p)
     _common(p)
 
-    p = sub.add_parser("split", help="train/val/test splits of the kept rows; no near-duplicate cluster crosses")
-    p.add_argument("run", metavar="DIR", help="run folder written by `score` (with near-duplicate detection)")
+    p = sub.add_parser("split", help="train/val/test splits of the kept rows; no group of embedding neighbours "
+                       "(cosine >= threshold), near duplicates or repeated prompts crosses splits")
+    p.add_argument("run", metavar="DIR", help="run folder written by `score` (with embeddings, for semantic groups)")
     p.add_argument("--to", default=None, help="output folder (default: DIR/splits)")
     p.add_argument("--fractions", default="0.8,0.1,0.1", help="train,val,test fractions (default: 0.8,0.1,0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.add_argument("--threshold", type=float, default=-1.0,
+                   help="cosine at or above which two rows share a group and so a split (default: -1 = the run's "
+                        "embedder tier's: 0.85 encoder, 0.90 static)")
+    p.add_argument("--max-group", type=float, default=0.01,
+                   help="largest group as a fraction of the kept rows (at least 32 rows); a bigger component "
+                        "(chaining) is broken up by raising the threshold for its rows (default: 0.01; 1 = never)")
+    p.add_argument("--search", default="auto",
+                   help="auto | exact | ivf: the pair search (default: auto = exact up to 50,000 kept rows)")
+    p.add_argument("--check-sample", type=int, default=10000,
+                   help="rows whose nearest neighbour in the other splits is measured (default: 10000; 0 = none)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
 
     p = sub.add_parser("inspect", help="summary of a run folder: rows, verdicts, columns, score ranges")
@@ -105,11 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace, with_select: bool) -> dict:
+    from engine.config import parse_map
     from engine.errors import UserError
 
     ov: dict = {}
     given: dict[tuple[str, str], str] = {}
-    for o in _score_options():
+    for o in _score_options() + (_select_options() if with_select else []):
         v = getattr(args, _dest(o.flag), None)
         if o.type is None:
             if not v:
@@ -122,23 +140,30 @@ def _overrides(args: argparse.Namespace, with_select: bool) -> dict:
             raise UserError(f"{given[key]} and {o.flag} contradict each other")
         given[key] = o.flag
         ov.setdefault(o.section, {})[o.field] = list(v) if o.nargs else v
-    for flag, sec, fld, _t, _h in SELECT_OPTIONS if with_select else []:
-        v = getattr(args, flag.lstrip("-").replace("-", "_"), None)
-        if v is not None:
-            ov.setdefault(sec, {})[fld] = v
-    if getattr(args, "map", None):
-        mapping = {}
-        for item in args.map.split(","):
-            if "=" not in item:
-                raise UserError(f"--map {args.map}: expected CANON=COLUMN pairs separated by commas")
-            k, v = item.split("=", 1)
-            if k.strip() not in ("prompt", "response", "label", "id"):
-                raise UserError(f"--map: '{k}' is not a canonical column (prompt, response, label, id)")
-            mapping[k.strip()] = v.strip()
-        ov.setdefault("read", {})["map"] = mapping
-    if with_select and getattr(args, "ascending", False):
-        ov.setdefault("select", {})["ascending"] = True
+    if getattr(args, "map", None) is not None:
+        ov.setdefault("read", {})["map"] = parse_map(args.map)
     return ov
+
+
+def _check_out(flag: str, path) -> None:
+    from engine.errors import UserError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path}: exists and is not a folder; give a folder to write into")
+
+
+def _checked_config(args, with_select: bool):
+    """The config of a scoring command, every option checked before any work: the values (engine.config.validate),
+    --out, the inputs, and the options that name columns against the inputs' schemas (engine.config.check_inputs)."""
+    from engine.config import check_inputs, load_config, validate
+    from engine.io.readers import discover
+
+    cfg = load_config(args.config, _overrides(args, with_select))
+    validate(cfg)
+    _check_out("--out", args.out)
+    shards, _warnings = discover(args.inputs, exclude=str(args.out))
+    check_inputs(cfg, shards, with_select=with_select)
+    return cfg
 
 
 def _progress(quiet: bool):
@@ -167,11 +192,11 @@ def _summary(manifest: dict, title: str) -> None:
         print(f"warning: {w}", file=sys.stderr)
 
 
-def cmd_score(args, with_select=False) -> dict:
-    from engine.config import load_config
+def cmd_score(args, with_select=False, cfg=None) -> dict:
     from engine.run.local import score
 
-    cfg = load_config(args.config, _overrides(args, with_select))
+    if cfg is None:
+        cfg = _checked_config(args, with_select)
     prog = _progress(args.quiet)
     if prog:
         with prog:
@@ -186,13 +211,15 @@ def cmd_score(args, with_select=False) -> dict:
 
 
 def cmd_select(args, scores_dir=None, cfg=None) -> dict:
-    from engine.config import load_config
+    from engine.config import load_config, validate
     from engine.select.selection import select
 
     if cfg is None:
         cfg = load_config(args.config, _overrides(args, True))
+        validate(cfg)
+        _check_out("--out", args.out)
     sc = cfg.select
-    seed = args.seed if getattr(args, "seed", None) is not None else cfg.run.seed
+    seed = cfg.run.seed
     out = args.out if scores_dir is None else os.path.join(args.out, "selected")
     m = select(scores_dir or args.scores, out, sc, seed=seed)
     if not args.quiet:
@@ -203,8 +230,10 @@ def cmd_select(args, scores_dir=None, cfg=None) -> dict:
 
 
 def cmd_run(args) -> None:
-    from engine.config import load_config
+    from engine.config import load_config, validate
 
+    validate(load_config(args.config, _overrides(args, True)))  # every value, before the demo corpus is written
+    _check_out("--out", args.out)
     if not args.inputs:
         from engine.io.demo import make_demo
 
@@ -217,14 +246,16 @@ def cmd_run(args) -> None:
         if not args.quiet:
             print(f"no INPUT given: running on the generated demo corpus in {demo}/input "
                   f"(contamination checked against {args.opt_against[0]})")
-    cfg = load_config(args.config, _overrides(args, True))
-    cmd_score(args, with_select=True)
+    cfg = _checked_config(args, with_select=True)
+    cmd_score(args, with_select=True, cfg=cfg)
     cmd_select(args, scores_dir=args.out, cfg=cfg)
 
 
 def cmd_split(args) -> None:
+    from engine.config import SEED
     from engine.errors import UserError
-    from engine.train.split import split_run
+    from engine.registry import expected
+    from engine.train.split import SPLIT_ALLOWED, SplitConfig, split_run
 
     try:
         fractions = tuple(float(x) for x in args.fractions.split(","))
@@ -232,13 +263,30 @@ def cmd_split(args) -> None:
         raise UserError(f"--fractions {args.fractions}: expected numbers like 0.8,0.1,0.1") from None
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
         raise UserError(f"--fractions {args.fractions}: three non-negative fractions summing to 1")
+    if (want := expected(SEED, args.seed)) is not None:
+        raise UserError(f"--seed {args.seed}: expected {want}")
+    config = SplitConfig(threshold=args.threshold, max_group=args.max_group, search=args.search,
+                         check_sample=args.check_sample)
+    for flag, field in (("--threshold", "threshold"), ("--max-group", "max_group"), ("--search", "search"),
+                        ("--check-sample", "check_sample")):
+        if (want := expected(SPLIT_ALLOWED[field], getattr(config, field))) is not None:
+            raise UserError(f"{flag} {getattr(config, field)}: expected {want}")
     scores = Path(args.run) / "scores"
     if not scores.is_dir():
         raise UserError(f"{args.run}: no scores/ folder (run `cli.py score` first)")
     to = Path(args.to or Path(args.run) / "splits")
-    counts = split_run(scores, to, fractions, args.seed)
+    _check_out("--to", to)
+    counts = split_run(scores, to, fractions, args.seed, config=config)
     if not args.quiet:
+        m = json.loads((to / "manifest.json").read_text())
+        g, grouping = m["groups"], m["grouping"]
+        how = f"cosine >= {grouping['threshold']:g}" if "threshold" in grouping else "MinHash + exact, no embeddings"
         print(f"splits in {to}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+        print(f"groups: {g['count']:,} ({how}), largest {g['largest']:,} rows"
+              + (f", {len(g['capped_components'])} giant component(s) broken up" if g["capped_components"] else ""))
+        if "cross_split" in m:
+            c = m["cross_split"]
+            print(f"largest cross-split cosine over {c['sample_rows']:,} sampled rows: {c['max_cosine']:.3f}")
 
 
 def cmd_inspect(args) -> None:
@@ -275,6 +323,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("winnow: interrupted; rerun the same command to resume (finished shards are kept)", file=sys.stderr)
         return 130
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            traceback.print_exc()
+            print("winnow: internal error (a bug); please report it with the traceback above", file=sys.stderr)
+            return 1
+        # a full disk outside engine.run.local's writers (select, split): one line, like a user error
+        what = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left on device"
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"winnow: error: {what}{where}: free some space, then rerun", file=sys.stderr)
+        return 2
     except Exception:  # noqa: BLE001 - internal error: full traceback, exit 1
         traceback.print_exc()
         print("winnow: internal error (a bug); please report it with the traceback above", file=sys.stderr)

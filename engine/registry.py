@@ -13,7 +13,10 @@ A stage module under ``engine/stages/`` decorates its class with ``@register(...
 - ``changes_shard``: whether its section changes what a finished map shard holds (the resume key);
 - ``enabled``: ``f(section, config) -> bool``, whether it runs with these options;
 - ``requires``: stages it needs (a global stage whose map stage is skipped is skipped too);
-- ``options``: its CLI flags (``Option``), each mapped onto one field of its section;
+- ``options``: its CLI flags (``Option``), each mapped onto one field of its section, with the values it allows
+  (``allowed``: a ``Range`` or a tuple of choices; ``engine.config.validate`` checks them before any work, from a
+  flag or a ``--config`` file alike; a section's ``validate()`` declares the limits of fields without a flag with
+  ``check_fields``);
 - ``resolve``: ``f(config, facts) -> dict``, run once by the driver before any stage is built, to turn ``auto``
   settings into concrete ones (written back into the config, so the resume key, every worker and the manifest see
   the same resolved value) and to say why.
@@ -35,12 +38,59 @@ MAP, GLOBAL = "map", "global"
 
 
 @dataclass(frozen=True)
+class Range:
+    """The numbers a field allows: ``lo <= v <= hi`` (strict on an ``open`` side), or one of the sentinels ``also``
+    (``-1`` = no limit). ``Range(1)``: >= 1; ``Range(0, 1, lo_open=True, hi_open=True)``: in (0, 1)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple = ()  # sentinel values outside the range, e.g. (-1,)
+
+    def ok(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if v in self.also:
+            return True
+        # written as "inside" tests, so NaN fails them all
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return bool(above and below)
+
+    def describe(self, integer: bool) -> str:
+        kind = "an integer" if integer else "a number"
+        num = lambda x: f"{x:g}" if isinstance(x, float) else str(x)
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            text = f"{kind} in {left}{num(self.lo)}, {num(self.hi)}{right}"
+        elif self.lo is not None:
+            text = f"{kind} {'>' if self.lo_open else '>='} {num(self.lo)}"
+        elif self.hi is not None:
+            text = f"{kind} {'<' if self.hi_open else '<='} {num(self.hi)}"
+        else:
+            text = kind
+        return " or ".join([*(num(a) for a in self.also), text])
+
+
+Allowed = Range | tuple  # a Range of numbers, or a tuple of the allowed strings
+
+
+def expected(allowed: Allowed, value: Any) -> str | None:
+    """What ``allowed`` expects, when ``value`` (one value; lists are checked item by item) is outside it; else None."""
+    if isinstance(allowed, Range):
+        return None if allowed.ok(value) else allowed.describe(isinstance(value, int) and not isinstance(value, bool))
+    return None if value in allowed else "one of " + ", ".join(map(str, allowed))
+
+
+@dataclass(frozen=True)
 class Option:
     """One CLI flag mapped onto one field of a config section.
 
     ``type`` None makes a switch that stores ``value`` when given (``--no-near-dedup`` stores False in
     ``dedup.enabled``); ``nargs`` "+" makes a list. Two flags on one field (``--loss`` / ``--no-loss``) may not be
-    given together."""
+    given together. ``allowed`` (a ``Range`` or a tuple of strings) is what the field may hold, checked by
+    ``engine.config.validate`` before any work, whether the value came from the flag or a ``--config`` file."""
 
     flag: str  # "--dedup-threshold"
     field: str  # field of the section: "threshold"
@@ -50,6 +100,32 @@ class Option:
     nargs: str | None = None  # "+" for a list of values
     metavar: str | None = None
     section: str = ""  # set by register() from the stage's section unless given
+    allowed: Allowed | None = None  # Range(1) / ("fast", "datasketch"); None = any value of `type`
+    column: bool = False  # the value names a numeric column of the run ("" = none): checked against the columns
+    # the inputs and the active stages will give (engine.config.check_inputs)
+
+    def check(self, value: Any) -> None:
+        """ValueError naming the flag when ``value`` (the field's value) is not ``allowed``."""
+        if self.allowed is None or self.type is None:
+            return
+        for v in value if isinstance(value, list) else [value]:
+            want = expected(self.allowed, v)
+            if want is not None:
+                raise ValueError(f"{self.flag} {v} ({self.section}.{self.field}): expected {want}")
+
+
+def check_fields(obj: Any, section: str, **rules: Allowed) -> None:
+    """A config section's own limits for the fields no flag declares (its ``validate()`` calls this): ValueError
+    naming the first field whose value is outside its rule, as ``section.field`` or its flag when it has one."""
+    flags = {(o.section, o.field): o.flag for o in options() if o.type is not None} if _LOADED else {}
+    for name, allowed in rules.items():
+        value = getattr(obj, name)
+        for v in value if isinstance(value, list) else [value]:
+            want = expected(allowed, v)
+            if want is not None:
+                flag = flags.get((section, name))
+                where = f"{flag} {v} ({section}.{name})" if flag else f"{section}.{name} = {v!r}"
+                raise ValueError(f"{where}: expected {want}")
 
 
 @dataclass(frozen=True)

@@ -41,28 +41,45 @@ class Budget:
 
     @classmethod
     def parse(cls, text: str) -> Budget:
+        """``5000`` -> count; ``0.2`` / ``20%`` / ``1.0`` -> fraction of the kept rows in (0, 1]; ``tokens:2e6`` ->
+        tokens. Anything else (zero, negative, infinite, a non-integer count, a percentage over 100) is a UserError."""
         t = str(text).strip().lower()
+        bad = UserError(f"--budget {text}: expected a count (5000), a fraction of the kept rows in (0, 1] (0.2 or "
+                        "20%) or tokens (tokens:2e6)")
         try:
             if t.startswith("tokens:"):
                 v = float(t.split(":", 1)[1])
-                if v <= 0:
-                    raise ValueError
-                return cls("tokens", v)
-            if t.endswith("%"):
+                kind = "tokens"
+            elif t.endswith("%"):
                 v = float(t[:-1]) / 100
-                if not 0 < v <= 1:
-                    raise ValueError
-                return cls("fraction", v)
-            v = float(t)
+                kind = "fraction"
+            else:
+                v = float(t)
+                kind = "fraction" if v < 1 or (v == 1 and "." in t) else "count"
         except ValueError:
-            raise UserError(
-                f"--budget {text}: expected a count (5000), a fraction (0.2 or 20%) or tokens (tokens:2e6)"
-            ) from None
-        if 0 < v < 1 or (v == 1 and "." in t):
-            return cls("fraction", v)
-        if v >= 1 and v == int(v):
-            return cls("count", v)
-        raise UserError(f"--budget {text}: must be a positive count, a fraction in (0, 1], or tokens:N")
+            raise bad from None
+        if not (math.isfinite(v) and v > 0) or (kind == "fraction" and v > 1) or (kind == "count" and v != int(v)):
+            raise bad
+        return cls(kind, v)
+
+
+def check_options(config: SelectConfig, columns: dict | None = None, complete: bool = True) -> tuple[str, Budget]:
+    """(method, budget) of ``config``, or a UserError naming the flag: the method, the budget and, when the columns
+    are known (name -> Arrow type, None = numeric or unknown: a scores folder's, or what a run will produce), that
+    ``--score`` names a numeric one. Runs before any row is read."""
+    method = config.method
+    if method == "auto":
+        method = "topk" if config.score else "random"
+    if method not in ("topk", "random"):
+        raise UserError(f"--method {config.method}: expected one of auto, topk, random")
+    if method == "topk" and not config.score:
+        raise UserError("--method topk needs --score COLUMN (a numeric score column of the scores folder)")
+    budget = Budget.parse(config.budget)
+    if method == "topk" and columns is not None:
+        from engine.config import check_column
+
+        check_column("--score", config.score, columns, complete)
+    return method, budget
 
 
 def _parts(scores_dir: Path) -> list[Path]:
@@ -95,20 +112,7 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
     files = _parts(Path(scores_dir))
     schemas = [pq.read_schema(f) for f in files]
     all_cols = set().union(*(s.names for s in schemas))
-    method = config.method
-    if method == "auto":
-        method = "topk" if config.score else "random"
-    if method not in ("topk", "random"):
-        raise UserError(f"--method {method}: choose topk or random")
-    if method == "topk":
-        if not config.score:
-            raise UserError("--method topk needs --score COLUMN (a numeric score column of the scores folder)")
-        if config.score not in all_cols:
-            numeric = sorted(
-                f.name for s in schemas for f in s if pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
-            )
-            raise UserError(f"--score {config.score}: no such column; numeric columns are {sorted(set(numeric))}")
-    budget = Budget.parse(config.budget)
+    method, budget = check_options(config, {f.name: f.type for s in schemas for f in s})
     tok_cols = ["prompt_tokens", "response_tokens"] if {"prompt_tokens", "response_tokens"} <= all_cols else []
     cols = ["id", "verdict", "row", "prompt_chars", "response_chars"] + tok_cols
     if method == "topk":
