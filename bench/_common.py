@@ -28,9 +28,9 @@ def machine() -> str:
 def git_sha() -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5, check=False
         ).stdout.strip() or "uncommitted"
-    except Exception:
+    except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
@@ -50,7 +50,7 @@ def append_result(op: str, provider: str, n: int, metric: str, value: float) -> 
                 "value": f"{value:.6g}" if isinstance(value, float) else value,
                 "machine": machine(),
                 "git_sha": git_sha(),
-                "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "date": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             }
         )
 

@@ -98,13 +98,13 @@ def ours(paths: list[Path], out: Path, workers: int) -> float:
 def rss_of_score(paths: list[Path], out: Path) -> float:
     """Peak RSS (MiB) of a fresh process scoring ``paths`` (its own plus its workers')."""
     code = (
-        "import sys, json, resource; sys.path.insert(0, %r)\n"
+        f"import sys, json, resource; sys.path.insert(0, {str(ROOT)!r})\n"
         "from engine.config import Config; from engine.run.local import score\n"
         "c = Config(); c.run.workers = 1; c.run.skip_stages = ['clean', 'minhash', 'embed']\n"
-        "score(%r, %r, c)\n"
+        f"score({[str(p) for p in paths]!r}, {str(out)!r}, c)\n"
         "print(json.dumps(max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
         " resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024))\n"
-    ) % (str(ROOT), [str(p) for p in paths], str(out))
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(r.stdout.strip().splitlines()[-1])
 

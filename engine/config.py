@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import tomllib
 import types
 import typing
 import zlib
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import tomllib
 
 from engine import registry
 from engine.errors import UserError

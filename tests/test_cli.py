@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 @pytest.fixture(scope="module")
