@@ -3,7 +3,7 @@
     python cli.py score INPUT... --out DIR      score every row (one row out per row in) into DIR/scores/
     python cli.py select DIR --out SEL          pick a budget of kept rows into SEL/
     python cli.py run [INPUT...] --out DIR      score, then select into DIR/selected/ (no INPUT: the demo corpus)
-    python cli.py split DIR                     train/val/test splits, no near-duplicate cluster across splits
+    python cli.py split DIR                     train/val/test splits, no semantic neighbourhood across splits
     python cli.py inspect DIR                   summary of a run folder
 
 Exit codes: 0 success, 2 user error (one line naming the file, line and field), 1 internal error.
@@ -283,7 +283,7 @@ def cmd_split(args) -> None:
         how = f"cosine >= {grouping['threshold']:g}" if "threshold" in grouping else "MinHash + exact, no embeddings"
         print(f"splits in {to}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
         print(f"groups: {g['count']:,} ({how}), largest {g['largest']:,} rows"
-              + (f", {len(g['capped_components'])} giant component(s) broken up" if g["capped_components"] else ""))
+              + (f", {g['capped_count']} giant component(s) broken up" if g["capped_count"] else ""))
         if "cross_split" in m:
             c = m["cross_split"]
             print(f"largest cross-split cosine over {c['sample_rows']:,} sampled rows: {c['max_cosine']:.3f}")
