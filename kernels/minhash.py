@@ -12,6 +12,13 @@ Pipeline per row (one pass, no Python string):
    or short (fewer than ``ngram`` words: "Name a fruit." would otherwise have no shingle at all). A row with
    fewer than ``char_ngram`` characters is one shingle; an empty row has none (its signature stays at the
    all-maximum sentinel, like an empty ``datasketch.MinHash``).
+   **Short rows** (optional, ``short_words > 0``): a non-CJK row with ``short_min_words <= words < short_words``
+   is shingled by word ``short_ngram``-grams instead (default 1: its set of distinct words). Why: one substituted
+   word removes up to 5 word 5-grams, so word 5-gram Jaccard after one substitution is ``(n - 9) / (n + 1)``,
+   below 0.8 for every row under 49 words, and after two it is ``(n - 14) / (n + 6)`` (0.23 at 20 words); the
+   word set of a 10-word row keeps ``8 / 12 = 0.67`` after two substitutions. The kernel reports the path each
+   row took (``KIND_*``), since shingles of different paths are never comparable; short rows under ``tiny_words``
+   words are reported as ``KIND_TINY`` (same shingles), so that the caller can judge them by a stricter rule.
 3. **Hash** each shingle's normalised bytes with ``kernels.strings.hash_span`` (64 bits, seeded). A shingle is a
    contiguous byte span of the normalised text, so its hash is a pure function of its bytes:
    ``shingle_hashfunc()`` gives the same function as a Python callable for datasketch.
@@ -69,6 +76,14 @@ DEFAULT_HASH_SEED = 0x5EED
 MODE_AUTO = 0
 MODE_WORD = 1  # word n-grams only (rows with fewer words get no shingle): 13-gram contamination lookups
 MODE_CHAR = 2  # character n-grams only
+
+# The shingling path a row took in MODE_AUTO (``minhash(..., return_kind=True)``): rows of different kinds share no
+# shingle, so the global step bands and verifies each kind apart (engine/stages/dedup.py).
+KIND_WORD = 0  # word ``ngram``-grams
+KIND_SHORT = 1  # word ``short_ngram``-grams of a short row (tiny_words <= words < short_words)
+KIND_CHAR = 2  # character ``char_ngram``-grams (CJK rows, rows with fewer than ``ngram`` words)
+KIND_EMPTY = 3  # no shingle at all (empty after normalisation)
+KIND_TINY = 4  # shingled as KIND_SHORT, but short_min_words <= words < tiny_words (a stricter pair rule applies)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,24 +157,50 @@ def normalize_reference(text: str) -> str:
     return _SEP_RE.sub(" ", text.translate(_LOWER)).strip(" ")
 
 
+def shingle_kind_reference(
+    text: str, ngram: int = 5, cjk_fraction: float = 0.3, short_words: int = 0, short_min_words: int = 10,
+    tiny_words: int = 0,
+) -> int:
+    """The ``KIND_*`` path MODE_AUTO takes for one text (see the module docstring)."""
+    norm = normalize_reference(text)
+    if not norm:
+        return KIND_EMPTY
+    nw = len(norm.split(" "))
+    n_chars = len(norm) - norm.count(" ")
+    n_cjk = len(_CJK_RE.findall(norm))
+    if n_cjk > 0 and n_cjk >= cjk_fraction * n_chars:
+        return KIND_CHAR
+    if short_words > 0 and short_min_words <= nw < short_words:
+        return KIND_TINY if nw < tiny_words else KIND_SHORT
+    return KIND_CHAR if nw < ngram else KIND_WORD
+
+
 def shingles_reference(
-    text: str, ngram: int = 5, char_ngram: int = 5, cjk_fraction: float = 0.3, mode: int = MODE_AUTO
+    text: str,
+    ngram: int = 5,
+    char_ngram: int = 5,
+    cjk_fraction: float = 0.3,
+    mode: int = MODE_AUTO,
+    short_words: int = 0,
+    short_min_words: int = 10,
+    short_ngram: int = 1,
+    tiny_words: int = 0,
 ) -> list[bytes]:
     """The shingles of one text as normalised UTF-8 byte strings (duplicates kept, in text order)."""
     norm = normalize_reference(text)
     if not norm:
         return []
     words = norm.split(" ")
-    n_chars = len(norm) - norm.count(" ")
-    n_cjk = len(_CJK_RE.findall(norm))
-    use_char = mode == MODE_CHAR or (
-        mode == MODE_AUTO and (n_cjk > 0 and n_cjk >= cjk_fraction * n_chars or len(words) < ngram)
-    )
-    if use_char:
+    if mode == MODE_AUTO:
+        kind = shingle_kind_reference(text, ngram, cjk_fraction, short_words, short_min_words, tiny_words)
+    else:
+        kind = KIND_CHAR if mode == MODE_CHAR else KIND_WORD
+    if kind == KIND_CHAR:
         if len(norm) <= char_ngram:
             return [norm.encode()]
         return [norm[i : i + char_ngram].encode() for i in range(len(norm) - char_ngram + 1)]
-    return [" ".join(words[i : i + ngram]).encode() for i in range(len(words) - ngram + 1)]
+    g = short_ngram if kind in (KIND_SHORT, KIND_TINY) else ngram
+    return [" ".join(words[i : i + g]).encode() for i in range(len(words) - g + 1)]
 
 
 _P1 = 0x9E3779B97F4A7C15
@@ -231,6 +272,10 @@ def minhash_reference(
     char_ngram: int = 5,
     cjk_fraction: float = 0.3,
     hash_seed: int = DEFAULT_HASH_SEED,
+    short_words: int = 0,
+    short_min_words: int = 10,
+    short_ngram: int = 1,
+    tiny_words: int = 0,
 ) -> np.ndarray:
     """(n, num_perm) signatures with Python integers (slow; the oracle for the Numba kernel)."""
     a, b, dtype = permutations(num_perm, seed, family, scheme)
@@ -238,7 +283,8 @@ def minhash_reference(
     b = [int(x) for x in b]
     out = np.full((len(texts), num_perm), empty_value(family, scheme), dtype=dtype)
     for i, t in enumerate(texts):
-        for sh in shingles_reference(t, ngram, char_ngram, cjk_fraction):
+        for sh in shingles_reference(t, ngram, char_ngram, cjk_fraction, MODE_AUTO, short_words, short_min_words,
+                                     short_ngram, tiny_words):
             h = hash_shingle_reference(sh, hash_seed)
             if family == "fast":
                 x = (h ^ (h >> 32)) & _MASK32
@@ -416,29 +462,51 @@ def _span_shingle_hash(norm, s, e, hseed):
     return _fmix64(h ^ np.uint64(nt))
 
 
+# The shingle rule as one int64 array (keeps the kernels' argument lists short): word n, char n, short rows.
+R_NGRAM, R_CHAR_NGRAM, R_SHORT_WORDS, R_SHORT_MIN_WORDS, R_SHORT_NGRAM, R_TINY_WORDS = 0, 1, 2, 3, 4, 5
+
+
+def shingle_rule(ngram: int = 5, char_ngram: int = 5, short_words: int = 0, short_min_words: int = 10,
+                 short_ngram: int = 1, tiny_words: int = 0) -> np.ndarray:
+    if ngram < 1 or char_ngram < 1 or short_ngram < 1:
+        raise ValueError(f"ngram, char_ngram and short_ngram must be >= 1, got {ngram}, {char_ngram}, {short_ngram}")
+    if short_words < 0 or short_min_words < short_ngram:
+        raise ValueError(f"short_words must be >= 0 and short_min_words >= short_ngram, got {short_words}, "
+                         f"{short_min_words}, {short_ngram}")
+    return np.array([ngram, char_ngram, short_words, short_min_words, short_ngram, tiny_words], np.int64)
+
+
 @njit(cache=True)
-def _row_shingle_hashes(data, start, end, norm, cps, ws, we, hs, ngram, char_ngram, cjk_fraction, mode, hseed):
-    """Shingle hashes of one row into ``hs``; returns how many."""
+def _row_shingle_hashes(data, start, end, norm, cps, ws, we, hs, rule, cjk_fraction, mode, hseed):
+    """Shingle hashes of one row into ``hs``; returns (how many, KIND_* path taken)."""
     nb, nw, n_chars, ncjk = _normalize_row(data, start, end, norm, ws, we)
     if nb == 0:
-        return 0
-    use_char = mode == MODE_CHAR
+        return 0, KIND_EMPTY
+    ngram = rule[R_NGRAM]
+    char_ngram = rule[R_CHAR_NGRAM]
+    kind = KIND_CHAR if mode == MODE_CHAR else KIND_WORD
     if mode == MODE_AUTO:
-        use_char = (ncjk > 0 and ncjk >= cjk_fraction * n_chars) or nw < ngram
+        if ncjk > 0 and ncjk >= cjk_fraction * n_chars:
+            kind = KIND_CHAR
+        elif rule[R_SHORT_WORDS] > 0 and rule[R_SHORT_MIN_WORDS] <= nw < rule[R_SHORT_WORDS]:
+            kind = KIND_TINY if nw < rule[R_TINY_WORDS] else KIND_SHORT
+            ngram = rule[R_SHORT_NGRAM]
+        elif nw < ngram:
+            kind = KIND_CHAR
     nh = 0
-    if use_char:
+    if kind == KIND_CHAR:
         ncp = _codepoint_starts(norm, nb, cps)
         if ncp <= char_ngram:
             hs[0] = _span_shingle_hash(norm, 0, nb, hseed)
-            return 1
+            return 1, kind
         for i in range(ncp - char_ngram + 1):
             j = i + char_ngram
             e = cps[j] if j < ncp else nb
             hs[nh] = _span_shingle_hash(norm, cps[i], e, hseed)
             nh += 1
-        return nh
+        return nh, kind
     if nw < ngram:
-        return 0
+        return 0, kind
     # Word hashes once into the tail of hs (nw <= nb/2 + 1 words, hs has nb + 2 slots, shingles fill the front
     # and shingle i only overwrites slot i < nw - ngram + 1 after word i is consumed).
     base = hs.shape[0] - nw
@@ -452,7 +520,7 @@ def _row_shingle_hashes(data, start, end, norm, cps, ws, we, hs, ngram, char_ngr
             h = _chain(h, hs[base + i + k])
         hs[nh] = _fmix64(h ^ fin)
         nh += 1
-    return nh
+    return nh, kind
 
 
 @njit(cache=True)
@@ -517,8 +585,9 @@ def _max_row_bytes(offsets, lo, hi):
 
 
 @njit(parallel=True, cache=True)
-def minhash_numba(data, offsets, a, b, out, code, ngram, char_ngram, cjk_fraction, hseed, empty, sets, set_cnt):
-    """Fill ``out`` (n, num_perm) with signatures; rows in chunks over threads, scratch buffers per chunk.
+def minhash_numba(data, offsets, a, b, out, kinds, code, rule, cjk_fraction, hseed, empty, sets, set_cnt):
+    """Fill ``out`` (n, num_perm) with signatures and ``kinds`` (n,) with each row's KIND_* shingling path; rows in
+    chunks over threads, scratch buffers per chunk.
 
     When ``sets`` is non-empty (uint32, one slot per input byte), also write each row's sorted distinct 32-bit
     shingle hashes at ``sets[offsets[i]:]`` and their number in ``set_cnt[i]``: a row never has more shingles than
@@ -538,21 +607,10 @@ def minhash_numba(data, offsets, a, b, out, code, ngram, char_ngram, cjk_fractio
         hs = np.empty(m, np.uint64)
         acc = np.empty(P, out.dtype)
         for i in range(lo, hi):
-            nh = _row_shingle_hashes(
-                data,
-                offsets[i],
-                offsets[i + 1],
-                norm,
-                cps,
-                ws,
-                we,
-                hs,
-                ngram,
-                char_ngram,
-                cjk_fraction,
-                MODE_AUTO,
-                hseed,
+            nh, kind = _row_shingle_hashes(
+                data, offsets[i], offsets[i + 1], norm, cps, ws, we, hs, rule, cjk_fraction, MODE_AUTO, hseed
             )
+            kinds[i] = kind
             acc[:] = empty
             if code == 0:
                 _apply_fast(hs, nh, a, b, acc)
@@ -614,22 +672,29 @@ def minhash(
     device: str = "auto",
     perms: tuple | None = None,
     return_sets: bool = False,
+    short_words: int = 0,
+    short_min_words: int = 10,
+    short_ngram: int = 1,
+    tiny_words: int = 0,
+    return_kind: bool = False,
 ):
     """(n, num_perm) MinHash signatures of an Arrow string column (uint32 for fast/affine32, else uint64).
 
     ``perms`` lets a caller pass ``permutations(...)`` computed once (the legacy draw loops in Python).
     ``return_sets=True`` returns ``(sig, (sets, set_offsets))`` with each row's sorted distinct 32-bit shingle
     hashes from the same pass (equal to ``shingle_hashes(..., unique=True, bits=32)``), for exact Jaccard.
+    ``short_words`` > 0 turns on the short-row path (module docstring); ``return_kind=True`` appends the (n,) uint8
+    ``KIND_*`` array of the path each row took to what is returned.
     """
     _check_device(device)
-    if ngram < 1 or char_ngram < 1:
-        raise ValueError(f"ngram and char_ngram must be >= 1, got {ngram}, {char_ngram}")
+    rule = shingle_rule(ngram, char_ngram, short_words, short_min_words, short_ngram, tiny_words)
     data, offsets = utf8_view(texts)
     a, b, dtype = perms if perms is not None else permutations(num_perm, seed, family, scheme)
     n = len(offsets) - 1
     out = np.empty((n, len(a)), dtype=dtype)
     sets = np.empty(int(offsets[-1]) if return_sets else 0, np.uint32)
     cnt = np.zeros(n if return_sets else 0, np.int64)
+    kinds = np.full(n, KIND_EMPTY, np.uint8)
     if n:
         minhash_numba(
             data,
@@ -637,20 +702,32 @@ def minhash(
             a,
             b,
             out,
+            kinds,
             _family_code(family, scheme),
-            ngram,
-            char_ngram,
+            rule,
             float(cjk_fraction),
             np.uint64(hash_seed),
             dtype(empty_value(family, scheme)),
             sets,
             cnt,
         )
-    if not return_sets:
-        return out
-    new_off = np.zeros(n + 1, np.int64)
-    np.cumsum(cnt, out=new_off[1:])
-    return out, (_gather_sets(sets, offsets, cnt, new_off), new_off)
+    res = (out,)
+    if return_sets:
+        new_off = np.zeros(n + 1, np.int64)
+        np.cumsum(cnt, out=new_off[1:])
+        res += ((_gather_sets(sets, offsets, cnt, new_off), new_off),)
+    if return_kind:
+        res += (kinds,)
+    return res[0] if len(res) == 1 else res
+
+
+def shingle_sets(texts: pa.Array | pa.ChunkedArray, **shingle_kw) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's sorted distinct 32-bit shingle hashes (uint32 values, int64 offsets), equal to
+    ``shingle_hashes(texts, unique=True, bits=32, **shingle_kw)`` but from one pass over the text (the signature
+    kernel with a single permutation): 1.6x faster, since ``shingle_hashes`` normalises every row twice (count,
+    then fill) and sorts the 32-bit values in a third pass."""
+    _sig, sets = minhash(texts, num_perm=1, return_sets=True, **shingle_kw)
+    return sets
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -659,7 +736,7 @@ def minhash(
 
 
 @njit(parallel=True, cache=True)
-def _count_shingles_numba(data, offsets, ngram, char_ngram, cjk_fraction, mode, hseed, counts):
+def _count_shingles_numba(data, offsets, rule, cjk_fraction, mode, hseed, counts):
     n = offsets.shape[0] - 1
     n_chunks = min(n, 256)
     for c in prange(n_chunks):
@@ -673,12 +750,12 @@ def _count_shingles_numba(data, offsets, ngram, char_ngram, cjk_fraction, mode, 
         hs = np.empty(m, np.uint64)
         for i in range(lo, hi):
             counts[i] = _row_shingle_hashes(
-                data, offsets[i], offsets[i + 1], norm, cps, ws, we, hs, ngram, char_ngram, cjk_fraction, mode, hseed
-            )
+                data, offsets[i], offsets[i + 1], norm, cps, ws, we, hs, rule, cjk_fraction, mode, hseed
+            )[0]
 
 
 @njit(parallel=True, cache=True)
-def _fill_shingles_numba(data, offsets, ngram, char_ngram, cjk_fraction, mode, hseed, out_off, out, dedup):
+def _fill_shingles_numba(data, offsets, rule, cjk_fraction, mode, hseed, out_off, out, dedup):
     n = offsets.shape[0] - 1
     n_chunks = min(n, 256)
     for c in prange(n_chunks):
@@ -692,8 +769,8 @@ def _fill_shingles_numba(data, offsets, ngram, char_ngram, cjk_fraction, mode, h
         hs = np.empty(m, np.uint64)
         for i in range(lo, hi):
             nh = _row_shingle_hashes(
-                data, offsets[i], offsets[i + 1], norm, cps, ws, we, hs, ngram, char_ngram, cjk_fraction, mode, hseed
-            )
+                data, offsets[i], offsets[i + 1], norm, cps, ws, we, hs, rule, cjk_fraction, mode, hseed
+            )[0]
             s = out_off[i]
             if dedup:
                 srt = np.sort(hs[:nh])
@@ -702,8 +779,11 @@ def _fill_shingles_numba(data, offsets, ngram, char_ngram, cjk_fraction, mode, h
                     if j == 0 or srt[j] != srt[j - 1]:
                         out[s + k] = srt[j]
                         k += 1
-                for j in range(k, nh):  # pad the unused tail of the row's slot; trimmed by the caller
-                    out[s + j] = srt[nh - 1] if nh else 0
+                # Pad the unused tail of the row's slot (trimmed by the caller) with the row's largest value. No
+                # "x if nh else 0" here: Numba unifies uint64 with an int literal to float64, and the rounded value
+                # counted as one more distinct shingle (a row with a repeated shingle had one too many).
+                for j in range(k, nh):
+                    out[s + j] = srt[nh - 1]
             else:
                 for j in range(nh):
                     out[s + j] = hs[j]
@@ -750,16 +830,21 @@ def shingle_hashes(
     hash_seed: int = DEFAULT_HASH_SEED,
     unique: bool = False,
     bits: int = 64,
+    short_words: int = 0,
+    short_min_words: int = 10,
+    short_ngram: int = 1,
+    tiny_words: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ragged (uint64 hashes, int64 offsets): row i's shingle hashes are ``hashes[offsets[i]:offsets[i+1]]``.
 
-    ``mode``: "auto" (as the signatures), "word" (word n-grams only; a row with fewer than ``ngram`` words has none)
-    or "char". ``unique=True`` sorts each row's hashes and drops repeats (a set, for exact Jaccard). ``bits=32``
+    ``mode``: "auto" (as the signatures, short-row path included when ``short_words`` > 0), "word" (word n-grams
+    only; a row with fewer than ``ngram`` words has none) or "char". ``unique=True`` sorts each row's hashes and drops repeats (a set, for exact Jaccard). ``bits=32``
     returns the low 32 bits as uint32 (with ``unique``: the set of those), half the bytes; two rows of ~165
     shingles then share a value by chance with probability ~165^2 / 2^32 = 6e-6, negligible for Jaccard.
     """
     if bits == 32:
-        v, off = shingle_hashes(texts, ngram, char_ngram, cjk_fraction, mode, hash_seed, False, 64)
+        v, off = shingle_hashes(texts, ngram, char_ngram, cjk_fraction, mode, hash_seed, False, 64, short_words,
+                                short_min_words, short_ngram, tiny_words)
         v32 = (v & np.uint64(_MASK32)).astype(np.uint32)
         if not unique:
             return v32, off
@@ -776,7 +861,8 @@ def shingle_hashes(
     counts = np.zeros(n, np.int64)
     if n == 0:
         return np.zeros(0, np.uint64), np.zeros(1, np.int64)
-    args = (data, offsets, ngram, char_ngram, float(cjk_fraction), code, np.uint64(hash_seed))
+    rule = shingle_rule(ngram, char_ngram, short_words, short_min_words, short_ngram, tiny_words)
+    args = (data, offsets, rule, float(cjk_fraction), code, np.uint64(hash_seed))
     _count_shingles_numba(*args, counts)
     off = np.zeros(n + 1, np.int64)
     np.cumsum(counts, out=off[1:])
@@ -797,26 +883,30 @@ def shingle_hashes(
 
 
 @njit(parallel=True, cache=True)
-def band_keys_numba(sig, num_bands, rows_per_band):
-    """(n, num_bands) uint64: a 64-bit hash of each band's ``rows_per_band`` signature values and its band index
-    (so equal values in different bands never share a key). Two rows share a key in band j iff their values agree
-    on the whole band, up to 64-bit collisions (n^2 / 2^65 per band: 3e-8 at 1M rows)."""
+def band_keys_numba(sig, rows, num_bands, rows_per_band):
+    """(len(rows), num_bands) uint64: for signature rows ``sig[rows]``, a 64-bit hash of each band's
+    ``rows_per_band`` signature values and its band index (so equal values in different bands never share a key).
+    Two rows share a key in band j iff their values agree on the whole band, up to 64-bit collisions (n^2 / 2^65 per
+    band: 3e-8 at 1M rows)."""
     # One multiply-rotate per value and one fmix64 per band (was an fmix64 per value: 1.5 s -> ~0.3 s at 1M rows).
-    n = sig.shape[0]
+    n = rows.shape[0]
     out = np.empty((n, num_bands), np.uint64)
-    for i in prange(n):
+    for t in prange(n):
+        i = rows[t]
         for j in range(num_bands):
             h = np.uint64(j) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(rows_per_band)
             for k in range(j * rows_per_band, (j + 1) * rows_per_band):
                 h = _chain(h, np.uint64(sig[i, k]) * np.uint64(0xBF58476D1CE4E5B9))
-            out[i, j] = _fmix64(h)
+            out[t, j] = _fmix64(h)
     return out
 
 
-def band_keys(sig: np.ndarray, num_bands: int, rows_per_band: int) -> np.ndarray:
+def band_keys(sig: np.ndarray, num_bands: int, rows_per_band: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Band keys of every row of ``sig``, or of ``sig[rows]`` without copying the signatures."""
     if num_bands * rows_per_band > sig.shape[1]:
         raise ValueError(f"num_bands * rows_per_band = {num_bands * rows_per_band} > num_perm = {sig.shape[1]}")
-    return band_keys_numba(np.ascontiguousarray(sig), num_bands, rows_per_band)
+    rows = np.arange(sig.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+    return band_keys_numba(np.ascontiguousarray(sig), rows, num_bands, rows_per_band)
 
 
 def candidate_probability(s: float | np.ndarray, num_bands: int, rows_per_band: int):

@@ -52,6 +52,7 @@ from kernels.strings import _P1, _P2, _P3, _fmix64, utf8_view
 # --------------------------------------------------------------------------------------------------------------
 
 C_LETTER, C_DIGIT, C_PUNCT, C_SPACE, C_CJK = 1, 2, 4, 8, 16
+C_SYMBOL, C_NUMBER = 32, 64  # general category S* (emoji, math, currency) and N* (Nd, Nl, No)
 
 SCRIPTS = ("none", "latin", "greek", "cyrillic", "hebrew", "arabic", "indic", "sea", "hangul", "kana", "han", "other")
 SCRIPT_ID = {s: i for i, s in enumerate(SCRIPTS)}  # the kernel relies on latin = 1
@@ -115,6 +116,8 @@ def char_tables() -> tuple[np.ndarray, np.ndarray]:
     cls[first == ord("L")] |= C_LETTER
     cls[first == ord("P")] |= C_PUNCT
     cls[np.fromiter((c == "Nd" for c in cats), dtype=bool, count=n)] |= C_DIGIT
+    cls[first == ord("S")] |= C_SYMBOL
+    cls[first == ord("N")] |= C_NUMBER
     spaces = [i for i in range(n) if chr(i).isspace()]  # 29 code points, checked against str.isspace
     cls[spaces] |= C_SPACE
     for lo, hi in _CJK_WORD_RANGES:
@@ -1129,3 +1132,391 @@ def contains_literals(arr, literals: tuple[bytes, ...], todo: np.ndarray | None 
         data = np.zeros(1, dtype=np.uint8)
     return contains_literals_numba(data, offsets, *_literal_tables(tuple(literals)),
                                    np.ascontiguousarray(todo, dtype=np.bool_))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# junk_stats: the signals of the clean stage's short-text junk rules (no_content, random_letters, repeated_words),
+# which judge texts of any length. Definitions (the reference and the kernel follow them exactly):
+#
+# - ``n_content``: characters that are letters, numbers or symbols (categories L*, N*, S*: emoji and math count);
+#   ``n_nonspace``: characters that are not whitespace. A text with n_chars > 0 and n_content = 0 holds only
+#   punctuation, whitespace, controls or invisible format characters.
+# - Latin words, for random_letters: take each whitespace-separated token; skip it if it starts with "#" or "@"
+#   (hashtags and mentions are not dictionary words); strip leading and trailing characters that are neither
+#   letters nor numbers (L*, N*); split what is left at "'", "’" and "-"; a part made of ASCII letters only is a
+#   Latin word, except an all-capital one of 2..5 letters (an acronym: "NASA", "HTML"). Parts with a digit, an
+#   underscore, other punctuation or any non-ASCII character are not judged ("x_val", "fn(x", "3rd", "Dónde"),
+#   so code, math, URLs and accented words are left alone. ``latin_letters`` counts their letters.
+# - Their bigrams: adjacent letters of a Latin word, case folded, skipping a letter equal to the one before it
+#   (elongations: "soooo", "hmmm"). ``latin_bigrams`` counts them, ``bigram_score`` sums ``bigram_scores()[a, b]``
+#   over them and ``rare_bigrams`` counts those scoring ``RARE_BIGRAM_SCORE`` or less.
+# - Words, for repeated_words: the words of text_stats (whitespace runs; every Han or Kana character a word),
+#   stripped of leading and trailing punctuation (P*), empty ones dropped, compared with ASCII case folded.
+#   ``rep_unit`` is the smallest p in 1..max_unit such that word i equals word i - p for every i >= p and there
+#   are at least 2p words, 0 if there is none or if the first p words hold no letter ("0 0 0", "😂 😂 😂" are not
+#   text repeated); ``rep_words`` is the number of words where rep_unit > 0, else 0 (the kernel stops looking at
+#   words once no period is left: after a few words of any ordinary text). "Checking, checking. CHECKING" is unit
+#   1, 3 words.
+# --------------------------------------------------------------------------------------------------------------
+
+JUNK_SIGNALS = ("n_content", "n_nonspace", "latin_letters", "latin_bigrams", "rare_bigrams", "bigram_score",
+                "rep_unit", "rep_words")  # fmt: skip
+RARE_BIGRAM_SCORE = -7  # at most 2^-7 times the uniform rate 1/650
+
+# Letter-bigram scores: round(log2(650 * p(a, b))) clipped to -8..4, where p is the share of bigram (a, b) among
+# the 650 bigrams of two different letters in the Latin words of alpaca_52k and t0_train_50k (instruction, input
+# and output; the mean of the two sets' shares), so 0 is "as often as in uniformly random letters". Then the
+# digraphs of other Latin orthographies that English rarely uses are raised to 0 (``_FOREIGN_DIGRAPHS``): without
+# that, Polish "Wszystkie dzieci lubią czekoladę" scores -2.2 per bigram with 3 rare ones (random letters score
+# -3.1 on average), with it -0.8 with 1. Reproduce: ``python bench/bench_rules_fp.py --derive-table``. Row = first letter, column = second;
+# character "a" is -8, "i" is 0, "m" is +4.
+_BIGRAM_TABLE = (  # columns a..z
+    "ajkjehjfjfiljmdidllliigfjf"  # a
+    "iabbkaabifaibbjbaigdibbaia"  # b
+    "kaabkaakjaiicbkacjgjiaaaga"  # c
+    "idcakdfdkdageficchicifeaga"  # d
+    "kgklaiificfkjlhigmlkgjijie"  # e
+    "iaaajabajaahaakaajdhhaaafa"  # f
+    "ibadkcaiiaahdhiaaigfhabaha"  # g
+    "kddcmbaakaaffgkaahfihadaga"  # h
+    "jhkjjijbachkjmkhfjllfjcfbh"  # i
+    "gaaagaaaeaaaaahaaaaagaaaaa"  # j
+    "gcbbjcdciaafcgfcadhcdabafa"  # k
+    "kffjlgfbkafagdkgaeiiigeaja"  # l
+    "khdakdaajaadadjjadhbhabaga"  # m
+    "jdklkhlejfgggajfdeklhhechd"  # n
+    "hhiigkifhehjklajaljjkjjfgd"  # o
+    "jbcckcahiaajeajaakhhiaaaea"  # p
+    "baaaaaaacaaaaaaaaaaaiaaaaa"  # q
+    "kgiimgiekaihiikgaajjiheaja"  # r
+    "jdielfcjkahghfjiddaljbhaga"  # s
+    "kegclecmlaahfeleajjajbiajc"  # t
+    "ihiiieibhadjijdiakkjacaced"  # u
+    "iaaalaaajaaaaahaaabacaaada"  # v
+    "jcbdjcajjacfahjaahgdbaaaca"  # w
+    "gafafbacgaaaaabhaaahdaaada"  # x
+    "feeehbdagaafffigaehfcadaae"  # y
+    "gaaahaacfaabaaeaaaaacaaaca"  # z
+)
+# Polish, Czech, Croatian, Hungarian, Albanian, Basque, Catalan, Nordic, Dutch, German, Welsh, pinyin, Bantu,
+# Yoruba, Zulu digraphs (and the clusters they sit in: Polish "wsz", "wk", Czech "vl", "zm")
+_FOREIGN_DIGRAPHS = (
+    "sz cz rz dz zs gy ny ly ty cs lj nj vr hv dj xh dh gj zh tx tz ix ig kj sj tj bj fj ij pf zw dt dd wy yw cw mh "
+    "nh rh wh ng mb nd mw kw nz gb kp hl dl kh bh ph qi xi xu ao ui ua wk wp wr ws wz wn wd zn zm zl mr vl vn vz"
+)
+
+
+@functools.cache
+def bigram_scores() -> np.ndarray:
+    """(26, 26) int8 letter-bigram scores (see ``_BIGRAM_TABLE``), the foreign digraphs raised to at least 0."""
+    if len(_BIGRAM_TABLE) != 26 * 26 or not set(_BIGRAM_TABLE) <= set("abcdefghijklm"):
+        raise ValueError("kernels.text_stats._BIGRAM_TABLE must be 26 rows of 26 letters a..m")
+    codes = np.frombuffer(_BIGRAM_TABLE.encode("ascii"), dtype=np.uint8).astype(np.int16) - (ord("a") + 8)
+    table = codes.reshape(26, 26).astype(np.int8)
+    for d in _FOREIGN_DIGRAPHS.split():
+        a, b = ord(d[0]) - 97, ord(d[1]) - 97
+        table[a, b] = max(table[a, b], 0)
+    return table
+
+
+def _is_alnum_ref(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "LN"
+
+
+_SPLIT_RE = re.compile("['’-]")
+
+
+def latin_words_reference(text: str) -> list[str]:
+    """The Latin words of ``text`` (see the section comment), as written."""
+    out = []
+    for tok in text.split():  # str.split(): the whitespace of str.isspace, as the kernel's table
+        if tok[0] in "#@":
+            continue
+        i, j = 0, len(tok)
+        while i < j and not _is_alnum_ref(tok[i]):
+            i += 1
+        while j > i and not _is_alnum_ref(tok[j - 1]):
+            j -= 1
+        for part in _SPLIT_RE.split(tok[i:j]):
+            if not part or not part.isascii() or not part.isalpha():
+                continue
+            if 2 <= len(part) <= 5 and part.isupper():
+                continue
+            out.append(part)
+    return out
+
+
+def _rep_words_reference(text: str) -> list[tuple[str, bool]]:
+    """(folded word, has a letter) for the repetition rule's words."""
+    out = []
+    for w in _WORD_RE.findall(text):
+        i, j = 0, len(w)
+        while i < j and unicodedata.category(w[i])[0] == "P":
+            i += 1
+        while j > i and unicodedata.category(w[j - 1])[0] == "P":
+            j -= 1
+        if i < j:
+            core = w[i:j]
+            folded = core.encode("utf-8").lower()  # bytes.lower(): ASCII only, like the kernel
+            out.append((folded, any(unicodedata.category(c)[0] == "L" for c in core)))
+    return out
+
+
+def junk_stats_reference(texts, max_unit: int = 3) -> dict[str, np.ndarray]:
+    """``JUNK_SIGNALS`` per text in plain Python (``None`` reads as ""): for the tests."""
+    if isinstance(texts, (pa.Array, pa.ChunkedArray)):
+        texts = texts.to_pylist()
+    scores = bigram_scores()
+    rows = []
+    for t in texts:
+        t = t or ""
+        n_content = sum(unicodedata.category(c)[0] in "LNS" for c in t)
+        n_nonspace = sum(not c.isspace() for c in t)
+        letters = bigrams = rare = score = 0
+        for w in latin_words_reference(t):
+            letters += len(w)
+            low = w.lower()
+            for a, b in zip(low, low[1:]):
+                if a != b:
+                    s = int(scores[ord(a) - 97, ord(b) - 97])
+                    bigrams += 1
+                    score += s
+                    rare += s <= RARE_BIGRAM_SCORE
+        words = _rep_words_reference(t)
+        unit = 0
+        for p in range(1, max_unit + 1):
+            if len(words) >= 2 * p and all(words[i][0] == words[i - p][0] for i in range(p, len(words))):
+                unit = p if any(h for _, h in words[:p]) else 0
+                break
+        rows.append((n_content, n_nonspace, letters, bigrams, rare, score, unit, len(words) if unit else 0))
+    out = np.array(rows, dtype=np.int64).reshape(len(rows), len(JUNK_SIGNALS))
+    return {k: np.ascontiguousarray(out[:, j]) for j, k in enumerate(JUNK_SIGNALS)}
+
+
+@njit(cache=True)
+def _prev_cp_start(data, lo, j):
+    """Start of the code point that ends just before byte ``j`` (not before ``lo``)."""
+    j -= 1
+    while j > lo and (data[j] & 0xC0) == 0x80:
+        j -= 1
+    return j
+
+
+@njit(cache=True)
+def _commit_part(acc, n, upper, bigrams, score, rare):
+    """Adds one Latin word's counts to ``acc`` (letters, bigrams, rare, score), unless it is an acronym."""
+    if n > 0 and not (2 <= n <= 5 and upper == n):
+        acc[0] += n
+        acc[1] += bigrams
+        acc[2] += rare
+        acc[3] += score
+
+
+@njit(cache=True)
+def _fold_hash(data, a, b):
+    """64-bit hash of ``data[a:b]`` with ASCII A-Z folded to a-z (FNV-1a, then the murmur finaliser)."""
+    h = np.uint64(0xCBF29CE484222325)
+    for k in range(a, b):
+        x = data[k]
+        if 65 <= x <= 90:
+            x += 32
+        h = (h ^ np.uint64(x)) * np.uint64(0x100000001B3)
+    return _fmix64(h ^ np.uint64(b - a))
+
+
+@njit(cache=True)
+def _junk_row(data, s, e, cls, scores, max_unit, ring, ok, alpha, acc, out, r):
+    """``JUNK_SIGNALS`` of row ``r`` into ``out``, in one pass over its code points; ``ring`` / ``ok`` / ``alpha``
+    (max_unit + 1) and ``acc`` (4) are scratch reused across rows.
+
+    The Latin words are found on the fly, without going back over a token: the reference strips a token's ends
+    and then splits it, so here a non-alphanumeric character after a word's letters sets ``tail`` (trailing, unless
+    a letter or number follows in the token, which makes the part ``bad``), and a part closed by a separator waits
+    as the pending one until the token shows whether an alphanumeric character follows (then it counts only
+    without a tail) or not (then its tail was the token's stripped end). A first version that re-read every token
+    ran at 70 MB/s, 9x slower than the rest of this pass; this one runs at about the speed of text_stats."""
+    n_content = n_nonspace = 0
+    acc[:] = 0
+    in_tok = skip_tok = started = False  # in a token; it starts with '#' / '@'; an alphanumeric seen in it
+    pn = pu = pb = ps = pr = pa = 0  # current part: letters, upper-case letters, bigrams, score, rare, alnums
+    prev = -1  # the current part's last letter (0..25), -1 for none
+    bad = tail = False
+    has_q = False  # the pending part (closed by a separator), and its counts and flags
+    qn = qu = qb = qs = qr = 0
+    q_bad = q_tail = False
+    w0 = -1  # start of the current (CJK-split) word
+    n_words = 0
+    periodic = True  # some period 1..max_unit is still possible: once none is, words are not looked at again
+    for p in range(max_unit + 1):
+        ok[p] = True
+        alpha[p] = False
+    ascii = _is_ascii(data, s, e)
+    i = s
+    while i <= e:
+        if i < e:
+            if ascii:
+                cp, nxt = np.int64(data[i]), i + 1
+            else:
+                cp, nxt = _decode(data, i, e)
+            c = cls[cp]
+        else:
+            cp, nxt, c = np.int64(10), e + 1, np.uint8(C_SPACE)  # a virtual space closes the last token and word
+        space = (c & C_SPACE) != 0
+        if i < e:
+            if c & (C_LETTER | C_NUMBER | C_SYMBOL):
+                n_content += 1
+            if not space:
+                n_nonspace += 1
+        # Latin words (random_letters)
+        if space:
+            if in_tok and not skip_tok and started:
+                if has_q and not q_bad:  # nothing alphanumeric after it: its tail was the token's end
+                    _commit_part(acc, qn, qu, qb, qs, qr)
+                if not bad:
+                    _commit_part(acc, pn, pu, pb, ps, pr)
+            in_tok = skip_tok = started = has_q = bad = tail = False
+            pn = pu = pb = ps = pr = pa = 0
+            prev = -1
+        else:
+            if not in_tok:
+                in_tok = True
+                skip_tok = cp == 0x23 or cp == 0x40
+            if not skip_tok:
+                if c & (C_LETTER | C_NUMBER):
+                    started = True
+                    if has_q:  # an alphanumeric follows the pending part: it counts if nothing trailed it
+                        if not q_bad and not q_tail:
+                            _commit_part(acc, qn, qu, qb, qs, qr)
+                        has_q = False
+                    pa += 1
+                    if tail:
+                        bad = True
+                    if cp < 128 and (c & C_LETTER):
+                        x = (cp | 0x20) - 97
+                        pn += 1
+                        if cp < 97:
+                            pu += 1
+                        if prev >= 0 and x != prev:
+                            sc = scores[prev, x]
+                            pb += 1
+                            ps += sc
+                            if sc <= RARE_BIGRAM_SCORE:
+                                pr += 1
+                        prev = x
+                    else:
+                        bad = True
+                elif started:
+                    if cp == 0x27 or cp == 0x2D or cp == 0x2019:  # a separator closes the part
+                        if pa > 0:
+                            has_q = True
+                            qn, qu, qb, qs, qr, q_bad, q_tail = pn, pu, pb, ps, pr, bad, tail
+                        pn = pu = pb = ps = pr = pa = 0
+                        prev = -1
+                        bad = tail = False
+                    else:
+                        tail = True
+        # words (repeated_words): a space or a CJK character ends the current word; a CJK character is one
+        if not periodic:
+            i = nxt
+            continue
+        ends = space or (c & C_CJK) != 0
+        spans = 0
+        a0 = b0 = a1 = b1 = 0
+        if ends:
+            if w0 >= 0:
+                a0, b0 = w0, i
+                spans = 1
+                w0 = -1
+            if c & C_CJK:
+                if spans == 0:
+                    a0, b0 = i, nxt
+                else:
+                    a1, b1 = i, nxt
+                spans += 1
+        elif w0 < 0:
+            w0 = i
+        for q in range(spans):
+            a = a0 if q == 0 else a1
+            b = b0 if q == 0 else b1
+            while a < b:  # strip punctuation at both ends
+                cp2, nx2 = _decode(data, a, b)
+                if (cls[cp2] & C_PUNCT) == 0:
+                    break
+                a = nx2
+            while b > a:
+                j = _prev_cp_start(data, a, b)
+                cp2, _ = _decode(data, j, b)
+                if (cls[cp2] & C_PUNCT) == 0:
+                    break
+                b = j
+            if a == b:
+                continue
+            h = _fold_hash(data, a, b)
+            if n_words < max_unit:  # does the unit made of the first n_words + 1 words hold a letter
+                has = False
+                k = a
+                while k < b:
+                    cp2, k = _decode(data, k, b)
+                    if cls[cp2] & C_LETTER:
+                        has = True
+                        break
+                alpha[n_words + 1] = alpha[n_words] or has
+            left = False
+            for p in range(1, max_unit + 1):
+                if n_words >= p and ring[(n_words - p) % (max_unit + 1)] != h:
+                    ok[p] = False
+                left |= ok[p]
+            ring[n_words % (max_unit + 1)] = h
+            n_words += 1
+            periodic = left
+        i = nxt
+    unit = 0
+    for p in range(1, max_unit + 1):
+        if ok[p] and n_words >= 2 * p:
+            unit = p if alpha[p] else 0
+            break
+    out[r, 0] = n_content
+    out[r, 1] = n_nonspace
+    out[r, 2] = acc[0]
+    out[r, 3] = acc[1]
+    out[r, 4] = acc[2]
+    out[r, 5] = acc[3]
+    out[r, 6] = unit
+    out[r, 7] = n_words if unit > 0 else 0
+
+
+@njit(parallel=True, cache=True)
+def junk_stats_numba(data, offsets, cls, scores, todo, max_unit):
+    """(n, len(JUNK_SIGNALS)) int64 per row of a (bytes, offsets) string column; rows where ``todo`` is false read 0.
+    One pass over each row's code points, no allocation but a few max_unit-sized scratch arrays per chunk."""
+    n = offsets.shape[0] - 1
+    out = np.zeros((n, len(JUNK_SIGNALS)), dtype=np.int64)
+    n_chunks = (n + _CHUNK - 1) // _CHUNK
+    for ch in prange(n_chunks):
+        ring = np.zeros(max_unit + 1, dtype=np.uint64)
+        ok = np.zeros(max_unit + 1, dtype=np.bool_)
+        alpha = np.zeros(max_unit + 1, dtype=np.bool_)
+        acc = np.zeros(4, dtype=np.int64)
+        for r in range(ch * _CHUNK, min(n, (ch + 1) * _CHUNK)):
+            if todo[r]:
+                _junk_row(data, offsets[r], offsets[r + 1], cls, scores, max_unit, ring, ok, alpha, acc, out, r)
+    return out
+
+
+def junk_stats(arr, todo: np.ndarray | None = None, max_unit: int = 3) -> dict[str, np.ndarray]:
+    """``JUNK_SIGNALS`` (see the section comment) of an Arrow string column (list of str also accepted), as
+    {signal: int64 array}. ``todo`` (bool per row) limits the work to those rows; the others read 0. ``max_unit``:
+    the longest repeated unit looked for, in words (1..64)."""
+    if not isinstance(arr, (pa.Array, pa.ChunkedArray)):
+        arr = pa.array(arr, pa.large_string())
+    if not 1 <= max_unit <= 64:
+        raise ValueError(f"junk_stats(max_unit={max_unit}): use 1..64 words")
+    data, offsets = utf8_view(arr)
+    if todo is None:
+        todo = np.ones(len(offsets) - 1, dtype=np.bool_)
+    if len(data) == 0:
+        data = np.zeros(1, dtype=np.uint8)
+    cls, _ = char_tables()
+    out = junk_stats_numba(data, offsets, cls, bigram_scores(), np.ascontiguousarray(todo, dtype=np.bool_),
+                           int(max_unit))  # fmt: skip
+    return {k: np.ascontiguousarray(out[:, j]) for j, k in enumerate(JUNK_SIGNALS)}

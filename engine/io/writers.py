@@ -7,10 +7,15 @@ and 0.09 s, so the map phase and finalize together spend 0.3 s instead of 1.4 s 
 appear mid-file cannot share one Parquet schema, so the writer rolls to the next chunk instead of losing or
 coercing data. Each part records the input's own column names in its schema metadata
 (``winnow.input_columns``), which is how ``select`` writes rows back in the input's own format.
+
+A full disk (ENOSPC, EDQUOT) while writing is a ``DiskFull`` (a UserError: one line naming the file, exit 2), and
+the temp file is removed; ``WINNOW_DISK_FULL_AT=<part of a path>`` makes the writers fail so on that file (tests).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 from pathlib import Path
@@ -19,9 +24,38 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engine.errors import UserError
+
 META_INPUT_COLUMNS = b"winnow.input_columns"
 META_FORMAT = b"winnow.format"
 DICTIONARY_COLUMNS = ("label", "source", "format", "verdict", "detail", "orig_source", "orig_label")
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_ENV = "WINNOW_DISK_FULL_AT"
+
+
+class DiskFull(UserError):
+    """No space left (or quota exceeded) while writing a file of the run folder."""
+
+
+def disk_full(e: BaseException, path: str | Path) -> DiskFull | None:
+    """``e`` as a DiskFull naming ``path`` (its final name, not the temp file's) if it is a full disk, else None."""
+    if isinstance(e, DiskFull):
+        return e
+    if not (isinstance(e, OSError) and e.errno in NO_SPACE):
+        return None
+    name = str(path).removesuffix(".tmp")
+    what = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left on device"
+    return DiskFull(f"{what} writing {name}: free some space (or use another --out), then rerun the same command "
+                    f"to resume")
+
+
+def inject_disk_full(path: str | Path) -> None:
+    """Test hook: raise ENOSPC while writing ``path`` when ``$WINNOW_DISK_FULL_AT`` is part of it."""
+    at = os.environ.get(DISK_FULL_ENV)
+    if at and at in str(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def part_name(shard_index: int, chunk: int, ext: str = "parquet") -> str:
@@ -100,28 +134,39 @@ class PartWriter:
             self._writer = None
 
     def write(self, batch: pa.RecordBatch) -> None:
-        if self._writer is not None and not batch.schema.equals(self._schema, check_metadata=False):
-            conformed = _conform(batch, self._schema)
-            if conformed is None:
-                self._close_current()
-            else:
-                batch = conformed
-        if self._writer is None:
-            self._open(batch.schema)
-        self._writer.write_batch(batch)
+        try:
+            if self._writer is not None and not batch.schema.equals(self._schema, check_metadata=False):
+                conformed = _conform(batch, self._schema)
+                if conformed is None:
+                    self._close_current()
+                else:
+                    batch = conformed
+            if self._writer is None:
+                self._open(batch.schema)
+            self._writer.write_batch(batch)
+            inject_disk_full(self._final)
+        except OSError as e:
+            if (full := disk_full(e, self._final or self.folder)) is None:
+                raise
+            raise full from None
 
     def close(self) -> list[str]:
-        self._close_current()
+        try:
+            self._close_current()
+        except OSError as e:
+            if (full := disk_full(e, self._final or self.folder)) is None:
+                raise
+            raise full from None
         return self.files
 
     def abort(self) -> None:
+        """Drop the part being written (its temp file); never raises (it runs on the way out of a failure)."""
         if self._writer is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing flushes: on a full disk it fails again
                 self._writer.close()
-            finally:
-                if self._tmp and self._tmp.exists():
-                    self._tmp.unlink()
-                self._writer = None
+            self._writer = None
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
 
 
 def parquet_options(schema: pa.Schema, compression: str = "zstd", level: int | None = 1) -> dict[str, Any]:
@@ -176,8 +221,16 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch | None:
 def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    try:
+        tmp.write_text(text)
+        inject_disk_full(path)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if (full := disk_full(e, path)) is None:
+            raise
+        raise full from None
 
 
 def _json_default(o):

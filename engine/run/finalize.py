@@ -13,6 +13,7 @@ Updates are split by shard once (O(rows), not O(shards x rows)).
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import shutil
 import time
@@ -25,8 +26,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from engine.io.writers import parquet_options, read_part
+from engine.io.writers import disk_full, inject_disk_full, parquet_options, read_part
 from engine.run.context import PartsContext
+from engine.run.lock import pause_point
 
 VERDICT_COLUMNS = ("verdict", "detail", "duplicate_of")
 
@@ -35,10 +37,12 @@ def run_global(ctx, stages: list, timings: dict, stage_stats: dict) -> list[pl.D
     """Run global stages in order; returns their update frames (verdict updates already filtered to rows that were
     still kept and applied to ``ctx``)."""
     updates: list[pl.DataFrame] = []
-    for st in stages:
+    for k, st in enumerate(stages):
         t0 = time.perf_counter()
         upd = st.run(ctx)
         timings[st.name] = round(time.perf_counter() - t0, 3)
+        if k == 0:
+            pause_point("global")  # tests: a kill between global stages
         stage_stats[st.name] = dict(st.stats)
         if upd is None or upd.height == 0:
             continue
@@ -117,6 +121,15 @@ def finalize(ctx: PartsContext, scores_dir: Path, updates: list[pl.DataFrame], c
     def one(job) -> None:
         src, dest, upd = job
         tmp = dest.with_name(dest.name + ".tmp")
+        try:
+            write_one(src, dest, tmp, upd)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if (full := disk_full(e, dest)) is None:
+                raise
+            raise full from None
+
+    def write_one(src: Path, dest: Path, tmp: Path, upd) -> None:
         if src.suffix == ".arrow":  # a map part: patched and written as Parquet batch by batch (memory: one batch)
             with pa.memory_map(str(src)) as mm:
                 reader = pa.ipc.open_file(mm)
@@ -137,9 +150,16 @@ def finalize(ctx: PartsContext, scores_dir: Path, updates: list[pl.DataFrame], c
                             writer = pq.ParquetWriter(tmp, schema, **parquet_options(
                                 schema, config.run.compression, config.run.compression_level))
                         writer.write_table(b.select(schema.names).cast(schema))
-                finally:
+                        inject_disk_full(dest)
+                        if k == 0:
+                            pause_point("finalize")  # tests: a kill while parts of scores/ are half written
+                except BaseException:
                     if writer is not None:
-                        writer.close()
+                        with contextlib.suppress(Exception):  # closing flushes: on a full disk it fails again
+                            writer.close()
+                    raise
+                if writer is not None:
+                    writer.close()
             if writer is not None:
                 os.replace(tmp, dest)
                 return
@@ -149,6 +169,7 @@ def finalize(ctx: PartsContext, scores_dir: Path, updates: list[pl.DataFrame], c
             if patched is not t:
                 kw = parquet_options(t.schema, config.run.compression, config.run.compression_level)
                 pq.write_table(patched, tmp, row_group_size=config.read.batch_rows, **kw)
+                inject_disk_full(dest)
                 os.replace(tmp, dest)
                 return
         if dest.exists():
@@ -156,7 +177,8 @@ def finalize(ctx: PartsContext, scores_dir: Path, updates: list[pl.DataFrame], c
         try:
             os.link(src, dest)
         except OSError:
-            shutil.copyfile(src, dest)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
 
     workers = max(1, min(len(jobs), os.cpu_count() or 1))
     with cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="winnow-final") as pool:

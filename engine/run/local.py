@@ -24,12 +24,13 @@ from typing import Any
 from engine import __version__, registry
 from engine.config import Config, validate
 from engine.errors import UserError
-from engine.io.readers import discover, estimate_rows
-from engine.io.writers import write_json_atomic
+from engine.io.readers import check_out, discover, estimate_rows
+from engine.io.writers import disk_full, write_json_atomic
 from engine.run import manifest as mf
 from engine.run.context import PartsContext
 from engine.run.finalize import finalize, run_global
-from engine.run.pipeline import init_worker, limit_threads, process_shard, run_in_worker
+from engine.run.lock import RunLock, pause_point, start_forkserver
+from engine.run.pipeline import init_worker, limit_threads, process_shard, run_in_worker, stop_pool
 from engine.run.shards import clean_map_dir, reusable, with_identity
 from engine.run.warmup import warm
 from engine.stage import GlobalStage, Stage
@@ -58,12 +59,37 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
           map_stages: list[Stage] | None = None, global_stages: list[GlobalStage] | None = None) -> dict:
     """Score ``inputs`` into the run folder ``out``; returns the manifest (also written to OUT/manifest.json).
 
-    ``map_stages`` / ``global_stages`` replace the registry's (tests); they run in this process."""
+    ``map_stages`` / ``global_stages`` replace the registry's (tests); they run in this process.
+
+    The folder is locked for the run (a second run on it is a UserError). Whatever stops the run (an error, Ctrl-C,
+    a full disk) leaves no temp file in ``out`` and a folder a rerun resumes; a full disk is a one-line UserError
+    naming the file."""
     t_start = time.perf_counter()
     validate(config)
     shards, warnings = discover(inputs, exclude=str(out))
-    shards = with_identity(shards)
+    check_out(out, shards)  # --out must be a folder, and none of the inputs winnow's own output
     out = Path(out)
+    with RunLock(out):
+        _remove_temps(out)  # what a run killed with kill -9 was writing
+        try:
+            return _score(t_start, shards, warnings, out, config, progress, command, map_stages, global_stages)
+        except BaseException as e:
+            _remove_temps(out)  # every process that wrote them has stopped (stop_pool)
+            if (full := disk_full(e, getattr(e, "filename", None) or out)) is None:
+                raise
+            raise full from None
+
+
+def _remove_temps(out: Path) -> None:
+    for pattern in ("*.tmp", "scores/*.tmp", "work/**/*.tmp"):
+        for p in out.glob(pattern):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+
+
+def _score(t_start: float, shards, warnings: list[str], out: Path, config: Config, progress: Any, command: str,
+           map_stages: list[Stage] | None, global_stages: list[GlobalStage] | None) -> dict:
+    shards = with_identity(shards)
     work = out / "work"
     map_dir = work / "map"
     map_dir.mkdir(parents=True, exist_ok=True)
@@ -80,27 +106,32 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
     cores = os.cpu_count() or 1
     timings_warm: dict[str, float] = {}
     if workers > 1 and map_stages is None:
-        timings_warm = warm(config, processes=workers)
         # forkserver: workers fork from a clean server process that has the stage modules imported once (spawn
         # would re-import pyarrow/polars/numba per worker, ~1.5 s each; plain fork would copy this process's
-        # threads). Each worker builds its stages once and gets cores // workers threads.
+        # threads). Each worker builds its stages once and gets cores // workers threads. Started before the
+        # warm-up (which forks from it too) so that its preload applies, and tied to this process: a kill -9 of
+        # this process takes the forkserver and every worker with it (engine.run.lock).
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["engine.run.pipeline", *sorted({s.module for s in registry.specs()})])
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
-                                    initargs=(config.to_dict(), max(1, cores // workers))) as ex:
+        start_forkserver(["engine.run.pipeline", *sorted({s.module for s in registry.specs()})])
+        timings_warm = warm(config, processes=workers)
+        ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
+                                    initargs=(config.to_dict(), max(1, cores // workers), os.getpid()))
+        futs: dict[cf.Future, int] = {}
+        try:
             futs = {ex.submit(run_in_worker, i, shards[i], str(map_dir)): i for i in pending}
-            try:
-                for done_n, fut in enumerate(cf.as_completed(futs), 1):
-                    i = futs[fut]
-                    results[i] = fut.result()
-                    if progress:
-                        progress.advance(task, shards[i].size)
-                    if crash_after >= 0 and done_n >= crash_after:
-                        raise RuntimeError("WINNOW_CRASH_AFTER_SHARDS: simulated crash")
-            except BaseException:
-                for f in futs:
-                    f.cancel()
-                raise
+            for done_n, fut in enumerate(cf.as_completed(futs), 1):
+                i = futs[fut]
+                results[i] = fut.result()
+                if progress:
+                    progress.advance(task, shards[i].size)
+                if crash_after >= 0 and done_n >= crash_after:
+                    raise RuntimeError("WINNOW_CRASH_AFTER_SHARDS: simulated crash")
+                pause_point(f"map:{done_n}")
+        except BaseException:
+            # Ctrl-C or a failed shard: stop now (a pool's own shutdown would first run every queued shard)
+            stop_pool(ex, futs)
+            raise
+        ex.shutdown(wait=True)
     elif pending:
         limit_threads(cores)
         stages = map_stages if map_stages is not None else build_map_stages(config)
@@ -110,6 +141,7 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
                 progress.advance(task, shards[i].size)
             if crash_after >= 0 and done_n >= crash_after:
                 raise RuntimeError("WINNOW_CRASH_AFTER_SHARDS: simulated crash")
+            pause_point(f"map:{done_n}")
     map_seconds = time.perf_counter() - t_map
 
     rows_in = sum(results[i]["rows"] for i in range(len(shards)))

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import queue
+import signal
 import sys
 import threading
 import time
@@ -30,7 +31,15 @@ from engine import registry
 from engine.errors import UserError
 from engine.io.readers import Shard, read_shard
 from engine.io.schema import CANONICAL_TYPES, canonicalize, detect_format, required_columns
-from engine.io.writers import META_FORMAT, META_INPUT_COLUMNS, PartWriter, write_json_atomic
+from engine.io.writers import (
+    META_FORMAT,
+    META_INPUT_COLUMNS,
+    PartWriter,
+    disk_full,
+    inject_disk_full,
+    write_json_atomic,
+)
+from engine.run.lock import die_with_parent, pause_point, watch_process
 from engine.run.shards import file_hash, shard_key
 from engine.stage import Stage
 
@@ -112,26 +121,40 @@ class _WorkWriter:
             return batch
         side = pa.RecordBatch.from_arrays([batch.column("row"), *[batch.column(c) for c in have]],
                                           ["row", *have])
-        if self._w is None:
-            self._f = pa.OSFile(str(self.tmp), "wb")
-            self._w = pa.ipc.new_file(self._f, side.schema)
-        self._w.write_batch(side)
+        try:
+            if self._w is None:
+                self._f = pa.OSFile(str(self.tmp), "wb")
+                self._w = pa.ipc.new_file(self._f, side.schema)
+            self._w.write_batch(side)
+            inject_disk_full(self.path)
+        except OSError as e:
+            if (full := disk_full(e, self.path)) is None:
+                raise
+            raise full from None
         keep = [i for i, n in enumerate(batch.schema.names) if n not in have]
         return batch.select(keep)
 
     def close(self) -> str | None:
         if self._w is None:
             return None
-        self._w.close()
-        self._f.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._w.close()
+            self._f.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            if (full := disk_full(e, self.path)) is None:
+                raise
+            raise full from None
+        self._w = None
         return self.path.name
 
     def abort(self) -> None:
         if self._w is not None:
             with contextlib.suppress(Exception):  # best effort on the way out
                 self._w.close()
+            with contextlib.suppress(Exception):
                 self._f.close()
+            self._w = None
         self.tmp.unlink(missing_ok=True)
 
 
@@ -204,7 +227,7 @@ def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, st
     pending: list[cf.Future] = []
     with cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="winnow-write") as wpool:
         try:
-            for batch in batches:
+            for n_batch, batch in enumerate(batches):
                 if writer is None:
                     writer = PartWriter(map_dir, index, config.run.compression, config.run.compression_level,
                                         {META_INPUT_COLUMNS: json.dumps(fmt_box.get("input_cols", [])).encode(),
@@ -214,6 +237,8 @@ def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, st
                 pending.append(wpool.submit(write, batch))
                 if on_rows:
                     on_rows(batch.num_rows)
+                if n_batch == 0:
+                    pause_point(f"shard:{index}")  # tests: a kill while this shard's temp files are open
             for f in pending:
                 f.result()
             files = writer.close() if writer else []
@@ -268,10 +293,27 @@ def limit_threads(threads: int) -> None:
         sys.modules["torch"].set_num_threads(threads)
 
 
-def init_worker(config_dict: dict, threads: int) -> None:
-    """Process-pool initializer: limit threads, then build the map stages once for every shard of this worker."""
+def init_worker(config_dict: dict, threads: int, owner: int | None = None) -> None:
+    """Process-pool initializer: tie this worker to the run, limit threads, then build the map stages once for every
+    shard of this worker.
+
+    ``owner`` is the pid of the run's main process. The worker dies with its parent, the forkserver, which dies with
+    the main process (``engine.run.lock``); where prctl is missing it polls ``owner`` instead. Ctrl-C reaches the
+    whole process group: workers ignore SIGINT and the driver stops them (``stop_pool``), so an interrupted shard
+    is not half-reported as failed while the others go on."""
     from engine.config import config_from_dict
 
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_worker)
+    if owner is not None:
+        if not die_with_parent():
+            watch_process(owner)
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            os._exit(1)  # the run ended before this worker started
+        except PermissionError:
+            pass
     limit_threads(threads)
     config = config_from_dict(config_dict)
     _WORKER["config"] = config
@@ -280,5 +322,35 @@ def init_worker(config_dict: dict, threads: int) -> None:
         sys.modules["torch"].set_num_threads(max(1, threads))
 
 
+def _stop_worker(signum: int, _frame) -> None:
+    """SIGTERM (``stop_pool``): exit now, mid-shard, after multiprocessing's exit finalizers. Without them the named
+    semaphore numba creates in each worker stays registered, and the resource tracker warns about "leaked
+    semaphore objects" on the user's terminal after a Ctrl-C."""
+    from multiprocessing import util
+
+    with contextlib.suppress(Exception):
+        util._run_finalizers(0)  # what a worker's normal exit runs (multiprocessing.util._exit_function)
+    os._exit(128 + signum)
+
+
 def run_in_worker(index: int, shard: Shard, map_dir: str) -> dict[str, Any]:
     return process_shard(index, shard, _WORKER["config"], map_dir, _WORKER["stages"])
+
+
+def stop_pool(ex: cf.ProcessPoolExecutor, futures, timeout: float = 5.0) -> None:
+    """Stop a process pool now, not after its queue: cancel what has not started and kill the workers (SIGTERM,
+    then SIGKILL after ``timeout`` s). A shard killed midway has no completion marker, so a rerun redoes it; its
+    temp files are the caller's to remove once this returns (no worker is left to write them)."""
+    for f in futures:
+        f.cancel()
+    procs = list((getattr(ex, "_processes", None) or {}).values())  # private (3.11); 3.14 has terminate_workers()
+    ex.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join(1.0)

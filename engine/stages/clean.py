@@ -10,8 +10,25 @@ Characters are counted by engine/stages/rules.py already (``prompt_chars``, ``re
 Verdicts, checked in this order on rows still ``kept`` (``detail`` = the measured value and the bound, prefixed
 ``prompt.`` when the prompt was judged):
 
-- ``placeholder``: the whole text is a placeholder ("N/A", "TBD", "...", "<no output>", "暂无"), or it contains an
-  Alpaca ``<noinput>`` / ``<nooutput>`` token or "lorem ipsum" (C4 drops pages with "lorem ipsum").
+- ``no_content``: the text holds no letter, number or symbol (emoji and math signs count): only punctuation,
+  whitespace or invisible characters ("...", "!!!", "\u200b"). Empty texts are engine/stages/rules.py's.
+- ``placeholder``: the whole text is a placeholder ("N/A", "TBD", "...", "<no output>", "暂无", "test test",
+  "testing 1 2 3", "asdf", "foo bar", "blah blah", "dummy text", "<melody goes here>", "测试"), it starts with an
+  upper-case "TODO:" / "FIXME:" (a Spanish "Todo me parece bonito" passes), or it contains an Alpaca
+  ``<noinput>`` / ``<nooutput>`` token or "lorem ipsum" (C4 drops pages with "lorem ipsum"). A lone "test" is not
+  one: 'Write "Test"' is answered "Test".
+- ``repeated_words``: the whole text is one word, or a unit of up to ``repeated_max_unit_words`` words, repeated
+  ``repeated_min_repeats``+ times ("Checking Checking Checking ...", "buy now buy now buy now"; punctuation at the
+  ends of words and ASCII case ignored), and the unit holds a letter ("0 0 0", "😂 😂 😂" pass). Two repeats pass:
+  "Bora Bora", "New York, New York", "谢谢".
+- ``random_letters``: the text's Latin words (ASCII letters only; hashtags, mentions, acronyms, words with digits,
+  underscores or accents skipped: kernels/text_stats.py ``junk_stats``) make up at least half of its non-space
+  characters, and their letter bigrams score below -1.5 on average with at least 2 rare ones. The score of a bigram
+  is log2 of its frequency in English SFT text against uniformly random letters (0 = as often as chance; "th"
+  +4, "qx" -8), with the digraphs of Polish, Czech, Hungarian, Nordic, Welsh, pinyin and other Latin orthographies
+  raised to 0: random letters average -3.1, English +1.5, German +1.4, Spanish +1.4, French +1.3, pinyin +0.4,
+  Polish 0.0.
+  Chinese, Japanese, Cyrillic, code and math are not judged (no Latin words, or too few).
 - ``refusal``: boilerplate refusals ("As an AI language model", "I'm sorry, but I cannot ...", "This instruction
   cannot be completed by a GPT model", "作为一个AI语言模型", "抱歉，我无法 ..."). Openings that only look alike
   ("I can't believe ...", "I'm sorry that you're not happy with your purchase" in a customer-service reply) pass:
@@ -40,11 +57,21 @@ Verdicts, checked in this order on rows still ``kept`` (``detail`` = the measure
   ellipsis lines, words with a letter), on texts of ``quality_min_words``+ words; the word-length and
   alphabetic-word rules only where the dominant script puts spaces between words.
 
-What each row is judged on: instruction rows (alpaca, chat, sharegpt, mapped) on the response, plus the prompt's
-repetition when ``judge_prompt_repetition``; plain ``text`` rows on their text (the response; no prompt rules);
-``classification`` rows on their text (the prompt) only, with ``placeholder`` and the two Gopher rules, since the
-label is not prose. Rows already rejected by an earlier stage are measured (their signal columns are filled) but
-keep their verdict.
+What each row is judged on: the response, which for ``text`` and ``classification`` rows is the text itself
+(engine/io/schema.py; the label never is). Instruction rows (alpaca, chat, sharegpt, mapped) also by the prompt
+rules (repeats_prompt, script_mismatch, the prompt's repetition when ``judge_prompt_repetition``), and an
+instruction row is exempt from no_content / repeated_words / random_letters when its prompt asks for such a text
+(``*_exempt_regex``: Morse code, "repeat it 5 times", a Caesar cipher, a random string, a DNA sequence) or quotes
+the whole response. ``refusal`` and ``truncated`` judge model answers, not a tweet or a news sentence, so they skip
+classification rows ("I'm sorry, but I cannot stand this movie." is a review). Rows already rejected by an earlier
+stage are measured (their signal columns are filled) but keep their verdict.
+
+The short-text junk rules judge texts of every length (the Gopher rules below need 50+ words), with their false
+positives measured on the shared datasets (bench/bench_rules_fp.py, bench/RESULTS.md "Issue 9"): together they
+reject at most 0.04% of the rows of any of alpaca_52k, alpaca_chinese, code_alpaca_2k, gsm8k, t0_train_50k,
+financial_phrasebank, the six TweetEval sets and the evaluation prompt sets, and 97.7% of planted junk of 1..200
+words (log-uniform lengths; 99.9% with uniform ones). The misses are short random strings: one random word is caught
+about half the time, since one without two rare bigrams reads like a name or an abbreviation ("Kanl", "fr", "pwd").
 
 Why the defaults differ from Gopher's table, measured on alpaca_52k (52,002 rows), with the numbers behind each:
 Gopher filtered web pages of 50+ words; SFT answers are short, structured, and often code, lists or tables.
@@ -75,7 +102,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.registry import Option, register
+from engine.registry import Option, Range, check_fields, register
 from engine.stage import Stage, kept_mask, reject, set_column
 from kernels.text_stats import (
     FLOAT_SIGNALS,
@@ -86,6 +113,7 @@ from kernels.text_stats import (
     char_tables,
     contains_literals,
     contains_prompt,
+    junk_stats,
     text_stats,
 )
 
@@ -93,11 +121,24 @@ STR = pa.large_string()
 
 # Whole-text placeholders (case-insensitive, surrounding whitespace and one trailing period ignored). "None", "无"
 # and "null" are not here: they are real answers ("What does this function return?" -> "None").
+# Issue 9's whole-text placeholders (keyboard and test strings, filler text); "test" alone, "foo" and "xxx" are not
+# here either: 'Write "Test"', a program that prints "foo", Roman numeral 30.
+PLACEHOLDER_ISSUE9 = (
+    r"tbc|wip|fixme|test(?:ing)?(?:[\s,.!]+(?:test(?:ing)?|1[\s,.]*2[\s,.]*3|123|one,? two,? three))+|asdf\w*"
+    r"|foo\s*bar(?:\s*baz)?|blah(?:[\s,.]+blah)+|(?:dummy|filler|placeholder|sample) (?:text|answer|response|content)"
+    r"|(?:insert|enter|type|put|add|write) (?:your |the )?(?:text|answer|response|content|output) here"
+    r"|<[^<>\n]{0,40} here>|(?:text|content|answer|response|output) goes here|测试(?:测试)*|待定|待补充|无内容"
+)
+# ... and a text that starts with an upper-case TODO / FIXME note
+PLACEHOLDER_TODO = r"^\s*(?-i:TODO|FIXME)\s*[:\-]"
 PLACEHOLDER_REGEX = (
     r"(?i)^\s*(?:n/?a|n\.a|tbd|todo|tba|\.\.\.|…|-+|_+|\?+|no (?:output|input)|not available"
     r"|<\s*(?:no\s*(?:input|output)|empty|blank|none)\s*>|\[(?:placeholder|insert[^\]]*|your (?:answer|response)"
-    r"[^\]]*)\]|placeholder|your (?:answer|response) here|暂无|无输出|无输入|<无输入>|<无输出>)\.?\s*$"
-    r"|<\s*no\s*(?:input|output)\s*>|&lt;\s*no\s*(?:input|output)\s*&gt;|<无输入>|&lt;无输入&gt;|(?i:lorem ipsum)"
+    r"[^\]]*)\]|placeholder|your (?:answer|response) here|暂无|无输出|无输入|<无输入>|<无输出>|"
+    + PLACEHOLDER_ISSUE9
+    + r")\.?\s*$|"
+    + PLACEHOLDER_TODO
+    + r"|<\s*no\s*(?:input|output)\s*>|&lt;\s*no\s*(?:input|output)\s*&gt;|<无输入>|&lt;无输入&gt;|(?i:lorem ipsum)"
 )
 
 # Refusal / AI-boilerplate patterns. ^ anchors at the start of the (normalised, trimmed) response.
@@ -140,6 +181,20 @@ TRUNCATED_LONG_REGEX = (
     r"|(?:\S+[ \t]+){9,}\S*\p{L}(?:\.\.\.|…)$"  # a word cut by an ellipsis at the end of a 10+ word line
 )
 
+# Prompts that ask for a text the short-text junk rules would reject (instruction rows only; matched on the prompt).
+# (and code whose value is "[]" or "{}": 'What does this function return?')
+NO_CONTENT_EXEMPT_REGEX = (
+    r"(?i)morse|ascii|emoticon|smil|punctuat|symbol|ellipsis|\breturn|\bprint|\bcode\b|program|function|\blist\b"
+    r"|\barray|json|regex|regular expression|摩尔斯|摩斯|标点|符号|表情|省略号|代码|程序|函数|返回|列表|数组|正则"
+)
+REPEATED_EXEMPT_REGEX = r"(?i)repeat|times|twice|thrice|again|echo|chant|重复|遍|次"
+RANDOM_EXEMPT_REGEX = (
+    r"(?i)random|cipher|caesar|rot-?13|encod|encrypt|decod|decrypt|scrambl|anagram|vowel|consonant|revers|backward"
+    r"|alphabet|letters|characters|string|password|username|\bdna\b|\brna\b|protein|amino|sequence|palindrom"
+    r"|pronoun|phonetic|spell|abbreviat|acronym|morse|base64|hash|gibberish|nonsense|made-up|invent"
+    r"|随机|密码|字母|字符|序列|元音|辅音|加密|解密|编码|倒序|反转|拼写|缩写"
+)
+
 TRANSLATION_REGEX = (
     r"(?i)translat|in (?:english|chinese|mandarin|cantonese|french|spanish|german|italian|portuguese|russian"
     r"|japanese|korean|arabic|hindi|hebrew|greek|thai|vietnamese|turkish|polish|dutch|swedish)\b"
@@ -150,7 +205,25 @@ TRANSLATION_REGEX = (
 @dataclass
 class CleanConfig:
     enabled: bool = True  # false: add the signal columns only, reject nothing
-    prompt_signals: bool = True  # also add the prompt's signals as prompt_* columns (classification rows need them)
+    prompt_signals: bool = True  # also add the prompt's signals as prompt_* columns (instruction rows)
+    # --- short-text junk, judged at any length (module docstring; FP and recall in bench/bench_rules_fp.py) ------
+    no_content: bool = True  # verdict no_content: no letter, number or symbol (only punctuation, spaces, invisibles)
+    no_content_exempt_regex: str = NO_CONTENT_EXEMPT_REGEX  # prompts asking for Morse code, ":-)", punctuation
+    repeated_words: bool = True  # verdict repeated_words: the whole text is a short unit of words repeated
+    repeated_max_unit_words: int = 3  # the longest unit looked for, words (1..64)
+    # ... repeated at least this many times: 3 rejects "Checking Checking Checking", 2 would reject "Bora Bora"
+    repeated_min_repeats: float = 3.0
+    repeated_exempt_regex: str = REPEATED_EXEMPT_REGEX  # prompts asking for a repetition ("Repeat it 5 times")
+    random_letters: bool = True  # verdict random_letters: letters typed at random
+    # mean letter-bigram score (kernels/text_stats.py bigram_scores) below this: random letters average -3.1,
+    # English +1.5; -1.5 keeps "Hayy ibn Yaqdhan" (-1.5), "Dzhokhar Tsarnaev" and Polish text. Looser settings
+    # (1 rare bigram, or -1.0) catch 25% more one-word random strings but reject "pwd", "fm", "y = mx + b", "Joyful"
+    random_max_mean_score: float = -1.5
+    random_min_rare_bigrams: int = 2  # and at least this many bigrams scoring -7 or less ("qx", "jz"): one is a name
+    # and the judged Latin words hold at least this share of the text's non-space characters (code, math, URLs and
+    # tweets of hashtags and mentions have less)
+    random_min_latin_share: float = 0.5
+    random_exempt_regex: str = RANDOM_EXEMPT_REGEX  # prompts asking for ciphers, random strings, DNA, anagrams
     # --- SFT rules --------------------------------------------------------------------------------------------
     placeholder: bool = True  # verdict placeholder (PLACEHOLDER_REGEX)
     placeholder_regex: str = PLACEHOLDER_REGEX  # RE2 syntax, matched on the judged text
@@ -204,6 +277,31 @@ class CleanConfig:
     max_bullet_lines_frac: float = -1.0  # lines starting with a bullet (Gopher 0.9; off: list answers)
     max_ellipsis_lines_frac: float = 0.30  # lines ending in "..." or "…" (Gopher 0.3)
     min_alpha_words_frac: float = -1.0  # words with a letter (Gopher 0.8; off: code, math, tables)
+
+    def validate(self) -> None:
+        if len(self.max_top_ngram_frac) != 3 or len(self.max_dup_ngram_frac) != 6:
+            raise ValueError(
+                "clean.max_top_ngram_frac needs 3 values (n = 2, 3, 4) and clean.max_dup_ngram_frac 6 "
+                f"(n = 5..10); got {len(self.max_top_ngram_frac)} and {len(self.max_dup_ngram_frac)}"
+            )
+        frac, off = Range(0, 1, also=(-1,)), Range(0, also=(-1,))  # -1 = rule off
+        check_fields(
+            self, "clean", repeats_prompt_min_words=Range(0), repeats_prompt_min_share=Range(0, 1),
+            truncated_min_words=Range(0), truncated_long_min_words=Range(0), script_min_letters=Range(0),
+            script_prompt_max_letters=Range(0), script_max_shared_response=Range(0, 1), repetition_min_words=Range(0),
+            max_dup_line_frac=frac, max_dup_line_chars_frac=frac, max_top_ngram_frac=frac, max_dup_ngram_frac=frac,
+            quality_min_words=Range(0), max_words=off, min_mean_word_len=off, max_mean_word_len=off,
+            max_symbol_word_ratio=off, max_bullet_lines_frac=frac, max_ellipsis_lines_frac=frac,
+            min_alpha_words_frac=frac, repeated_max_unit_words=Range(1, 64), repeated_min_repeats=Range(2),
+            random_max_mean_score=Range(-8, 4), random_min_rare_bigrams=Range(0), random_min_latin_share=Range(0, 1),
+        )  # fmt: skip
+        # RE2 (Arrow's regex engine): a bad pattern fails here, not in a worker after the map phase started
+        for name in ("placeholder_regex", "refusal_regex", "refusal_exempt_regex", "translation_regex",
+                     "no_content_exempt_regex", "repeated_exempt_regex", "random_exempt_regex"):
+            try:
+                pc.match_substring_regex(pa.array([""]), getattr(self, name))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ValueError(f"clean.{name}: not a valid RE2 pattern: {e}") from None
 
     @classmethod
     def gopher(cls, **overrides) -> CleanConfig:
@@ -313,6 +411,14 @@ def _detail(prefix: str, name: str, values: np.ndarray, op: str, bound: float, r
     return _scatter(joined, idx, len(rows))
 
 
+def _join(parts: tuple, rows: np.ndarray) -> pa.Array:
+    """A detail string per row where ``rows`` is true (null elsewhere): ``parts`` are strings (the same on every row)
+    and n-row numpy arrays (that row's value), joined with Arrow compute."""
+    idx = np.flatnonzero(rows)
+    pieces = [pa.scalar(p, STR) if isinstance(p, str) else pc.cast(pa.array(p[idx]), STR) for p in parts]
+    return _scatter(pc.binary_join_element_wise(*pieces, pa.scalar("", STR)), idx, len(rows))
+
+
 def _matched(prefix: str, arr: pa.Array, pattern: str, rows: np.ndarray) -> pa.Array:
     """The detail "matched '...'" with the first match of ``pattern`` (RE2), cut to 60 characters, on the rows where
     ``rows`` is true (null elsewhere, and where nothing matches)."""
@@ -384,6 +490,7 @@ class CleanStage(Stage):
         text_stats(pa.array(["warm up", ""], STR))
         contains_prompt(pa.array(["warm up"], STR), pa.array(["warm"], STR))
         contains_literals(pa.array(["warm up"], STR), (b"warm",))
+        junk_stats(pa.array(["warm up"], STR))
 
     # ---- signals ----------------------------------------------------------------------------------------------
     def _add_signals(self, batch: pa.RecordBatch, stats: dict, prefix: str) -> pa.RecordBatch:
@@ -468,7 +575,7 @@ class CleanStage(Stage):
         fmt = batch.column("format")
         is_cls = pc.equal(fmt, "classification").to_numpy(zero_copy_only=False)
         is_text = pc.equal(fmt, "text").to_numpy(zero_copy_only=False)
-        is_sft = ~is_cls  # judged on the response
+        is_sft = ~is_cls  # model answers: refusal and truncated apply (not to a tweet or a review)
         has_prompt = is_sft & ~is_text  # instruction rows: prompt rules apply
 
         # ``live``: the rows still kept. Each rule is evaluated on those only: reject() touches no other row, and
@@ -480,17 +587,50 @@ class CleanStage(Stage):
             live = live & ~hit
 
         split = not self.reference and bool(self._split)
-        resp_lits = contains_literals(response, self._literals, live & is_sft) if split else np.zeros(n, np.uint64)
+        resp_lits = contains_literals(response, self._literals, live) if split else np.zeros(n, np.uint64)
 
-        # placeholder: on the judged text (response, or the classification text)
+        def exempt(hit: np.ndarray, regex: str) -> np.ndarray:
+            """``hit`` less the instruction rows whose prompt matches ``regex`` or contains the whole response (ASCII
+            case and spacing aside): 'Convert "SOS" to Morse code' -> "···––––···", 'Write "la la la"'."""
+            cand = hit & has_prompt
+            if not cand.any():
+                return hit
+            out = _regex(prompt, regex, cand) if regex else np.zeros(n, dtype=bool)
+            rest = cand & ~out
+            if rest.any():
+                out |= contains_prompt(prompt, response, rest) > 0  # the prompt contains the response
+            return hit & ~out
+
+        # the short-text junk rules, on every format's response (the text of text and classification rows)
+        js = None
+        if c.no_content or c.repeated_words or c.random_letters:
+            js = junk_stats(response, live, c.repeated_max_unit_words)
+        if c.no_content:
+            hit = exempt(live & (rs["n_chars"] > 0) & (js["n_content"] == 0), c.no_content_exempt_regex)
+            detail = lambda rows: _join(("no letter, number or symbol in ", rs["n_chars"], " characters"), rows)
+            apply("no_content", hit, detail)
+
         if c.placeholder:
-            judged_text, judged_lits = response, resp_lits
-            if is_cls.any():
-                judged_text = pc.if_else(pa.array(is_cls), prompt, response)
-                if split:
-                    judged_lits = np.where(is_cls, contains_literals(prompt, self._literals, live & is_cls), resp_lits)
-            hit = self._search(judged_text, c.placeholder_regex, live, judged_lits)
-            apply("placeholder", hit, lambda rows: _matched("", judged_text, c.placeholder_regex, rows))
+            hit = self._search(response, c.placeholder_regex, live, resp_lits)
+            apply("placeholder", hit, lambda rows: _matched("", response, c.placeholder_regex, rows))
+
+        if c.repeated_words:
+            unit, words = js["rep_unit"], js["rep_words"]
+            repeats = words / np.maximum(unit, 1)
+            hit = exempt(live & (unit > 0) & (repeats >= c.repeated_min_repeats), c.repeated_exempt_regex)
+            detail = lambda rows: _join(("unit_words=", unit, ", repeats=", np.round(repeats, 2),
+                                         f" >= {c.repeated_min_repeats:g}"), rows)  # fmt: skip
+            apply("repeated_words", hit, detail)
+
+        if c.random_letters:
+            bigrams, rare, letters = js["latin_bigrams"], js["rare_bigrams"], js["latin_letters"]
+            mean = js["bigram_score"] / np.maximum(bigrams, 1)
+            hit = (live & (bigrams > 0) & (rare >= c.random_min_rare_bigrams) & (mean < c.random_max_mean_score)
+                   & (letters >= c.random_min_latin_share * js["n_nonspace"]))  # fmt: skip
+            hit = exempt(hit, c.random_exempt_regex)
+            detail = lambda rows: _join(("mean_bigram_score=", np.round(mean, 2), f" < {c.random_max_mean_score:g}",
+                                         " (rare_bigrams=", rare, " of ", bigrams, ")"), rows)  # fmt: skip
+            apply("random_letters", hit, detail)
 
         if c.refusal:
             hit = self._search(response, c.refusal_regex, live & is_sft, resp_lits)
@@ -585,28 +725,15 @@ class CleanStage(Stage):
                 pc.take(_SCRIPT_NAMES, pa.array(r_dom)), pa.scalar("", STR))  # fmt: skip
             apply("script_mismatch", cand, detail)
 
-        # Gopher rules on the judged text: response for instruction/text rows, prompt for classification rows;
-        # plus the prompt's repetition for instruction rows when asked.
-        judged = {k: np.where(is_cls, ps[k], rs[k]) for k in ("n_words", "script", *FLOAT_SIGNALS)}
+        # Gopher rules on the response (every format's content), plus the prompt's repetition for instruction rows
+        # when asked.
         rule = _Rule(n)
-        self._repetition(rule, judged, live, "")
+        self._repetition(rule, rs, live, "")
         if c.judge_prompt_repetition:
             self._repetition(rule, ps, live & has_prompt, "prompt.")
-        rule_detail = rule.detail
-        if is_cls.any():  # classification rows were judged on the prompt: say so
-            rule_detail = pc.if_else(pa.array(is_cls & rule.mask),
-                                     pc.binary_join_element_wise(pa.scalar("prompt.", STR), rule.detail,
-                                                                 pa.scalar("", STR)),
-                                     rule.detail)  # fmt: skip
-        apply("gopher_repetition", rule.mask, rule_detail)
+        apply("gopher_repetition", rule.mask, rule.detail)
 
         rule = _Rule(n)
-        self._quality(rule, judged, live, "")
-        rule_detail = rule.detail
-        if is_cls.any():
-            rule_detail = pc.if_else(pa.array(is_cls & rule.mask),
-                                     pc.binary_join_element_wise(pa.scalar("prompt.", STR), rule.detail,
-                                                                 pa.scalar("", STR)),
-                                     rule.detail)  # fmt: skip
-        apply("gopher_quality", rule.mask, rule_detail)
+        self._quality(rule, rs, live, "")
+        apply("gopher_quality", rule.mask, rule.detail)
         return batch

@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from numba import njit
 
-from engine.registry import Option, register
+from engine.registry import Option, Range, check_fields, register
 from engine.stage import Stage, kept_mask, reject
 from engine.stages.dedup import dedup_text
 from kernels.minhash import (
@@ -73,6 +73,9 @@ class ContaminationConfig:
     fingerprint: str = ""  # set by the driver: xxh3 of the evaluation files' bytes (a changed eval set redoes shards)
 
     def validate(self) -> None:
+        check_fields(self, "contamination", ngram=Range(1), min_ngram=Range(1, self.ngram),
+                     text=("prompt_response", "prompt", "response"), minhash_threshold=Range(0, 1, hi_open=True),
+                     num_perm=Range(16), char_ngram=Range(1))
         try:
             eval_files(self.against)
         except (FileNotFoundError, ValueError) as e:

@@ -34,7 +34,7 @@ from engine.models.device import resolve_device
 from engine.models.embed_cache import EmbeddingCache
 from engine.models.encoder import EncoderEmbedder, default_model_path  # noqa: F401 (re-exported for tests)
 from engine.models.static import StaticEmbedder
-from engine.registry import Option, register
+from engine.registry import Option, Range, check_fields, register
 from engine.stage import Stage, kept_mask, set_column
 from kernels.strings import hash_strings
 
@@ -82,6 +82,23 @@ class EmbedConfig:
     # auto on CPU picks the encoder up to this many rows (at ~50-250 rows/s: 20,000 rows = 2-7 minutes), above it
     # the static tier (28,000-74,000 rows/s measured). -1 = always the encoder.
     auto_cpu_max_rows: int = 20000
+
+    def validate(self) -> None:
+        check_fields(self, "embed", max_length=Range(1, also=(-1,)), token_budget=Range(1), max_batch_rows=Range(1),
+                     dtype=("auto", "float32", "bfloat16", "float16"), num_threads=Range(0), static_dim=Range(1),
+                     static_sif=Range(0, lo_open=True), auto_cpu_max_rows=Range(0, also=(-1,)))
+        name = self.embedder
+        path = name.split(":", 1)[1] if name.startswith("static:") else name
+        if name not in ("auto", "none", "minilm", "static") and not os.path.isfile(os.path.join(path, "config.json")):
+            what = "a folder without config.json" if os.path.isdir(path) else "not a folder"
+            raise ValueError(f"--embedder {name}: {path} is {what}; expected auto, none, minilm, static, a local HF "
+                             "encoder folder or static:FOLDER")
+        if self.device == "cuda" and name != "none":
+            from engine.stages.loss import _cuda_present  # the loss stage's probe: no torch import without a GPU
+
+            if not _cuda_present({}):
+                raise ValueError("--embed-device cuda: no CUDA GPU here (torch sees none); use --embed-device cpu or "
+                                 "auto")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,7 +271,7 @@ def embed_tier(choice: str) -> str:
         Option("--embedder", "embedder", "auto | none | minilm | static | PATH (local HF encoder) | static:PATH "
                "(default: auto = MiniLM on a GPU or for <= 20,000 rows on CPU, else the static tier; the choice and "
                "why go into the manifest)"),
-        Option("--embed-device", "device", "auto | cpu | cuda (default: auto)"),
+        Option("--embed-device", "device", "auto | cpu | cuda (default: auto)", allowed=("auto", "cpu", "cuda")),
     ],
 )  # fmt: skip
 class EmbedStage(Stage):

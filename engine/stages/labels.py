@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from engine.registry import Option, register
+from engine.registry import Option, Range, check_fields, register
 from engine.stage import GlobalStage
 
 
@@ -49,6 +49,10 @@ class LabelNoiseConfig:
     min_rows: int = 20
     # prune_by_noise_rate (cleanlab default) | confident_learning (off-diagonal of the confident joint) | both.
     filter_by: str = "prune_by_noise_rate"
+
+    def validate(self) -> None:
+        check_fields(self, "labels", C=Range(0, lo_open=True), max_iter=Range(1), seed=Range(0), min_rows=Range(2),
+                     filter_by=("prune_by_noise_rate", "confident_learning", "both"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +210,8 @@ def label_noise_scores(
              "label_margin": pa.float64(), "label_el2n": pa.float64()},
     enabled=lambda sec, cfg: sec.enabled, requires=("embed",),
     options=[
-        Option("--label-folds", "n_folds", "folds of the out-of-fold label-noise proxy (default: 5)", int),
+        Option("--label-folds", "n_folds", "folds of the out-of-fold label-noise proxy (default: 5)", int,
+               allowed=Range(2)),  # one fold has no held-out rows
         Option("--no-label-noise", "enabled", "skip label-noise scores (label_quality, label_issue)", type=None,
                value=False),
     ],

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.io.schema import ROLE_MAP  # ShareGPT human/gpt and friends -> user/assistant
-from engine.registry import Option, register
+from engine.registry import Option, Range, check_fields, register
 from engine.stage import GlobalStage
 
 if TYPE_CHECKING:
@@ -73,6 +73,23 @@ class LossConfig:
     # With a priority: rows whose text is read back per pass, in priority order (each pass reads the text columns
     # of the parts those rows live in once; 50,000 Alpaca rows ~ 40 MB of text).
     fetch_rows: int = 50_000
+
+    def validate(self) -> None:
+        check_fields(self, "loss", enabled=("auto", "on", "off"), dtype=("auto", "float32", "bfloat16"),
+                     chunk_rows=Range(1), fetch_rows=Range(1))
+        if self.model != "smollm2" and not os.path.isfile(os.path.join(self.model, "config.json")):
+            what = "not a folder" if not os.path.isdir(self.model) else "a folder without config.json"
+            raise ValueError(f"--loss-model {self.model}: {what}; expected smollm2 or a local causal-LM folder "
+                             "(config.json, weights, tokenizer)")
+        try:
+            b = parse_loss_budget(self.loss_budget)
+        except ValueError:
+            b = Budget(rows=0)
+        if b.rows == 0 or b.seconds == 0:
+            raise ValueError(f"--loss-budget {self.loss_budget}: expected a row count > 0 ('2000'), minutes ('10m') or "
+                             "-1 for no limit (--no-loss scores nothing)")
+        if self.device == "cuda" and self.enabled != "off" and not _cuda_present({}):
+            raise ValueError("--loss-device cuda: no CUDA GPU here (torch sees none); use --loss-device cpu or auto")
 
 
 # ---------------------------------------------------------------------------------------------------- budget
@@ -283,11 +300,13 @@ def score_subset(
                "offline) or a local folder"),
         Option("--loss-budget", "loss_budget", "limit LM scoring to rows ('2000') or minutes ('10m'), kept rows "
                "only, --loss-priority order (-1 = no limit)"),
-        Option("--loss-priority", "priority", "score column ordering which kept rows get LM losses first"),
+        Option("--loss-priority", "priority", "score column ordering which kept rows get LM losses first",
+               column=True),
         Option("--loss-max-tokens", "max_tokens", "tokens per sequence; longer ones are cut and flagged "
-               "(default: 512)", int),
-        Option("--loss-batch-tokens", "batch_tokens", "padded tokens per forward pass (default: 8192)", int),
-        Option("--loss-device", "device", "auto | cpu | cuda (default: auto)"),
+               "(default: 512)", int, allowed=Range(2)),  # a response token needs one token before it
+        Option("--loss-batch-tokens", "batch_tokens", "padded tokens per forward pass (default: 8192)", int,
+               allowed=Range(1)),
+        Option("--loss-device", "device", "auto | cpu | cuda (default: auto)", allowed=("auto", "cpu", "cuda")),
     ],
 )  # fmt: skip
 class LossGlobalStage(GlobalStage):

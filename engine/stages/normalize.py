@@ -19,18 +19,15 @@ from kernels.normalize import normalize
 @dataclass
 class NormalizeConfig:
     enabled: bool = True  # NFC, control characters, line endings, trailing spaces, runs of blank lines
-    form: str = "NFC"  # Unicode normal form: NFC | NFKC | NFD | NFKD
-
-    def validate(self) -> None:
-        if self.form not in ("NFC", "NFKC", "NFD", "NFKD"):
-            raise ValueError(f"--normalize-form {self.form}: use NFC, NFKC, NFD or NFKD")
+    form: str = "NFC"  # Unicode normal form: NFC | NFKC | NFD | NFKD (checked by the --normalize-form option)
 
 
 @register(
     name="normalize", kind="map", section="normalize", config=NormalizeConfig, order=10,
     enabled=lambda sec, cfg: sec.enabled,
     options=[
-        Option("--normalize-form", "form", "Unicode normal form NFC | NFKC | NFD | NFKD (default: NFC)"),
+        Option("--normalize-form", "form", "Unicode normal form NFC | NFKC | NFD | NFKD (default: NFC)",
+               allowed=("NFC", "NFKC", "NFD", "NFKD")),
         Option("--no-normalize", "enabled", "skip Unicode normalisation", type=None, value=False),
     ],
 )  # fmt: skip

@@ -45,7 +45,7 @@ import numpy as np
 import polars as pl
 from numba import njit
 
-from engine.registry import Option, register
+from engine.registry import Option, Range, check_fields, register
 from engine.stage import GlobalStage
 from engine.stages.embed import embed_tier
 
@@ -77,6 +77,10 @@ class SemDedupConfig:
     # Column with the response length (rules stage: response_chars, code points; MinHash uses bytes, which orders
     # rows the same way except on non-ASCII text): the quality key's second part.
     length_column: str = "response_chars"
+
+    def validate(self) -> None:
+        check_fields(self, "semdedup", cluster_size=Range(2), niter=Range(1), boundary=Range(0, 2), seed=Range(0),
+                     block_rows=Range(1))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,7 +234,7 @@ def quality_rank(violations: np.ndarray, length: np.ndarray, shard: np.ndarray, 
         Option("--semdedup", "enabled", "mark semantic near duplicates (embedding cosine; off by default, see "
                "docs/EMBED.md)", type=None, value=True),
         Option("--semdedup-threshold", "threshold", "cosine for semantic duplicates (default: -1 = calibrated per "
-               "tier: 0.95 MiniLM, 0.99 static)", float),
+               "tier: 0.95 MiniLM, 0.99 static)", float, allowed=Range(0, 1, lo_open=True, also=(-1,))),
     ],
 )  # fmt: skip
 class SemDedup(GlobalStage):

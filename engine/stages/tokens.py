@@ -102,6 +102,9 @@ class TokensConfig:
     def validate(self) -> None:
         if self.cache_chunks < 0:
             raise ValueError(f"tokens.cache_chunks = {self.cache_chunks}: use 0 (off) or a positive count")
+        if self.tokenizer != SMOLLM2 and not os.path.exists(self.tokenizer):
+            raise ValueError(f"--tokenizer {self.tokenizer}: no such file or folder; expected {SMOLLM2}, a "
+                             "tokenizer.json file or a local tokenizer folder")
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer

@@ -159,3 +159,73 @@ def test_minhash_return_sets_equals_shingle_sets():
     assert np.array_equal(sig, M.minhash(arr))
     want, want_off = M.shingle_hashes(arr, unique=True, bits=32)
     assert np.array_equal(off, want_off) and np.array_equal(sets, want)
+
+
+SHORT = {"short_words": 50, "short_min_words": 5, "tiny_words": 10}
+
+
+def _short_texts(seed):
+    """Rows of 0-60 words around the path boundaries (4/5 words, 9/10, 49/50), mixed separators and scripts."""
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "Beta", "gamma", "数据", "é", "x1", "zz", "ü", "한국", "delta"]
+    seps = [" ", ", ", ".\n", "\t", " — "]
+    out = []
+    for k in [0, 1, 4, 5, 9, 10, 11, 49, 50, 60] + list(rng.integers(0, 60, 30)):
+        out.append("".join(words[rng.integers(len(words))] + seps[rng.integers(len(seps))] for _ in range(int(k))))
+    return out
+
+
+def test_short_path_matches_reference():
+    texts = TEXTS + _short_texts(2)
+    arr = pa.array(texts, pa.large_string())
+    h, o = M.shingle_hashes(arr, **SHORT)
+    sig, kind = M.minhash(arr, num_perm=32, return_kind=True, **SHORT)
+    for i, t in enumerate(texts):
+        want = [M.hash_shingle_reference(s) for s in M.shingles_reference(t, **SHORT)]
+        assert list(h[o[i] : o[i + 1]]) == want, (i, t)
+        assert kind[i] == M.shingle_kind_reference(t, short_words=50, short_min_words=5, tiny_words=10), (i, t)
+    assert np.array_equal(sig, M.minhash_reference(texts, num_perm=32, **SHORT))
+    # every path occurs, and the boundaries fall where the docstring says (normalised word counts)
+    assert set(kind) == {M.KIND_WORD, M.KIND_SHORT, M.KIND_TINY, M.KIND_CHAR, M.KIND_EMPTY}
+    nw = [len(M.normalize_reference(t).split(" ")) if M.normalize_reference(t) else 0 for t in texts]
+    for k, w, t in zip(kind, nw, texts):
+        if k == M.KIND_SHORT:
+            assert 10 <= w < 50
+        elif k == M.KIND_TINY:
+            assert 5 <= w < 10
+        elif k == M.KIND_WORD:
+            assert w >= 50, t
+
+
+def test_short_rows_are_word_sets():
+    t = "the cat sat on the mat and looked at the rain"  # 11 words, "the" three times
+    assert sorted(M.shingles_reference(t, **SHORT)) == sorted(b.encode() for b in t.split())
+    assert M.shingle_kind_reference(t, short_words=50, short_min_words=5, tiny_words=10) == M.KIND_SHORT
+    # off by default: the kernel's historic rule (word 5-grams)
+    assert M.shingles_reference(t)[0] == b"the cat sat on the"
+    v, o = M.shingle_hashes(pa.array([t]), unique=True, **SHORT)
+    assert o[1] == 9 and len(set(v.tolist())) == 9  # distinct words
+    # a repeated shingle counts once in the 64-bit sets too (its padding was once a float-rounded extra value)
+    v, o = M.shingle_hashes(pa.array(["a b c d e a b c d e"]), unique=True)
+    assert o[1] == 5 and np.array_equal(v, np.unique(v))
+
+
+def test_shingle_sets_equals_unique_32bit_hashes():
+    arr = pa.array(TEXTS + _short_texts(5), pa.large_string())
+    for kw in ({}, SHORT):
+        a, ao = M.shingle_sets(arr, **kw)
+        b, bo = M.shingle_hashes(arr, unique=True, bits=32, **kw)
+        assert np.array_equal(a, b) and np.array_equal(ao, bo)
+
+
+def test_band_keys_of_a_row_subset():
+    sig = M.minhash(pa.array(TEXTS + _random_texts(30, 8)), num_perm=64)
+    rows = np.array([3, 0, 17, 17, 40])
+    assert np.array_equal(M.band_keys(sig, 8, 8, rows), M.band_keys(sig[rows], 8, 8))
+
+
+def test_shingle_rule_limits():
+    with pytest.raises(ValueError, match="short_ngram"):
+        M.minhash(pa.array(["a b c"]), short_words=50, short_ngram=0)
+    with pytest.raises(ValueError, match="short_min_words"):
+        M.shingle_hashes(pa.array(["a b c"]), short_words=50, short_min_words=1, short_ngram=2)

@@ -13,18 +13,25 @@ from hypothesis import strategies as st
 from kernels.strings import hash_span
 from kernels.text_stats import (
     _ASCII_MAX_BYTES,
+    C_NUMBER,
     C_SPACE,
+    C_SYMBOL,
+    JUNK_SIGNALS,
+    RARE_BIGRAM_SCORE,
     REPETITION_SIGNALS,
     SCRIPT_ID,
     SIGNALS,
     _hash_fast,
     _hash_word,
+    bigram_scores,
     char_tables,
     contains_literals,
     contains_literals_reference,
     contains_prompt,
     contains_prompt_reference,
     gopher_repetition_reference,
+    junk_stats,
+    junk_stats_reference,
     text_stats,
     text_stats_reference,
 )
@@ -296,3 +303,92 @@ def test_contains_literals_matches_reference():
     assert np.array_equal(contains_literals(arr.slice(5, 20), LITERALS), want[5:25])
     with pytest.raises(ValueError, match="lower case"):
         contains_literals(arr, (b"As",))
+
+
+# ---- junk_stats (issue 9) ------------------------------------------------------------------------------------------
+# Pieces for the Latin-word state machine (strip, split at ' - ’, skip #/@ tokens, acronyms, elongations), the
+# repetition words (punctuation at the ends, CJK, case) and the content count (symbols, invisibles).
+JUNK_PIECES = list("abcqxzXYZ -'.,#@1_()!?\n") + [
+    "’", "é", "\u0301", "“", "”", "…", "你", "好", "。", "😀", "\u200b", "\u3000", "½", "∑", "$", "the ", "cat ",
+    "Th", "NASA ", "ok ", "soooo ", "qx", "jz", "wk", "sz", "Checking ", "checking, ",
+]  # fmt: skip
+
+
+def assert_junk_same(texts, max_unit: int = 3) -> None:
+    got, want = junk_stats(texts, max_unit=max_unit), junk_stats_reference(texts, max_unit=max_unit)
+    for k in JUNK_SIGNALS:
+        bad = np.flatnonzero(got[k] != want[k])
+        assert not len(bad), (k, [(texts[i], got[k][i], want[k][i]) for i in bad[:5]])
+
+
+def test_junk_stats_matches_reference_on_generated_texts():
+    rng = random.Random(21)
+    texts = ["".join(rng.choice(JUNK_PIECES) for _ in range(rng.randint(0, 40))) for _ in range(4000)]
+    texts += random_texts(400, seed=22)
+    texts += [" ".join([rng.choice(["a", "b.", "B", "你", "x!", "1"])] * rng.randint(1, 9)) for _ in range(300)]
+    texts += ["a-.-b", "a.-b", "a-.b", "a.-", "word.-", "'hello'", "rock'n'roll", "hi😀", "hi😀there", "cafe\u0301",
+              "-5", "x_val", "#tag word", "@user hi", "don’t", "", " ", "哈哈哈哈", "a b a b a"]  # fmt: skip
+    for max_unit in (1, 3, 8):
+        assert_junk_same(texts, max_unit)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(JUNK_PIECES), max_size=30).map("".join), min_size=1, max_size=8))
+def test_junk_stats_property(texts):
+    assert_junk_same(texts)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "alpaca_52k").exists(), reason="shared datasets absent")
+def test_junk_stats_matches_reference_on_real_texts():
+    import polars as pl
+
+    texts = []
+    for name, col in [("alpaca_52k", "output"), ("alpaca_chinese", "output"), ("tweeteval_emoji", "text")]:
+        path = SHARED_DATA / name / "train.parquet"
+        texts += pl.read_parquet(path, columns=[col])[col].sample(1000, seed=1).to_list()
+    assert_junk_same(texts)
+
+
+def test_junk_stats_planted_values():
+    texts = ["Checking, checking. CHECKING!", "gvhbzesqrfjz", "The cat sat.", "...!!", "", "0 0 0", "#qxzj @qxzj",
+             "NASA HTML qxzjv", "soooo", "a b c a b c a", "好好好", "Nah nah nah ✋🏼😭", "x_qz don’t", "\u200b"]  # fmt: skip
+    s = junk_stats(texts)
+    # "#qxzj @qxzj": "#" and "@" are punctuation, stripped from the repetition words (2 words, unit 1)
+    assert s["rep_unit"].tolist() == [1, 0, 0, 0, 0, 0, 1, 0, 0, 3, 1, 0, 0, 0]
+    assert s["rep_words"].tolist() == [3, 0, 0, 0, 0, 0, 2, 0, 0, 7, 3, 0, 0, 0]
+    assert s["n_content"].tolist()[3:6] == [0, 0, 3] and s["n_content"][13] == 0 and s["n_nonspace"][13] == 1
+    assert s["n_content"][11] == 10  # 9 letters and the emoji (the skin-tone modifier is a symbol too)
+    assert s["latin_letters"].tolist() == [24, 12, 9, 0, 0, 0, 0, 5, 5, 7, 0, 9, 4, 0]
+    # "soooo": one bigram (s-o), the repeated o's skipped; "x_qz" is not a word, "don’t" is "don" + "t"
+    assert s["latin_bigrams"][8] == 1 and s["latin_bigrams"][12] == 2
+    scores = bigram_scores()
+    the_cat = [("t", "h"), ("h", "e"), ("c", "a"), ("a", "t"), ("s", "a"), ("a", "t")]
+    assert s["bigram_score"][2] == sum(int(scores[ord(a) - 97, ord(b) - 97]) for a, b in the_cat)
+    assert s["rare_bigrams"][1] >= 4 and s["bigram_score"][1] < -1.5 * s["latin_bigrams"][1]
+
+
+def test_junk_stats_todo_nulls_and_arguments():
+    arr = pa.array(["lol lol lol", None, "qxzj qxzj", "!!!"], STR)
+    full = junk_stats(arr)
+    todo = np.array([True, True, False, True])
+    part = junk_stats(arr, todo)
+    for k in JUNK_SIGNALS:
+        assert np.array_equal(part[k], np.where(todo, full[k], 0)), k
+    assert junk_stats(arr.slice(2, 2))["rep_unit"].tolist() == [1, 0]
+    assert junk_stats(arr.cast(pa.string()))["rep_unit"].tolist() == [1, 0, 1, 0]
+    with pytest.raises(ValueError, match="1..64"):
+        junk_stats(arr, max_unit=0)
+
+
+def test_bigram_table_and_character_classes():
+    scores = bigram_scores()
+    assert scores.shape == (26, 26) and scores.dtype == np.int8
+    at = lambda ab: int(scores[ord(ab[0]) - 97, ord(ab[1]) - 97])  # noqa: E731
+    assert at("th") == 4 and at("er") >= 3 and at("qx") == -8 and at("jz") <= RARE_BIGRAM_SCORE
+    assert at("sz") >= 0 and at("zw") >= 0 and at("xi") >= 0  # Polish, German, pinyin digraphs raised to 0
+    cls, _ = char_tables()
+    for ch in "😀$∑©":
+        assert cls[ord(ch)] & C_SYMBOL and not cls[ord(ch)] & C_NUMBER, ch
+    for ch in "½Ⅻ²7":
+        assert cls[ord(ch)] & C_NUMBER, ch
+    assert not cls[0x200B] & (C_SYMBOL | C_NUMBER) and not cls[ord("!")] & (C_SYMBOL | C_NUMBER)

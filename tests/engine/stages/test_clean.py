@@ -4,6 +4,8 @@ per format, conservation of rows, and the kept share on the real Chinese set."""
 from __future__ import annotations
 
 import collections
+import random
+import string
 
 import numpy as np
 import pyarrow as pa
@@ -166,7 +168,8 @@ def test_gopher_repetition(stage):
         [("Write about learning.", EN_LOOP), ("写一段关于学习的话。", ZH_LOOP),
          ("List the planets.", "\n".join(["Mercury is the closest planet to the sun and the smallest one."] * 6))],
         [("Explain photosynthesis.", PROSE), ("解释光合作用。", ZH_PROSE),
-         ("Say it twice.", "Yes yes"), ("Repeat.", "la la la la la la")],  # short: below the 50-word gate
+         ("Say it twice.", "Yes yes"), ("Repeat.", "la la la la la la")],  # short: below the 50-word gate (and
+        # not repeated_words: two repeats pass, and "la" x6 was asked for)
     )  # fmt: skip
     assert d[0].startswith("frac_dup_line") or "gram_frac=" in d[0]
     assert "gram_frac=" in d[1]  # Chinese loops are caught on character n-grams
@@ -209,17 +212,25 @@ def test_word_rules_do_not_apply_to_cjk():
     assert v[0] == "kept" and v[1] == "gopher_quality" and d[1].startswith("mean_word_len=2 < 3")
 
 
-def test_classification_rows_are_judged_on_the_prompt(stage):
+def test_classification_rows_are_judged_on_their_text(stage):
+    """engine/io/schema.py puts a classification row's text in ``response`` (prompt ""): every rule judges it there,
+    the details name no prompt, and the model-answer rules (refusal, truncated) leave a review alone."""
     rows = [
-        (EN_LOOP, "positive", "classification"),  # the text loops: rejected, detail names the prompt
-        ("What a lovely day!", "N/A", "classification"),  # a label is not judged
-        ("I'm sorry, but I cannot stand this movie.", "negative", "classification"),  # text, not a refusal
-        ("N/A", "neutral", "classification"),  # the text is a placeholder
+        ("", EN_LOOP, "classification"),  # the text loops
+        ("", "What a lovely day!", "classification"),
+        ("", "I'm sorry, but I cannot stand this movie.", "classification"),  # a review, not a refusal
+        ("", "N/A", "classification"),  # the text is a placeholder
+        ("", "Checking Checking Checking Checking Checking Checking Checking Checking", "classification"),
+        ("", "xkqjz wpfmrt bvnzq hjkw", "classification"),
+        ("", "!!! ...", "classification"),
+        ("", "The film was long and", "classification"),  # a tweet may stop anywhere
         ("great film", "B", "alpaca"),  # a one-letter answer is a fine answer
     ]
     v, d = verdicts(stage, rows)
-    assert v == ["gopher_repetition", "kept", "kept", "placeholder", "kept"], list(zip(v, d))
-    assert d[0].startswith("prompt.")
+    assert v == ["gopher_repetition", "kept", "kept", "placeholder", "repeated_words", "random_letters", "no_content",
+                 "kept", "kept"], list(zip(v, d))  # fmt: skip
+    assert not any(x and x.startswith("prompt.") for x in d)
+    assert d[4] == "unit_words=1, repeats=8 >= 3"
 
 
 def test_rejected_rows_are_measured_not_rejudged(stage):
@@ -231,7 +242,7 @@ def test_rejected_rows_are_measured_not_rejudged(stage):
 
 def test_rows_order_columns_and_conservation(stage):
     rows = [("Explain.", PROSE), ("Q", "<noinput>"), ("写一段话。", ZH_LOOP), ("Draw.", "As an AI, I cannot draw."),
-            ("Q", "positive"), (EN_LOOP, "x", "classification")] * 5  # fmt: skip
+            ("Q", "positive"), ("", EN_LOOP, "classification")] * 5  # fmt: skip
     batch = make_batch(rows)
     st = CleanStage(CleanConfig())
     out = st.process(batch)
@@ -289,8 +300,14 @@ VARIED = [
     ("Write a short poem about the sea and the sky.", "write a short poem about   the sea and the sky."),
     ("Q", "\n".join(["- same item here"] * 30)), ("Q", "see http://a.b and https://c.d/x, www.e.f"),
     ("Q", "naïve café, 😀 and\u00a0spaces\u3000here"), ("Q", ""), ("Q", " "),
+    # short-text junk: no_content, placeholder, repeated_words, random_letters, and their exemptions
+    ("Q", "!!! ..."), ("Q", "\u200b"), ("Convert SOS to Morse code.", "··· ––– ···"), ("Q", "test test"),
+    ("Q", "TODO: fill in"), ("Q", "Todo me parece bonito"), ("Q", "Checking, checking. CHECKING"),
+    ("Q", "buy now buy now buy now"), ("Q", "Bora Bora"), ("Repeat it 3 times.", "go go go"), ("Q", "0 0 0"),
+    ("Q", "xkqjz wpfmrt bvnzq hjkw"), ("Generate a random string.", "xkqjz wpfmrt bvnzq"), ("Q", "哈哈哈哈"),
+    ("Q", "Wszystkie dzieci lubią czekoladę."), ("Q", "don’t-stop #xkqjz @bvnzq"),
     # other formats and already rejected rows
-    (EN_LOOP, "positive", "classification"), ("N/A", "neutral", "classification"),
+    ("", EN_LOOP, "classification"), ("", "N/A", "classification"), ("", "qwzx vbkj prtz", "classification"),
     ("", "Lorem ipsum text", "text"), ("Q?", "<noinput>", "alpaca", "empty_prompt"),
 ]  # fmt: skip
 
@@ -311,7 +328,8 @@ def assert_paths_agree(config: CleanConfig, rows: list[tuple]) -> collections.Co
 
 def test_default_path_equals_reference_path():
     counts = assert_paths_agree(CleanConfig(), VARIED * 3)
-    for verdict in ("placeholder", "refusal", "truncated", "gopher_repetition", "script_mismatch", "repeats_prompt"):
+    for verdict in ("placeholder", "refusal", "truncated", "gopher_repetition", "script_mismatch", "repeats_prompt",
+                    "no_content", "repeated_words", "random_letters"):
         assert counts[verdict] > 0, counts  # the rows exercise every rule
     assert_paths_agree(CleanConfig.gopher(judge_prompt_repetition=True), VARIED)
     # a pattern that is not a default one is matched whole on both paths
@@ -355,3 +373,145 @@ def test_split_patterns_agree_with_whole_patterns(data):
         rows = np.ones(len(texts), dtype=bool)
         split = stage._search(arr, pattern, rows, contains_literals(arr, stage._literals))
         assert split.tolist() == _regex(arr, pattern, rows).tolist(), texts
+
+
+# ---- short-text junk (issue 9): planted truth ---------------------------------------------------------------------
+def _random_words(rng: random.Random, n: int) -> str:
+    return " ".join("".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 10))) for _ in range(n))
+
+
+def planted_junk(seed: int = 0) -> list[tuple[str, str]]:
+    """(text, the reason it must get): junk of every kind, short and long."""
+    rng = random.Random(seed)
+    junk = [(_random_words(rng, rng.choice([6, 8, 12, 30, 120])), "random_letters") for _ in range(20)]
+    junk += [("".join(rng.choice(string.ascii_lowercase) for _ in range(k)), "random_letters") for k in (40, 400)]
+    junk += [("Xkqjz Wpfmrt Bvnzq Hjkw", "random_letters"), ("gvhbzesqrfjz kdjfhg", "random_letters")]
+    junk += [(t, "repeated_words") for t in [
+        "Checking Checking Checking Checking Checking Checking Checking Checking", "Checking Checking Checking",
+        "Checking, checking. CHECKING!", "buy now buy now buy now", "click here now click here now click here now click",
+        "\n".join(["hello"] * 40), " ".join(["lol"] * 200), "好 好 好 好", "哈哈哈哈哈哈", "No no no no no",
+    ]]  # fmt: skip
+    junk += [(t, "no_content") for t in ["...", "!!!", "?!", "—", "。。。", "\u200b", "• • •", "* * *", "()", ". " * 150]]
+    junk += [(t, "placeholder") for t in [
+        "Lorem ipsum dolor sit amet, consectetur adipiscing elit.", " ".join(["lorem ipsum dolor"] * 60), "N/A",
+        "TODO: write this", "test test", "Testing, testing, 1 2 3", "asdf", "<answer goes here>", "dummy text", "测试",
+        "暂无", "foo bar", "blah blah blah",
+    ]]  # fmt: skip
+    return junk
+
+
+LEGIT = [
+    "Yes", "No", "42", "3.14", "-7", "1,234", "x = 5", "B", "positive", "Paris", "Tbilisi", "Mkhitaryan", "pwd", "fm",
+    "NASA", "DNA", "XXX", "Test", "None", "undefined", "hello world", "Hayy ibn Yaqdhan", "Dzhokhar Tsarnaev",
+    "今天天气很好。", "谢谢", "我喜欢学习编程，也喜欢读书。", "¿Dónde está la biblioteca?", "El perro corre rápido.",
+    "Sí, claro.", "Conozco a tu hermano desde hace muchos años.", "Wszystkie dzieci lubią czekoladę.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.", "Zhongguo de shoudu shi Beijing.",
+    "def f(x):\n    return x**2", "SELECT * FROM users WHERE id = 3;", "print('hi')", "mkdir -p /tmp/x",
+    "😂😂😂 🔥🔥", "❤️", "Love this! 😍 #blessed", "@user lol 😂", "Sizzle sizzle #kbbq #ktown @ Oo-Kook BBQ",
+    "2 + 2 = 4", "∫ x dx = x²/2 + C", "(a+b)^2 = a^2 + 2ab + b^2", "1 2 3 4 5", "0 0 0", "$ $ $", "😂 😂 😂",
+    "New York, New York", "Bora Bora", "Yes yes", "Nah nah ✋🏼😭", "ATCG", "The answer is 12.", "Joyful.",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["alpaca", "classification"])
+def test_planted_short_text_junk_and_legitimate_rows(stage, fmt):
+    """Every planted junk row is rejected with its kind's reason, at any length; no short legitimate row is: one-word
+    answers, numbers, names, Chinese, Spanish, Polish, pinyin, code, math, emoji, tweets. As instruction rows (prompt
+    'Answer.', which asks for nothing special) and as classification rows (the text in ``response``)."""
+    junk = planted_junk()
+    prompt = "Answer." if fmt == "alpaca" else ""
+    rows = [(prompt, t, fmt) for t, _ in junk] + [(prompt, t, fmt) for t in LEGIT]
+    v, d = verdicts(stage, rows)
+    wrong = [(t[:40], why, x, y) for (t, why), x, y in zip(junk, v, d) if x != why]
+    assert not wrong, wrong
+    rest = list(zip(LEGIT, v[len(junk) :], d[len(junk) :]))
+    assert all(x == "kept" for _, x, _ in rest), [r for r in rest if r[1] != "kept"]
+
+
+def test_planted_recall_over_lengths(stage):
+    """A pool like the benchmark's (bench/bench_rules_fp.py): a quarter each of random letters (2-10 letter words,
+    some capitalised), one word or a 2-3 word unit repeated, punctuation only, placeholders, 1..200 words
+    log-uniform (half of them under 10 words): >= 95% rejected with the kind's reason; the misses are short random
+    strings, which read like abbreviations or names."""
+    rng = random.Random(3)
+    rows, want = [], []
+    for i in range(400):
+        n = min(200, int(np.exp(rng.uniform(0, np.log(201)))))
+        kind = ("random_letters", "repeated_words", "no_content", "placeholder")[i % 4]
+        if kind == "random_letters":
+            words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 10))) for _ in range(n)]
+            text = " ".join(w.capitalize() if rng.random() < 0.2 else w for w in words)
+        elif kind == "repeated_words":
+            unit = rng.choice(["Checking", "buy now", "good", "click here now", "lol"])
+            text = rng.choice([" ", ", ", "\n"]).join([unit] * max(3, n // len(unit.split())))
+        elif kind == "no_content":
+            text = " ".join(rng.choice([".", "!!!", "?", "-", "…", "。", "*"]) for _ in range(n))
+        else:
+            text = " ".join((["lorem", "ipsum", "dolor", "sit", "amet"] * 40)[: max(2, n)])
+        rows.append(("", text, "classification"))
+        want.append(kind)
+    v, _ = verdicts(stage, rows)
+    hits = np.array([a == b for a, b in zip(v, want)])
+    assert hits.mean() >= 0.95, collections.Counter((w, x) for w, x in zip(want, v) if w != x)
+    assert all(h for h, w in zip(hits, want) if w != "random_letters")  # the other kinds: every length
+    long = [h for h, w, r in zip(hits, want, rows) if w == "random_letters" and len(r[1].split()) >= 10]
+    assert all(long)
+
+
+def test_short_text_exemptions_by_prompt(stage):
+    """An instruction row whose prompt asks for such a text, or quotes the whole response, is not junk; the same text
+    as a classification row (no prompt) is."""
+    asked = [
+        ("Convert SOS to Morse code.", "··· ––– ···"), ("Generate a smiley face using only ASCII characters", ":-)"),
+        ("What does this function return when the input is empty?", "[]"),
+        ("Repeat the input 5 times.\n\nHello", "Hello\nHello\nHello\nHello\nHello"),
+        ("Write 'go go go' in capitals.", "GO GO GO"),
+        ("Generate a random sequence of 12 letters.", "gvhbzesqrfjz kdjfhgwq"),
+        ("Encode the sentence with a Caesar cipher of key 3.\n\nThis is a secret message.", "Wklw lv d vhfuhw phvvdjh."),
+        ("Remove every vowel.\n\nThe quick brown fox jumps over the lazy dog.", "Th qck brwn fx jmps vr th lzy dg."),
+    ]  # fmt: skip
+    v, d = verdicts(stage, asked)
+    assert v == ["kept"] * len(asked), list(zip(v, d))
+    v, _ = verdicts(stage, [("", r, "classification") for _, r in asked])
+    assert v == ["no_content", "no_content", "no_content", "repeated_words", "repeated_words", "random_letters",
+                 "random_letters", "random_letters"]  # fmt: skip
+
+
+def test_short_text_details_and_switches(stage):
+    rows = [("Q", "!!!"), ("Q", "lol lol lol lol"), ("Q", "xkqjz wpfmrt bvnzq")]
+    v, d = verdicts(stage, rows)
+    assert v == ["no_content", "repeated_words", "random_letters"]
+    assert d[0] == "no letter, number or symbol in 3 characters"
+    assert d[1] == "unit_words=1, repeats=4 >= 3"
+    assert d[2].startswith("mean_bigram_score=-") and d[2].endswith(" < -1.5 (rare_bigrams=7 of 13)"), d[2]
+    off = CleanStage(CleanConfig(no_content=False, repeated_words=False, random_letters=False))
+    assert verdicts(off, rows)[0] == ["kept"] * 3
+    loose = CleanStage(CleanConfig(repeated_min_repeats=2, repeated_max_unit_words=2))
+    v, _ = verdicts(loose, [("Q", "Bora Bora"), ("Q", "a b c a b c a b c")])
+    assert v == ["repeated_words", "kept"]  # a 3-word unit is beyond max_unit_words 2
+
+
+def test_short_text_config_is_validated():
+    for bad in ({"repeated_min_repeats": 1}, {"repeated_max_unit_words": 0}, {"random_min_latin_share": 1.5},
+                {"random_max_mean_score": -9}, {"random_exempt_regex": "("}):  # fmt: skip
+        with pytest.raises(ValueError):
+            CleanConfig(**bad).validate()
+    CleanConfig().validate()
+
+
+def test_rules_stage_judges_classification_text():
+    """engine/stages/rules.py: a classification row's text is its response: empty or whitespace-only text is
+    empty_text, the length bounds apply to it, and the empty prompt of such a row is not empty_prompt."""
+    from engine.stages.rules import RulesConfig, RulesStage
+
+    rows = [("", "", "classification"), ("", " \n ", "classification"), ("", "A fine day.", "classification"),
+            ("", "x" * 40, "classification"), ("Q", "  ", "alpaca"), ("  ", "A", "alpaca"), ("", "hi", "text"),
+            ("", "", "text")]  # fmt: skip
+    out = RulesStage(RulesConfig(max_response_chars=30)).process(make_batch(rows))
+    assert out.column("verdict").to_pylist() == ["empty_text", "empty_text", "kept", "too_long", "empty_response",
+                                                 "empty_prompt", "kept", "empty_response"]  # fmt: skip
+    d = out.column("detail").to_pylist()
+    assert d[:2] == ["classification text is empty", "classification text is whitespace only"]
+    assert d[3] == "response_chars=40 > 30" and d[4] == "response is whitespace only" and d[5] == "prompt is whitespace only"
+    short = RulesStage(RulesConfig(min_response_chars=5)).process(make_batch([("", "ok", "classification")]))
+    assert short.column("verdict").to_pylist() == ["too_short"]
