@@ -357,7 +357,7 @@ def test_junk_stats_planted_values():
     assert s["rep_unit"].tolist() == [1, 0, 0, 0, 0, 0, 1, 0, 0, 3, 1, 0, 0, 0]
     assert s["rep_words"].tolist() == [3, 0, 0, 0, 0, 0, 2, 0, 0, 7, 3, 0, 0, 0]
     assert s["n_content"].tolist()[3:6] == [0, 0, 3] and s["n_content"][13] == 0 and s["n_nonspace"][13] == 1
-    assert s["n_content"][11] == 10  # 9 letters and the emoji (the skin-tone modifier is a symbol too)
+    assert s["n_content"][11] == 12  # 9 letters, two emoji and the skin-tone modifier between them (Sk)
     assert s["latin_letters"].tolist() == [24, 12, 9, 0, 0, 0, 0, 5, 5, 7, 0, 9, 4, 0]
     # "soooo": one bigram (s-o), the repeated o's skipped; "x_qz" is not a word, "don’t" is "don" + "t"
     assert s["latin_bigrams"][8] == 1 and s["latin_bigrams"][12] == 2

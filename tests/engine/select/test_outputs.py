@@ -54,8 +54,14 @@ def test_user_columns_named_like_score_columns_keep_their_values(tmp_path):
     user = {"n_words": -7, "embedding": "my own", "content_hash": "h", "prompt_chars": "pc", "response_chars": 0.5,
             "minhash_cluster": "m", "frac_dup_line": [1, 2], "label_quality": "lq", "label_issue": "li",
             "verdict": "mine", "source": "web", "orig_source": "older"}
-    lines = [json.dumps({"instruction": f"write a sentence about topic {i} please", "output": f"Here is one about {i}.",
-                         **user}) for i in range(12)]
+    topics = ["volcanoes", "jazz history", "tax law", "bread baking", "chess openings", "coral reefs", "rail travel",
+              "bee keeping", "glass blowing", "tide pools", "kite design", "moon phases"]
+    answers = ["Lava rises when pressure builds.", "It began in New Orleans clubs.", "Deductions lower taxable income.",
+               "Yeast needs warmth and time.", "Control the centre early.", "Warm seas bleach them.",
+               "Night trains save hotel costs.", "Hives need dry shelter.", "The furnace runs very hot.",
+               "Crabs hide under rocks.", "Longer tails add stability.", "A cycle lasts about 29 days."]
+    lines = [json.dumps({"instruction": f"Tell me something about {t}", "output": a, **user})
+             for t, a in zip(topics, answers)]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     score([str(tmp_path / "in.jsonl")], out, _cfg())
