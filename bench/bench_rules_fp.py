@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import random
 import string
 import sys
@@ -86,7 +87,7 @@ def derive_table(data: Path) -> str:
             for text in table.column(col).to_pylist():
                 for w in latin_words_reference(text or ""):
                     low = w.lower()
-                    for a, b in zip(low, low[1:]):
+                    for a, b in itertools.pairwise(low):
                         if a != b:
                             counts[ord(a) - 97, ord(b) - 97] += 1
         shares.append(counts / counts.sum())
@@ -177,8 +178,8 @@ def measure(pipe: Pipeline, folder: Path, show: int) -> dict:
 PLACEHOLDERS = ["N/A", "TODO", "TBD", "test test", "Testing, testing, 1 2 3", "<noinput>", "[insert answer here]",
                 "Your answer here", "TODO: write the answer", "暂无", "asdf", "foo bar", "blah blah blah", "dummy text",
                 "<text goes here>", "n/a.", "FIXME: fill in later", "测试测试", "placeholder"]  # fmt: skip
-LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore "
-         "magna aliqua ut enim ad minim veniam quis nostrud exercitation ullamco laboris nisi").split()  # fmt: skip
+LOREM = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit", "sed", "do", "eiusmod",
+         "tempor", "incididunt", "ut", "labore", "et", "dolore", "magna", "aliqua"]  # fmt: skip
 WORDS = ["Checking", "hello", "good", "lol", "buy now", "click here", "great", "yes", "spam", "ok ok", "the end",
          "free money now", "subscribe", "wow", "no", "A", "meow", "好", "la", "again and again"]  # fmt: skip
 PUNCT = [".", "...", "!!!", "?", "???", "-", "--", "*", "#", "…", "。", "！", "•", "—", "()", "[]", '""', ",", ";"]
@@ -280,7 +281,10 @@ def main(argv=None) -> dict:
     args = _args(argv)
     data = Path(args.data)
     if not data.is_dir():
-        result = {"op": "rules_fp", "skipped": f"{data} is absent: the false-positive measurement needs the shared sets"}
+        result = {
+            "op": "rules_fp",
+            "skipped": f"{data} is absent: the false-positive measurement needs the shared sets",
+        }
         print_json(result)
         return result
     if args.derive_table:
@@ -296,8 +300,10 @@ def main(argv=None) -> dict:
     print("-" * len(head))
     for name, m in per.items():
         cells = " ".join(f"{m['new'][r]:>14d}" for r in COLUMNS)
-        print(f"{name:34s} {m['rows']:>7d} {cells} {100 * m['new_rate']:>7.3f} {m['new']['placeholder']:>11d} "
-              f"{100 * m['all_rate']:>7.3f}")
+        print(
+            f"{name:34s} {m['rows']:>7d} {cells} {100 * m['new_rate']:>7.3f} {m['new']['placeholder']:>11d} "
+            f"{100 * m['all_rate']:>7.3f}"
+        )
     print("\nall rejections by verdict (context):")
     for name, m in per.items():
         top = sorted(((k, v) for k, v in m["verdicts"].items() if k != "kept"), key=lambda kv: -kv[1])
@@ -307,10 +313,16 @@ def main(argv=None) -> dict:
             for rule, rows in m["shown"].items():
                 for resp, detail, prompt in rows:
                     print(f"[{name}] {rule}: {resp[:90]!r} ({detail}) <= {(prompt or '')[-70:]!r}")
-    pl = pool(pipe, data, args.pool_base, args.pool_rows, args.seed, args.lengths) if (data / args.pool_base).is_dir() else None
+    pl = (
+        pool(pipe, data, args.pool_base, args.pool_rows, args.seed, args.lengths)
+        if (data / args.pool_base).is_dir()
+        else None
+    )
     if pl:
-        print(f"\nplanted pool: {pl['junk_rows']} junk rows in {pl['base_rows']} {pl['base']} rows: recall "
-              f"{pl['recall']:.4f}, with the kind's reason {pl['recall_with_reason']:.4f}")
+        print(
+            f"\nplanted pool: {pl['junk_rows']} junk rows in {pl['base_rows']} {pl['base']} rows: recall "
+            f"{pl['recall']:.4f}, with the kind's reason {pl['recall_with_reason']:.4f}"
+        )
         for k, s in pl["per_kind"].items():
             print(f"  {k:15s} {s['with_reason']}/{s['rows']} with reason, {s['rejected']}/{s['rows']} rejected")
         print("  by length (with reason):", pl["by_length"])

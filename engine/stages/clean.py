@@ -296,8 +296,9 @@ class CleanConfig:
             random_max_mean_score=Range(-8, 4), random_min_rare_bigrams=Range(0), random_min_latin_share=Range(0, 1),
         )  # fmt: skip
         # RE2 (Arrow's regex engine): a bad pattern fails here, not in a worker after the map phase started
-        for name in ("placeholder_regex", "refusal_regex", "refusal_exempt_regex", "translation_regex",
-                     "no_content_exempt_regex", "repeated_exempt_regex", "random_exempt_regex"):
+        patterns = ("placeholder_regex", "refusal_regex", "refusal_exempt_regex", "translation_regex",
+                    "no_content_exempt_regex", "repeated_exempt_regex", "random_exempt_regex")  # fmt: skip
+        for name in patterns:
             try:
                 pc.match_substring_regex(pa.array([""]), getattr(self, name))
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:

@@ -383,7 +383,7 @@ def test_junk_stats_todo_nulls_and_arguments():
 def test_bigram_table_and_character_classes():
     scores = bigram_scores()
     assert scores.shape == (26, 26) and scores.dtype == np.int8
-    at = lambda ab: int(scores[ord(ab[0]) - 97, ord(ab[1]) - 97])  # noqa: E731
+    at = lambda ab: int(scores[ord(ab[0]) - 97, ord(ab[1]) - 97])
     assert at("th") == 4 and at("er") >= 3 and at("qx") == -8 and at("jz") <= RARE_BIGRAM_SCORE
     assert at("sz") >= 0 and at("zw") >= 0 and at("xi") >= 0  # Polish, German, pinyin digraphs raised to 0
     cls, _ = char_tables()

@@ -328,8 +328,17 @@ def assert_paths_agree(config: CleanConfig, rows: list[tuple]) -> collections.Co
 
 def test_default_path_equals_reference_path():
     counts = assert_paths_agree(CleanConfig(), VARIED * 3)
-    for verdict in ("placeholder", "refusal", "truncated", "gopher_repetition", "script_mismatch", "repeats_prompt",
-                    "no_content", "repeated_words", "random_letters"):
+    for verdict in (
+        "placeholder",
+        "refusal",
+        "truncated",
+        "gopher_repetition",
+        "script_mismatch",
+        "repeats_prompt",
+        "no_content",
+        "repeated_words",
+        "random_letters",
+    ):
         assert counts[verdict] > 0, counts  # the rows exercise every rule
     assert_paths_agree(CleanConfig.gopher(judge_prompt_repetition=True), VARIED)
     # a pattern that is not a default one is matched whole on both paths
@@ -391,7 +400,9 @@ def planted_junk(seed: int = 0) -> list[tuple[str, str]]:
         "Checking, checking. CHECKING!", "buy now buy now buy now", "click here now click here now click here now click",
         "\n".join(["hello"] * 40), " ".join(["lol"] * 200), "好 好 好 好", "哈哈哈哈哈哈", "No no no no no",
     ]]  # fmt: skip
-    junk += [(t, "no_content") for t in ["...", "!!!", "?!", "—", "。。。", "\u200b", "• • •", "* * *", "()", ". " * 150]]
+    junk += [
+        (t, "no_content") for t in ["...", "!!!", "?!", "—", "。。。", "\u200b", "• • •", "* * *", "()", ". " * 150]
+    ]
     junk += [(t, "placeholder") for t in [
         "Lorem ipsum dolor sit amet, consectetur adipiscing elit.", " ".join(["lorem ipsum dolor"] * 60), "N/A",
         "TODO: write this", "test test", "Testing, testing, 1 2 3", "asdf", "<answer goes here>", "dummy text", "测试",
@@ -512,6 +523,10 @@ def test_rules_stage_judges_classification_text():
                                                  "empty_prompt", "kept", "empty_response"]  # fmt: skip
     d = out.column("detail").to_pylist()
     assert d[:2] == ["classification text is empty", "classification text is whitespace only"]
-    assert d[3] == "response_chars=40 > 30" and d[4] == "response is whitespace only" and d[5] == "prompt is whitespace only"
+    assert (
+        d[3] == "response_chars=40 > 30"
+        and d[4] == "response is whitespace only"
+        and d[5] == "prompt is whitespace only"
+    )
     short = RulesStage(RulesConfig(min_response_chars=5)).process(make_batch([("", "ok", "classification")]))
     assert short.column("verdict").to_pylist() == ["too_short"]
