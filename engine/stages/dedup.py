@@ -102,6 +102,7 @@ from kernels.minhash import (
     permutations,
     shingle_sets,
 )
+from kernels.union_find import find, union
 
 # Work columns: handed from MinHashStage to NearDedup through work/, never published in scores/.
 SIG, RESP_LEN, SHINGLES, KIND = "minhash_sig", "minhash_resp_len", "minhash_shingles", "minhash_kind"
@@ -405,24 +406,6 @@ def signature_arrays(t: pa.Table, with_shingles: bool = False) -> dict[str, np.n
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@njit(cache=True)
-def _find(parent, x):
-    while parent[x] != x:
-        parent[x] = parent[parent[x]]
-        x = parent[x]
-    return x
-
-
-@njit(cache=True)
-def _union(parent, a, b):
-    ra = _find(parent, a)
-    rb = _find(parent, b)
-    if ra < rb:
-        parent[rb] = ra
-    elif rb < ra:
-        parent[ra] = rb
-
-
 # Pair-rule parameters of one banding group, packed (keeps the kernels' argument lists short): counts of equal
 # signature values below which a pair is rejected (LO) and from which it is joined on the estimate (HI), and the
 # set-difference limits (-1 = none) of ordinary and of tiny rows.
@@ -463,7 +446,7 @@ def _pair_max_diff(kind, a, b, prm):
 def _try_pair(a, b, parent, sig, sh, sh_off, kind, prm, threshold, exact, stats):
     """One candidate pair: 0 = already one cluster or rejected, 1 = joined, 2 = undecided (the estimate is within
     the margin of the threshold: the caller checks the exact sets later)."""
-    if _find(parent, a) == _find(parent, b):
+    if find(parent, a) == find(parent, b):
         return 0
     stats[0] += 1
     if exact:
@@ -480,7 +463,7 @@ def _try_pair(a, b, parent, sig, sh, sh_off, kind, prm, threshold, exact, stats)
         ok = True
     if ok:
         stats[1] += 1
-        _union(parent, a, b)
+        union(parent, a, b)
         return 1
     return 0
 
@@ -537,7 +520,7 @@ def _union_band(idx, keys, parent, sig, sh, sh_off, kind, prm, threshold, exact,
 def _still_apart(pairs, parent):
     out = np.empty(pairs.shape[0], np.bool_)
     for t in range(pairs.shape[0]):
-        out[t] = _find(parent, pairs[t, 0]) != _find(parent, pairs[t, 1])
+        out[t] = find(parent, pairs[t, 0]) != find(parent, pairs[t, 1])
     return out
 
 
@@ -546,13 +529,13 @@ def _union_checked(pairs, loc, sh, sh_off, kind, group, thresholds, prms, parent
     """Second pass of the hybrid check: undecided pairs against the exact sets (``loc[row]`` = the row's slot)."""
     for t in range(pairs.shape[0]):
         a, b = pairs[t, 0], pairs[t, 1]
-        if _find(parent, a) == _find(parent, b):
+        if find(parent, a) == find(parent, b):
             continue
         g = group[a]
         stats[3] += 1
         if _sets_match(sh, sh_off, loc[a], loc[b], thresholds[g], _pair_max_diff(kind, a, b, prms[g])):
             stats[4] += 1
-            _union(parent, a, b)
+            union(parent, a, b)
 
 
 @njit(inline="always", cache=True)
@@ -575,14 +558,14 @@ def _pick_survivors(parent, part, priority, violations, resp_len):
     for i in range(n):
         if not part[i]:
             continue
-        r = _find(parent, i)
+        r = find(parent, i)
         b = best[r]
         if b < 0 or _better(i, b, priority, violations, resp_len):
             best[r] = i
     surv = np.full(n, -1, np.int64)
     for i in range(n):
         if part[i]:
-            surv[i] = best[_find(parent, i)]
+            surv[i] = best[find(parent, i)]
     return surv
 
 

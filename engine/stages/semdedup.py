@@ -48,6 +48,7 @@ from numba import njit
 from engine.registry import Option, Range, check_fields, register
 from engine.stage import GlobalStage
 from engine.stages.embed import embed_tier
+from kernels.union_find import all_roots, union
 
 SEMANTIC_DUPLICATE = "semantic_duplicate"
 # Calibrated cosine thresholds per embedder tier (see the module docstring).
@@ -88,18 +89,6 @@ class SemDedupConfig:
 
 
 @njit(cache=True)
-def _find(parent, i):
-    root = i
-    while parent[root] != root:
-        root = parent[root]
-    while parent[i] != root:
-        nxt = parent[i]
-        parent[i] = root
-        i = nxt
-    return root
-
-
-@njit(cache=True)
 def _union_block(parent, sims, rows, cols, threshold, upper_only):
     """Union rows[a] with cols[b] wherever sims[a, b] >= threshold (b > a offset when upper_only)."""
     n_pairs = 0
@@ -107,23 +96,9 @@ def _union_block(parent, sims, rows, cols, threshold, upper_only):
         start = a + 1 if upper_only else 0
         for b in range(start, sims.shape[1]):
             if sims[a, b] >= threshold:
-                ra = _find(parent, rows[a])
-                rb = _find(parent, cols[b])
+                union(parent, rows[a], cols[b])
                 n_pairs += 1
-                if ra != rb:
-                    if ra < rb:
-                        parent[rb] = ra
-                    else:
-                        parent[ra] = rb
     return n_pairs
-
-
-@njit(cache=True)
-def _all_roots(parent):
-    out = np.empty(parent.shape[0], np.int64)
-    for i in range(parent.shape[0]):
-        out[i] = _find(parent, i)
-    return out
 
 
 def kmeans_assign(
@@ -199,7 +174,7 @@ def semantic_duplicates(
                 # Columns from s on only: pairs (a, b) with b < s were seen by an earlier block.
                 sims = blk @ x[s:].T
                 pairs += _union_block(parent, sims, idx[s : s + block_rows], idx[s:], np.float32(threshold), True)
-    roots = _all_roots(parent)
+    roots = all_roots(parent)
     # Keeper of each component: the row with the lowest rank.
     keeper = np.arange(n, dtype=np.int64)
     if n:

@@ -100,6 +100,7 @@ from numba import njit
 
 from engine.registry import Range
 from kernels.strings import combine_hashes, hash_strings
+from kernels.union_find import all_roots, union_pairs
 
 SPLIT_NAMES = ("train", "val", "test")
 # Calibrated cosine thresholds per embedder tier (module docstring).
@@ -149,46 +150,6 @@ SPLIT_ALLOWED = {
     "search": ("auto", "exact", "ivf"),
     "check_sample": Range(0),
 }
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Union-find
-
-
-@njit(cache=True)
-def _find(parent, i):
-    root = i
-    while parent[root] != root:
-        root = parent[root]
-    while parent[i] != root:
-        nxt = parent[i]
-        parent[i] = root
-        i = nxt
-    return root
-
-
-@njit(cache=True)
-def _union_pairs(parent, a, b):
-    """Union a[k] with b[k] for every k (the smaller index becomes the root); returns the merges made."""
-    merged = 0
-    for k in range(a.shape[0]):
-        ra = _find(parent, a[k])
-        rb = _find(parent, b[k])
-        if ra != rb:
-            merged += 1
-            if ra < rb:
-                parent[rb] = ra
-            else:
-                parent[ra] = rb
-    return merged
-
-
-@njit(cache=True)
-def _all_roots(parent):
-    out = np.empty(parent.shape[0], np.int64)
-    for i in range(parent.shape[0]):
-        out[i] = _find(parent, i)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,15 +247,15 @@ def group_rows(
     the raised threshold for pieces of a capped component, or NaN for pieces cut by the final chunking."""
     n = id_hash.size
     parent = _fresh_parent(n)
-    _union_pairs(parent, must_a, must_b)
+    union_pairs(parent, must_a, must_b)
     info: dict = {"must_link_pairs": int(must_a.size)}
     rows = np.flatnonzero(valid) if emb is not None else np.zeros(0, np.int64)
     if rows.size > 1:
         search: dict = {}
         for a, b in _pairs(emb, rows, threshold, cfg, seed, search):
-            _union_pairs(parent, a, b)
+            union_pairs(parent, a, b)
         info["search"] = search
-    comp = _all_roots(parent)
+    comp = all_roots(parent)
     group = comp.copy()
     group_t = np.full(n, threshold, np.float64)
     cap = max(int(cfg.min_group_cap), math.ceil(cfg.max_group * n))
@@ -349,13 +310,13 @@ def _break_up(members, ga, gb, emb, valid, threshold, cap, id_hash, cfg, seed, g
         parent = _fresh_parent(mem.size)
         inside = np.isin(ga, mem) & np.isin(gb, mem)
         if inside.any():
-            _union_pairs(parent, np.searchsorted(mem, ga[inside]), np.searchsorted(mem, gb[inside]))
+            union_pairs(parent, np.searchsorted(mem, ga[inside]), np.searchsorted(mem, gb[inside]))
         if emb is not None:
             rows = mem[valid[mem]]
             if rows.size > 1:
                 for a, b in _pairs(emb, rows, t, cfg, seed, {}):
-                    _union_pairs(parent, np.searchsorted(mem, a), np.searchsorted(mem, b))
-        local_root = _all_roots(parent)
+                    union_pairs(parent, np.searchsorted(mem, a), np.searchsorted(mem, b))
+        local_root = all_roots(parent)
         _, inv, sizes = np.unique(local_root, return_inverse=True, return_counts=True)
         for k in np.flatnonzero(sizes > cap):
             stack.append((mem[inv == k], _next_level(t, cfg.cap_step)))
