@@ -463,11 +463,7 @@ class CleanStage(Stage):
     def __init__(self, config: CleanConfig | None = None):
         super().__init__(config or CleanConfig())
         c = self.config
-        if len(c.max_top_ngram_frac) != 3 or len(c.max_dup_ngram_frac) != 6:
-            raise ValueError(
-                "clean.max_top_ngram_frac needs 3 values (n = 2, 3, 4) and clean.max_dup_ngram_frac 6 "
-                f"(n = 5..10); got {len(c.max_top_ngram_frac)} and {len(c.max_dup_ngram_frac)}"
-            )
+        c.validate()  # a stage built in code gets the same checks as the CLI's
         # True: the straightforward path, which the default one must equal (the tests compare them): every row
         # through the kernel's general path, every pattern whole on every row (and the truncation patterns on every
         # row's last 300 characters).

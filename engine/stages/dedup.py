@@ -57,7 +57,7 @@ Steps of ``near_duplicate_clusters``, per group (word/char rows; short + tiny ro
      and memory per 1 KB document). On 2,484 alpaca documents with 348 pairs at word 5-gram J >= 0.8 and 166 in
      [0.7, 0.8) (bench/bench_dedup.py part c, brute-force truth): hybrid precision 1.000 / recall 0.997 (pairs of
      rows of 50+ words with the short path on; everywhere with it off), signature 0.934 / 0.940.
-  4. **Cluster** verified pairs with union-find (Numba, path halving); transitive, like every LSH dedup. Clusters of
+  4. **Cluster** verified pairs with union-find (kernels/union_find.py); transitive, like every LSH dedup. Clusters of
      the short path with 3+ rows are then split into stars (``_star_split``): a 4-word cap chains (templated tweets
      4 words apart link into clusters whose ends differ by 8+ words), so every removed short row must itself meet
      the rule with the row it is a duplicate of.
