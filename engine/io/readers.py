@@ -92,7 +92,7 @@ class Shard:
     kind: str  # parquet | arrow | jsonl | jsonl.gz | json
     size: int  # bytes on disk
     mtime_ns: int
-    content_hash: str = ""  # xxh3-128 of the bytes (engine.run.shards.file_hash), set by the driver
+    content_hash: str = ""  # xxh3-128 of the bytes (engine.io.hashing.file_hash), set by the driver
     id_prefix: str = ""  # the prefix of this shard's ids, unique in the run (engine.io.schema.id_prefix)
 
 

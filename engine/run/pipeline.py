@@ -29,6 +29,7 @@ import pyarrow.compute as pc
 
 from engine import registry
 from engine.errors import UserError
+from engine.io.hashing import file_hash
 from engine.io.readers import Shard, read_shard
 from engine.io.schema import CANONICAL_TYPES, canonicalize, detect_format, required_columns
 from engine.io.writers import (
@@ -40,7 +41,7 @@ from engine.io.writers import (
     write_json_atomic,
 )
 from engine.run.lock import die_with_parent, pause_point, watch_process
-from engine.run.shards import file_hash, shard_key
+from engine.run.shards import shard_key
 from engine.stage import Stage
 
 

@@ -1,8 +1,8 @@
 """Which shards a run must (re)do: input fingerprints and the resume key.
 
 A finished shard leaves ``work/map/done-SSSSS.json`` (written last, atomically) holding its stats and its key. A
-rerun reuses a shard only when its key matches: the input file (path, size, content hash, id prefix), the config sections that
-change what a shard holds (derived from the stage registry, with ``auto`` settings already resolved), the skipped
+rerun reuses a shard only when its key matches: the input file (path, size, content hash, id prefix), the config sections
+that change what a shard holds (derived from the stage registry, with ``auto`` settings already resolved), the skipped
 stages and the winnow version. A shard without a marker (a kill mid-shard) is redone from scratch, so a resume
 neither loses nor duplicates rows.
 """
@@ -15,30 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from engine import __version__, registry
+from engine.io.hashing import file_hashes
 from engine.io.readers import Shard
 
 
-def file_hash(path: str, block: int = 8 << 20) -> str:
-    """xxh3-128 of the file's bytes (streamed), for the manifest's ``inputs``."""
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return "xxh3_128:" + h.hexdigest()
-
-
 def with_identity(shards: list[Shard], threads: int = 4) -> list[Shard]:
-    """``shards`` with their content hashes and run-unique id prefixes set (hashes computed in threads: xxh3 runs
-    at memory speed, so this is the cost of reading the inputs once)."""
-    import concurrent.futures as cf
+    """``shards`` with their content hashes (engine/io/hashing.py: cached by size and mtime) and run-unique id
+    prefixes set."""
     import dataclasses
 
     from engine.io.schema import id_prefix
 
-    with cf.ThreadPoolExecutor(max_workers=max(1, threads)) as ex:
-        hashes = list(ex.map(lambda sh: sh.content_hash or file_hash(sh.path), shards))
+    todo = [sh.path for sh in shards if not sh.content_hash]
+    computed = iter(file_hashes(todo, threads))
+    hashes = [sh.content_hash or next(computed) for sh in shards]
     seen: dict[str, int] = {}
     out = []
     for sh, h in zip(shards, hashes):

@@ -261,7 +261,7 @@ def _write_selected(files: list[Path], chosen: pl.DataFrame, out: Path,
     manifest, else (Parquet, Arrow, or a changed input) the row rebuilt from its input columns under their own
     names. Rows are in input order (shard, then row). Returns (file names, JSON inputs whose rows were rebuilt
     because the file changed or vanished since scoring)."""
-    from engine.run.shards import file_hash
+    from engine.io.hashing import file_hash
 
     pq_path, jl_path = out / "selected.parquet", out / "selected.jsonl"
     tmp_pq, tmp_jl = out / "selected.parquet.tmp", out / "selected.jsonl.tmp"

@@ -62,7 +62,7 @@ def test_fingerprint_follows_the_weights_not_the_path(tmp_path, monkeypatch):
     (model / "README.md").write_text("docs do not shape outputs")
     a = fingerprint(model)
     assert a.startswith("xxh3_128:") and fingerprint(model) == a
-    assert json.loads((tmp_path / "cache" / "fingerprints.json").read_text())  # hashed once, cached by size+mtime
+    assert json.loads((tmp_path / "cache" / "file_hashes.json").read_text())  # hashed once, cached by size+mtime
     (model / "README.md").write_text("other docs")
     assert fingerprint(model) == a
     (model / "model.safetensors").write_bytes(b"\x01" + b"\x00" * 999)
