@@ -22,11 +22,12 @@ import pyarrow as pa
 
 from engine import registry
 from engine.errors import UserError
+from engine.io import schema
 from engine.registry import Option, Range
 
 # Canonical columns --map can fill (engine.io.schema, format "mapped"); prompt and response are required.
 MAP_KEYS = ("prompt", "response", "label", "id")
-FORMATS = ("auto", "alpaca", "chat", "sharegpt", "classification", "text", "mapped")  # engine.io.schema.FORMATS
+FORMATS = ("auto", *schema.FORMATS)
 SEED = Range(0)  # numpy's default_rng rejects negative seeds
 
 

@@ -243,7 +243,7 @@ def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str
     detail = batch.column(ERROR) if ERROR in batch.schema.names else pa.nulls(n, STR)
     rows = batch.column(ROW)
     base = os.path.basename(source)
-    is_lines = any(source.lower().endswith(e) for e in (".jsonl", ".json", ".ndjson", ".gz"))
+    is_lines = numbered_by_line(source)
     loc = None  # "file line N: " per row, built only when a row needs it
 
     def located(msg: str) -> pa.Array:
@@ -296,6 +296,17 @@ def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str
     arrays = list(canon.values()) + list(extra.columns)
     names = list(canon) + list(extra.schema.names)
     return pa.RecordBatch.from_arrays(arrays, names=names)
+
+
+def numbered_by_line(source: str) -> bool:
+    """Whether a shard's rows are reported as lines (JSON inputs, 1-based) or rows (Parquet/Arrow, 0-based)."""
+    return source.lower().endswith((".jsonl", ".json", ".ndjson", ".gz"))
+
+
+def row_location(source: str, row: int) -> str:
+    """'<file> line N' / '<file> row N': where a row is, as every detail and error names it."""
+    lines = numbered_by_line(source)
+    return f"{os.path.basename(source)} {'line' if lines else 'row'} {row + 1 if lines else row}"
 
 
 def id_prefix(content_hash: str, occurrence: int = 0) -> str:

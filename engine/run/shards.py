@@ -46,9 +46,7 @@ def shard_key(shard: Shard, config: Any) -> str:
 
 
 def clean_map_dir(map_dir: Path, n_shards: int) -> None:
-    """Drop temp files and the files of shard indices past the current input list."""
-    for stale in map_dir.glob("*.tmp"):
-        stale.unlink()
+    """Drop the files of shard indices past the current input list (temp files are the driver's to remove)."""
     for pattern in ("done-*.json", "part-*.parquet", "part-*.arrow", "work-*.arrow"):
         for f in map_dir.glob(pattern):
             if int(f.name.split("-")[1].split(".")[0]) >= n_shards:

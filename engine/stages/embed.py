@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -249,11 +250,10 @@ def _resolve(config, facts: dict) -> dict:
     if not sec.cache_dir and facts.get("work_dir"):
         sec.cache_dir = os.path.join(facts["work_dir"], "embed_cache")
     if record:
+        from engine.io.writers import write_json_atomic
+
         os.makedirs(os.path.dirname(record), exist_ok=True)
-        tmp = record + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"requested": requested, "choice": choice}, f)
-        os.replace(tmp, record)
+        write_json_atomic(Path(record), {"requested": requested, "choice": choice})
     print(f"[embed] embedder = {choice}: {reason}", file=sys.stderr)
     return {"choice": choice, "reason": reason, "tier": embed_tier(choice), "fingerprint": sec.fingerprint,
             "kept_earlier_choice": kept_earlier}

@@ -9,12 +9,12 @@ Memory: O(rows x id length) for the id column (polars group-by), never the text.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import polars as pl
 
 from engine.errors import UserError
+from engine.io.schema import row_location
 from engine.registry import register
 from engine.stage import GlobalStage
 
@@ -22,11 +22,6 @@ from engine.stage import GlobalStage
 @dataclass
 class IdentityConfig:
     """No options: the stage runs exactly when ``--map`` names an ``id`` column."""
-
-
-def _where(source: str, row: int) -> str:
-    lines = any(source.lower().endswith(e) for e in (".jsonl", ".json", ".ndjson", ".gz"))
-    return f"{os.path.basename(source)} {'line' if lines else 'row'} {row + 1 if lines else row}"
 
 
 @register(name="identity", kind="global", section="identity", config=IdentityConfig, order=100,
@@ -43,6 +38,6 @@ class IdentityCheck(GlobalStage):
             second = rep.filter(pl.col("id") == first["id"]).row(1, named=True)
             n = rep["id"].n_unique()
             raise UserError(
-                f"--map id={col}: id {first['id']!r} repeats ({_where(first['source'], first['row'])} and "
-                f"{_where(second['source'], second['row'])}; {n} id(s) repeat in all): ids must be unique, drop "
+                f"--map id={col}: id {first['id']!r} repeats ({row_location(first['source'], first['row'])} and "
+                f"{row_location(second['source'], second['row'])}; {n} id(s) repeat in all): ids must be unique, drop "
                 "id= from --map to let winnow generate them (the column is kept either way)")
