@@ -51,6 +51,18 @@ def disk_full(e: BaseException, path: str | Path) -> DiskFull | None:
                     f"to resume")
 
 
+@contextlib.contextmanager
+def writing(path):
+    """Around a write to ``path``: a full disk becomes one DiskFull user error naming it; other errors pass.
+    ``path`` may be a function, asked only on error (a writer that opens its file inside the block)."""
+    try:
+        yield
+    except OSError as e:
+        if (full := disk_full(e, path() if callable(path) else path)) is None:
+            raise
+        raise full from None
+
+
 def inject_disk_full(path: str | Path) -> None:
     """Test hook: raise ENOSPC while writing ``path`` when ``$WINNOW_DISK_FULL_AT`` is part of it."""
     at = os.environ.get(DISK_FULL_ENV)
@@ -134,7 +146,7 @@ class PartWriter:
             self._writer = None
 
     def write(self, batch: pa.RecordBatch) -> None:
-        try:
+        with writing(lambda: self._final or self.folder):
             if self._writer is not None and not batch.schema.equals(self._schema, check_metadata=False):
                 conformed = _conform(batch, self._schema)
                 if conformed is None:
@@ -145,18 +157,10 @@ class PartWriter:
                 self._open(batch.schema)
             self._writer.write_batch(batch)
             inject_disk_full(self._final)
-        except OSError as e:
-            if (full := disk_full(e, self._final or self.folder)) is None:
-                raise
-            raise full from None
 
     def close(self) -> list[str]:
-        try:
+        with writing(lambda: self._final or self.folder):
             self._close_current()
-        except OSError as e:
-            if (full := disk_full(e, self._final or self.folder)) is None:
-                raise
-            raise full from None
         return self.files
 
     def abort(self) -> None:

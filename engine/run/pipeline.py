@@ -36,9 +36,9 @@ from engine.io.writers import (
     META_FORMAT,
     META_INPUT_COLUMNS,
     PartWriter,
-    disk_full,
     inject_disk_full,
     write_json_atomic,
+    writing,
 )
 from engine.run.lock import die_with_parent, pause_point, watch_process
 from engine.run.shards import shard_key
@@ -122,30 +122,22 @@ class _WorkWriter:
             return batch
         side = pa.RecordBatch.from_arrays([batch.column("row"), *[batch.column(c) for c in have]],
                                           ["row", *have])
-        try:
+        with writing(self.path):
             if self._w is None:
                 self._f = pa.OSFile(str(self.tmp), "wb")
                 self._w = pa.ipc.new_file(self._f, side.schema)
             self._w.write_batch(side)
             inject_disk_full(self.path)
-        except OSError as e:
-            if (full := disk_full(e, self.path)) is None:
-                raise
-            raise full from None
         keep = [i for i, n in enumerate(batch.schema.names) if n not in have]
         return batch.select(keep)
 
     def close(self) -> str | None:
         if self._w is None:
             return None
-        try:
+        with writing(self.path):
             self._w.close()
             self._f.close()
             os.replace(self.tmp, self.path)
-        except OSError as e:
-            if (full := disk_full(e, self.path)) is None:
-                raise
-            raise full from None
         self._w = None
         return self.path.name
 
