@@ -19,6 +19,8 @@ def test_invariant_on_real_sets(name, tmp_path):
     cfg.run.workers = 1
     m = score([str(folder)], tmp_path / "out", cfg)
     assert m["rows_in"] > 0 and sum(m["verdicts"].values()) == m["rows_in"]
-    # t0_train_50k keeps ~53%: P3 applies several templates to the same passage, which MinHash clusters.
-    assert m["verdicts"]["kept"] / m["rows_in"] > (0.5 if name == "t0_train_50k" else 0.9)
+    # t0_train_50k keeps ~48% (measured 26,684 of 55,185): P3 applies several templates to the same passage
+    # and answer, often only reordering them ("Title: X\n<article>" vs "<article>\n===\nGenerate a title:\nX"),
+    # which the word-set MinHash path for short texts links; before it, 5-gram MinHash alone kept ~53%.
+    assert m["verdicts"]["kept"] / m["rows_in"] > (0.45 if name == "t0_train_50k" else 0.9)
     assert "malformed" not in m["verdicts"]
