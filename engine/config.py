@@ -77,15 +77,29 @@ class RunConfig:
 
 @dataclass
 class SelectConfig:
-    method: str = "auto"  # topk | random | auto (topk when a score column is given, else random)
-    score: str = ""  # score column for topk (higher is better unless ascending)
+    method: str = "auto"  # auto | facility | kcenter | deita | topk | random (engine/select/)
+    score: str = ""  # topk's ranking column (higher is better unless ascending); "" = quality
     ascending: bool = False  # topk: take the lowest scores instead (e.g. a loss)
     budget: str = "0.2"  # a count ("5000"), a fraction ("0.2" or "20%"), or tokens ("tokens:2e6")
+    quality: str = ""  # polars expression for the quality column; "" = engine/select/quality.py's DEFAULT
+    quality_weight: float = 1.0  # facility: lambda on quality; kcenter: weight of quality in [0, 1]
+    neighbours: int = 16  # k of the kNN similarity graph (facility, deita, kcenter's graph path)
+    epsilon: float = 0.0  # facility: 0 = lazy greedy; > 0 = stochastic greedy with this epsilon
+    tau: float = 0.9  # deita: cosine at or above which a row counts as too close to an accepted one
+    kcenter: str = "auto"  # auto | exact | graph (engine/select/kcenter.py)
+    balance: str = "none"  # none | equal | proportional | min:N (per-label quotas)
+    source_cap: str = "0"  # at most this many rows (>= 1) or this fraction of the budget (< 1) per --cap-by value
+    cap_by: str = "source"  # the column --source-cap counts by
+    partitions: int = 0  # GreeDi partitions; 0 = auto (one per 4M candidates), 1 = none
+    target: list[str] = field(default_factory=list)  # files of a target task (--target)
+    relevance: str = "both"  # knn | dsir | both: how relevance to --target is measured
+    target_mode: str = "weight"  # weight (quality x relevance) | restrict (keep the most relevant candidates)
+    target_keep: float = 0.5  # restrict: the fraction of candidates kept, by relevance
 
     def validate(self) -> None:
         from engine.select.selection import check_options
 
-        check_options(self)  # method, budget; the score column once the columns are known
+        check_options(self)  # method, budget, balance, caps, quality formula; columns once they are known
 
 
 class _ConfigBase:
@@ -136,13 +150,45 @@ CORE_OPTIONS = [
 
 # Flags of selection (`select` and `run`); engine.select.selection.check_options checks what needs the columns.
 SELECT_OPTIONS = [
-    Option("--method", "method", "topk | random | auto (default: auto = topk if --score is given, else random)",
-           section="select", allowed=("auto", "topk", "random")),
-    Option("--score", "score", "score column for topk, higher is better (see --ascending)", section="select"),
+    Option("--method", "method", "auto | facility | kcenter | deita | topk | random (default: auto = topk if --score "
+           "is given, else facility)", section="select",
+           allowed=("auto", "facility", "kcenter", "deita", "topk", "random")),
+    Option("--score", "score", "topk's ranking column, higher is better (see --ascending); default: quality",
+           section="select"),
     Option("--budget", "budget", "how much to select: a count (5000), a fraction of kept rows (0.2 or 20%), or tokens "
            "(tokens:2e6); default: 0.2", section="select"),
     Option("--ascending", "ascending", "topk takes the lowest scores (e.g. a loss)", type=None, value=True,
            section="select"),
+    Option("--quality", "quality", "polars expression for the quality score in [0, 1] (default: length, repetition "
+           "margins, label quality and IFD where present; see engine/select/quality.py)", section="select",
+           metavar="EXPR"),
+    Option("--quality-weight", "quality_weight", "facility: lambda, the weight of quality beside coverage (0 = pure "
+           "facility location); kcenter: quality's weight in [0, 1] (default: 1)", float, section="select",
+           allowed=Range(0)),
+    Option("--neighbours", "neighbours", "k of the kNN similarity graph (default: 16)", int, section="select",
+           allowed=Range(2, 1024)),
+    Option("--epsilon", "epsilon", "facility: 0 = lazy greedy (exact greedy); in (0, 1) = stochastic greedy "
+           "(default: 0)", float, section="select", allowed=Range(0, 1, hi_open=True)),
+    Option("--tau", "tau", "deita: cosine at or above which a row is too close to an accepted one (default: 0.9)",
+           float, section="select", allowed=Range(-1, 1, lo_open=True)),
+    Option("--kcenter", "kcenter", "kcenter path: auto | exact | graph (default: auto, by n x k)", section="select",
+           allowed=("auto", "exact", "graph")),
+    Option("--balance", "balance", "per-label quotas: none | equal | proportional | min:N (default: none)",
+           section="select"),
+    Option("--source-cap", "source_cap", "at most N rows (>= 1) or a fraction F (< 1) of the budget per --cap-by value "
+           "(default: 0 = no cap)", section="select"),
+    Option("--cap-by", "cap_by", "column --source-cap counts by (default: source, the input file)", section="select",
+           metavar="COLUMN"),
+    Option("--partitions", "partitions", "GreeDi partitions for corpora past memory (default: 0 = one per 4M "
+           "candidates; 1 = none)", int, section="select", allowed=Range(0)),
+    Option("--target", "target", "files of a target task: candidates are weighted or restricted by relevance to them",
+           nargs="+", metavar="FILE", section="select"),
+    Option("--relevance", "relevance", "relevance to --target: knn (embedding similarity) | dsir (hashed n-gram "
+           "importance weights) | both (default)", section="select", allowed=("knn", "dsir", "both")),
+    Option("--target-mode", "target_mode", "weight (quality x relevance, default) | restrict (keep the "
+           "--target-keep most relevant candidates)", section="select", allowed=("weight", "restrict")),
+    Option("--target-keep", "target_keep", "restrict: fraction of candidates kept by relevance (default: 0.5)", float,
+           section="select", allowed=Range(0, 1, lo_open=True)),
 ]
 
 
