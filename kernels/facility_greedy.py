@@ -33,16 +33,16 @@ from kernels.quota import admits, take
 
 
 @njit(cache=True)
-def reverse_csr(nbr, sim, n_candidates):
+def reverse_csr(nbr, sim, n_candidates, positive=True):
     """(indptr, point, similarity) by candidate from ``nbr``/``sim`` (n_points, k): point j's neighbours (candidate
-    indices, -1 = none) and their similarities. Similarities are clipped at 0 and zero edges dropped; a repeated
-    (j, i) edge keeps its largest similarity only where they are adjacent (faiss never repeats)."""
+    indices, -1 = none) and their similarities. With ``positive`` (facility location) edges of similarity <= 0 are
+    dropped (they add nothing); without (k-center's distances), every edge is kept."""
     n, k = nbr.shape
     counts = np.zeros(n_candidates + 1, np.int64)
     for j in range(n):
         for t in range(k):
             i = nbr[j, t]
-            if i >= 0 and sim[j, t] > 0:
+            if i >= 0 and (sim[j, t] > 0 or not positive):
                 counts[i + 1] += 1
     for i in range(n_candidates):
         counts[i + 1] += counts[i]
@@ -53,7 +53,7 @@ def reverse_csr(nbr, sim, n_candidates):
     for j in range(n):
         for t in range(k):
             i = nbr[j, t]
-            if i >= 0 and sim[j, t] > 0:
+            if i >= 0 and (sim[j, t] > 0 or not positive):
                 p = fill[i]
                 point[p] = j
                 value[p] = sim[j, t]
@@ -72,23 +72,27 @@ def _gain(i, indptr, point, value, w, cur, q, lam):
 
 
 @njit(cache=True, inline="always")
-def _cover(i, indptr, point, value, cur):
+def _cover(i, indptr, point, value, cur, who):
     for e in range(indptr[i], indptr[i + 1]):
         j = point[e]
-        cur[j] = max(cur[j], value[e])
+        if value[e] > cur[j]:
+            cur[j] = value[e]
+            who[j] = i
 
 
 @njit(cache=True)
 def facility_lazy(indptr, point, value, w, q, lam, k, init, group, label_left, source_left, cost, cost_left):
     """Lazy greedy: up to ``k`` picks after the rows ``init`` (already chosen: they cover, they are not returned).
-    Returns (order int64, gains float64, coverage float64 per point, evaluations)."""
+    Returns (order int64, gains float64, coverage float64 per point, the pick covering each point (-1: none),
+    evaluations)."""
     n = indptr.shape[0] - 1
     n_points = w.shape[0]
     cur = np.zeros(n_points, np.float64)
+    who = np.full(n_points, -1, np.int64)
     chosen = np.zeros(n, np.bool_)
     for t in range(init.shape[0]):
         chosen[init[t]] = True
-        _cover(init[t], indptr, point, value, cur)
+        _cover(init[t], indptr, point, value, cur, who)
     hk = np.empty(n, np.float64)
     hi = np.empty(n, np.int64)
     size = 0
@@ -107,13 +111,13 @@ def facility_lazy(indptr, point, value, w, q, lam, k, init, group, label_left, s
         evals += 1
         if size == 0 or not _before(hk[0], hi[0], g, i):
             take(i, group, label_left, source_left, cost, cost_left)
-            _cover(i, indptr, point, value, cur)
+            _cover(i, indptr, point, value, cur, who)
             order[got] = i
             gains[got] = g
             got += 1
         else:
             size = _push(hk, hi, size, g, i)
-    return order[:got], gains[:got], cur, evals
+    return order[:got], gains[:got], cur, who, evals
 
 
 @njit(cache=True)
@@ -124,11 +128,12 @@ def facility_stochastic(indptr, point, value, w, q, lam, k, init, group, label_l
     np.random.seed(seed)
     n = indptr.shape[0] - 1
     cur = np.zeros(w.shape[0], np.float64)
+    who = np.full(w.shape[0], -1, np.int64)
     pool = np.empty(n, np.int64)
     chosen = np.zeros(n, np.bool_)
     for t in range(init.shape[0]):
         chosen[init[t]] = True
-        _cover(init[t], indptr, point, value, cur)
+        _cover(init[t], indptr, point, value, cur, who)
     m = 0
     for i in range(n):
         if not chosen[i]:
@@ -160,13 +165,13 @@ def facility_stochastic(indptr, point, value, w, q, lam, k, init, group, label_l
         if best < 0:
             break
         take(best, group, label_left, source_left, cost, cost_left)
-        _cover(best, indptr, point, value, cur)
+        _cover(best, indptr, point, value, cur, who)
         order[got] = best
         gains[got] = best_g
         got += 1
         m -= 1
         pool[best_pos] = pool[m]
-    return order[:got], gains[:got], cur, evals
+    return order[:got], gains[:got], cur, who, evals
 
 
 def stochastic_sample_size(n: int, k: int, eps: float) -> int:

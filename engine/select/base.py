@@ -49,6 +49,7 @@ class Picked:
     gains: np.ndarray  # float64 marginal gain of each pick
     objective: float | None = None  # the selector's objective on the picks (None: it has none)
     info: dict = field(default_factory=dict)  # method specifics for the manifest (graph size, evaluations, ...)
+    cover: np.ndarray | None = None  # facility: the candidate covering each point (-1: none), for GreeDi's weights
 
 
 class Selector:

@@ -36,28 +36,33 @@ class FacilityLocation(Selector):
     params = ("quality_weight", "neighbours", "epsilon")
 
     def select(self, cands: Candidates, k: int, limits: Limits, init: np.ndarray | None = None,
-               graph=None) -> Picked:
+               graph=None, point_weight: np.ndarray | None = None) -> Picked:
+        """``graph`` (reverse CSR over these candidates, points possibly other rows: GreeDi's final round) and
+        ``point_weight`` (one per point) replace the candidates' own kNN graph and weights."""
         n = len(cands)
         if graph is None:
             graph, info = graph_of(cands, self.config, self.seed)
         else:
             info = {}
         indptr, point, value = graph
-        w = np.ones(n) if cands.weight is None else np.asarray(cands.weight, np.float64)
+        if point_weight is not None:
+            w = np.asarray(point_weight, np.float64)
+        else:
+            w = np.ones(n) if cands.weight is None else np.asarray(cands.weight, np.float64)
         q = np.asarray(cands.quality, np.float64)
         lam = float(self.config.quality_weight)
         init = np.zeros(0, np.int64) if init is None else np.asarray(init, np.int64)
         lim = limits.copy()
         if self.config.epsilon > 0:
             sample = stochastic_sample_size(n, k, self.config.epsilon)
-            order, gains, cur, evals = facility_stochastic(indptr, point, value, w, q, lam, k, init, *lim.args(),
+            order, gains, cur, who, evals = facility_stochastic(indptr, point, value, w, q, lam, k, init, *lim.args(),
                                                            sample, self.seed)
             info["greedy"] = f"stochastic (sample {sample})"
         else:
-            order, gains, cur, evals = facility_lazy(indptr, point, value, w, q, lam, k, init, *lim.args())
+            order, gains, cur, who, evals = facility_lazy(indptr, point, value, w, q, lam, k, init, *lim.args())
             info["greedy"] = "lazy"
         info["evaluations"] = int(evals)
         chosen = np.concatenate([init, order])
         objective = float((w * cur).sum() + lam * q[chosen].sum())
         info["coverage"] = float((w * cur).sum() / max(w.sum(), 1e-12))
-        return Picked(order, gains, objective, info)
+        return Picked(order, gains, objective, info, cover=who)

@@ -82,7 +82,7 @@ class KCenter(Selector):
         nbr, sim, info = knn_graph(cands.emb, k=self.config.neighbours, seed=self.seed, x=x)
         del x
         rk = np.sqrt(np.maximum(0.0, 2.0 - 2.0 * np.where(nbr >= 0, sim, 1.0).min(axis=1).astype(np.float64)))
-        indptr, point, value = reverse_csr(nbr, sim, len(cands))
+        indptr, point, value = reverse_csr(nbr, sim, len(cands), False)
         del nbr, sim
         init = np.zeros(0, np.int64) if init is None else np.asarray(init, np.int64)
         order, gains, d, phase1 = farthest_point_graph(indptr, point, value, rk, self._mult(cands), k, init,

@@ -61,8 +61,10 @@ def check_options(config: SelectConfig, columns: dict | None = None, complete: b
         raise UserError(f"--balance {config.balance} needs a count or fraction --budget, not {config.budget}")
     B.parse_cap(config.source_cap)
     Q.parse(config.quality)
+    import glob
+
     for f in config.target:
-        if not any(Path().glob(f)) and not Path(f).exists():
+        if not Path(f).exists() and not glob.glob(f):
             raise UserError(f"--target {f}: no such file or folder")
     if columns is not None:
         from engine.config import check_column
