@@ -29,18 +29,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._common import append_result  # noqa: E402
-from bench.select_anchors import facility_objective, kcenter_radius, run_anchor  # noqa: E402
-from bench.select_data import clustered_embeddings, write_memmap  # noqa: E402
+from bench._common import append_result
+from bench.select_anchors import facility_objective, kcenter_radius, run_anchor
+from bench.select_data import clustered_embeddings, write_memmap
 
 
 def _winnow_child(emb_path: str, k: int, method: str, parts: int, epsilon: float, out: str) -> None:
     """Run one winnow selector in this (fresh) process, so that its peak RSS is its own."""
+    import faiss  # noqa: F401 - imports and Numba's cached machine code load before the clock starts
+    import torch  # noqa: F401
+
     from engine.select import base
     from engine.select.base import Candidates
     from engine.select.budget import Limits
     from engine.select.greedi import greedi
 
+    warm = Candidates(np.arange(300), np.full(300, 0.5, np.float32), np.ones(300),
+                      emb=clustered_embeddings(300, 384, seed=1))
     t0 = time.perf_counter()
     emb = np.load(emb_path, mmap_mode="r")
     n = emb.shape[0]
@@ -49,6 +54,7 @@ def _winnow_child(emb_path: str, k: int, method: str, parts: int, epsilon: float
     cfg = SimpleNamespace(quality_weight=0.0, neighbours=16, epsilon=epsilon, tau=0.9, kcenter="auto", score="",
                           ascending=False)
     sel = base.get(method)(cfg, seed=0)
+    sel.select(warm, 30, Limits.none(300))
     cands = Candidates(np.arange(n), np.full(n, 0.5, np.float32), np.ones(n), emb=emb)
     t1 = time.perf_counter()
     if parts > 1:
@@ -83,7 +89,13 @@ def part_anchors(sizes=(10_000, 50_000), k=1000, semhash_k=(1000, 10_000)) -> No
             w = run_winnow(path, k, "facility")
             wf, wr = _score(emb, w["selected"])
             print(f"n={n:,} k={k:,} winnow facility: {w['seconds']:.2f} s, {w['peak_rss_mib']:.0f} MiB, "
-                  f"objective {wf:.1f}, graph {w['info'].get('graph')}")
+                  f"objective {wf:.1f}, k-center radius {wr:.4f}, graph {w['info'].get('graph')}")
+            kc = run_winnow(path, k, "kcenter")
+            kf, kr = _score(emb, kc["selected"])
+            print(f"n={n:,} k={k:,} winnow kcenter ({kc['info'].get('path')}): {kc['seconds']:.2f} s, objective "
+                  f"{kf:.1f}, k-center radius {kr:.4f}")
+            append_result("select_kcenter", "winnow", n, "seconds", kc["seconds"])
+            append_result("select_kcenter", "winnow", n, "radius", kr)
             append_result("select_facility", "winnow", n, "seconds", w["seconds"])
             append_result("select_facility", "winnow", n, "peak_rss_mib", w["peak_rss_mib"])
             append_result("select_facility", "winnow", n, "objective", wf)

@@ -120,7 +120,7 @@ def _cell_search(x: np.ndarray, k: int, probes: int, seed: int) -> tuple[np.ndar
     return nbr, sim, {"graph": "cells", "cells": nc, "probes": probes}
 
 
-def knn_graph(emb: np.ndarray, k: int = 16, exact_max: int = 20_000, probes: int = 4, seed: int = 0,
+def knn_graph(emb: np.ndarray, k: int = 16, exact_max: int = 5_000, probes: int = 4, seed: int = 0,
               x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """(neighbours int32 (n, k), similarities float32 (n, k), info): row j's k most similar rows, itself first.
     Missing neighbours (fewer than k rows in the probed cells) are -1 with similarity 0."""
