@@ -94,7 +94,8 @@ def _cell_search(x: np.ndarray, k: int, probes: int, seed: int) -> tuple[np.ndar
     _, near = cindex.search(cents, min(nc, 8 * probes))  # each cell's nearest cells, itself first
     order = np.argsort(assign, kind="stable")
     ptr = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=nc))])
-    xt = torch.from_numpy(x)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the per-cell products on the GPU when there is one
+    xt = torch.from_numpy(x).to(dev)
     nbr = np.full((n, k), -1, np.int32)
     sim = np.zeros((n, k), np.float32)
     for c in range(nc):
@@ -111,13 +112,13 @@ def _cell_search(x: np.ndarray, k: int, probes: int, seed: int) -> tuple[np.ndar
             size += ptr[p + 1] - ptr[p]
         pool = np.concatenate(picked)
         kk = min(k, len(pool))
-        xp = xt[torch.from_numpy(pool)]
+        xp = xt[torch.from_numpy(pool).to(dev)]
         for s in range(0, len(rows), QUERY_BLOCK):
             q = rows[s:s + QUERY_BLOCK]
-            vals, idx = torch.topk(xt[torch.from_numpy(q)] @ xp.T, kk, dim=1)
-            nbr[q, :kk] = pool[idx.numpy()]
-            sim[q, :kk] = vals.numpy()
-    return nbr, sim, {"graph": "cells", "cells": nc, "probes": probes}
+            vals, idx = torch.topk(xt[torch.from_numpy(q).to(dev)] @ xp.T, kk, dim=1)
+            nbr[q, :kk] = pool[idx.cpu().numpy()]
+            sim[q, :kk] = vals.cpu().numpy()
+    return nbr, sim, {"graph": "cells", "cells": nc, "probes": probes, "device": dev}
 
 
 def knn_graph(emb: np.ndarray, k: int = 16, exact_max: int = 5_000, probes: int = 4, seed: int = 0,
