@@ -125,6 +125,31 @@ def ship_static_table(config: Any) -> str:
     return str(dest)
 
 
+def warm_select() -> float:
+    """Compile the selection kernels (every selector, both greedy loops, both k-center paths, DSIR hashing) on a small
+    random set, so that a first ``select`` does not spend seconds compiling."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from engine.select import base
+    from engine.select.budget import Limits
+    from engine.select.relevance import dsir_scores
+
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    cands = base.Candidates(np.arange(600), rng.random(600).astype(np.float32), np.ones(600), emb=x.astype(np.float16))
+    for method, extra in (("facility", {}), ("facility", {"epsilon": 0.1}), ("kcenter", {"kcenter": "exact"}),
+                          ("kcenter", {"kcenter": "graph"}), ("deita", {}), ("topk", {}), ("random", {})):
+        cfg = SimpleNamespace(**{"quality_weight": 1.0, "neighbours": 8, "epsilon": 0.0, "tau": 0.9,
+                                 "kcenter": "auto", "score": "", "ascending": False, **extra})
+        base.get(method)(cfg).select(cands, 20, Limits.none(600))
+    dsir_scores([["a warm up text", "another one"]], ["target text"])
+    return round(time.perf_counter() - t0, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import os
@@ -139,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     registry.resolve(cfg, {"n_rows": None, "work_dir": ""})
     where = ship_static_table(cfg) if args.ship else None
     got = warm(cfg, processes=min(2, os.cpu_count() or 1))
+    got["select"] = warm_select()
+    got["total"] += got["select"]
     print(f"winnow: kernels compiled ({got['total']:.0f} s)" + (f"; static table in {where}" if where else ""),
           file=sys.stderr)
     return 0
