@@ -152,8 +152,13 @@ def run_apricot(x: np.ndarray, k: int, knn: int = 0, **_) -> dict:
         "gains": [float(g) for g in sel.gains],
         "seconds_similarity": t1 - t0,
         "seconds": t2 - t0,
-        "config": {"metric": "precomputed", "optimizer": "lazy", "similarity": "max(0,cos) float64",
-                   "knn": knn, "apricot": _version("apricot-select")},
+        "config": {
+            "metric": "precomputed",
+            "optimizer": "lazy",
+            "similarity": "max(0,cos) float64",
+            "knn": knn,
+            "apricot": _version("apricot-select"),
+        },
     }
 
 
@@ -170,17 +175,22 @@ def run_submodlib(x: np.ndarray, k: int, knn: int = 0, **_) -> dict:
         s = _knn_sim(x, knn, np.float64)
         t1 = time.perf_counter()
         f = FacilityLocationFunction(n=n, mode="sparse", sijs=s, num_neighbors=knn)
-    res = f.maximize(budget=k, optimizer="LazyGreedy", stopIfZeroGain=False, stopIfNegativeGain=False,
-                     show_progress=False)
+    res = f.maximize(
+        budget=k, optimizer="LazyGreedy", stopIfZeroGain=False, stopIfNegativeGain=False, show_progress=False
+    )
     t2 = time.perf_counter()
     return {
         "selected": [int(i) for i, _ in res],
         "gains": [float(g) for _, g in res],
         "seconds_similarity": t1 - t0,
         "seconds": t2 - t0,
-        "config": {"mode": "dense" if knn == 0 else "sparse", "optimizer": "LazyGreedy",
-                   "similarity": "max(0,cos) float32" if knn == 0 else "max(0,cos) kNN float64", "knn": knn,
-                   "submodlib": _version("submodlib-py")},
+        "config": {
+            "mode": "dense" if knn == 0 else "sparse",
+            "optimizer": "LazyGreedy",
+            "similarity": "max(0,cos) float32" if knn == 0 else "max(0,cos) kNN float64",
+            "knn": knn,
+            "submodlib": _version("submodlib-py"),
+        },
     }
 
 
@@ -191,8 +201,9 @@ class _NoEncoder:
         raise RuntimeError("select_anchors: SemHash tried to encode; only precomputed embeddings are allowed")
 
 
-def run_semhash(x: np.ndarray, k: int, candidate_limit: str = "auto", strategy: str = "mmr",
-                diversity: float = 0.5, **_) -> dict:
+def run_semhash(
+    x: np.ndarray, k: int, candidate_limit: str = "auto", strategy: str = "mmr", diversity: float = 0.5, **_
+) -> dict:
     from semhash import SemHash
     from semhash.utils import compute_candidate_limit
 
@@ -208,18 +219,23 @@ def run_semhash(x: np.ndarray, k: int, candidate_limit: str = "auto", strategy: 
         limit = n
     else:
         limit = int(candidate_limit)
-    res = sh.self_find_representative(selection_size=k, candidate_limit=limit, diversity=diversity,
-                                      strategy=strategy)
+    res = sh.self_find_representative(selection_size=k, candidate_limit=limit, diversity=diversity, strategy=strategy)
     t2 = time.perf_counter()
     return {
         "selected": [int(r) for r in res.selected],
         "gains": None,
         "seconds_similarity": t1 - t0,
         "seconds": t2 - t0,
-        "config": {"method": "self_find_representative", "strategy": strategy, "diversity": diversity,
-                   "candidate_limit": limit, "auto_candidate_limit": auto, "ann_backend": "usearch",
-                   "similarity": "cos (usearch 'cos' for density; raw cos in MMR; max(0,cos) in COVER)",
-                   "semhash": _version("semhash")},
+        "config": {
+            "method": "self_find_representative",
+            "strategy": strategy,
+            "diversity": diversity,
+            "candidate_limit": limit,
+            "auto_candidate_limit": auto,
+            "ann_backend": "usearch",
+            "similarity": "cos (usearch 'cos' for density; raw cos in MMR; max(0,cos) in COVER)",
+            "semhash": _version("semhash"),
+        },
     }
 
 
@@ -293,9 +309,27 @@ def run_anchor(
     with tempfile.TemporaryDirectory(prefix="select_anchor_") as tmp:
         raw = Path(tmp) / "raw.json"
         err = Path(tmp) / "stderr.txt"
-        cmd = [python, str(Path(__file__).resolve()), "--_child", "--emb", emb_path, "--k", str(k),
-               "--anchor", anchor, "--out", str(raw), "--knn", str(knn), "--candidate-limit", candidate_limit,
-               "--strategy", strategy, "--mem-gib", str(mem_gib)]
+        cmd = [
+            python,
+            str(Path(__file__).resolve()),
+            "--_child",
+            "--emb",
+            emb_path,
+            "--k",
+            str(k),
+            "--anchor",
+            anchor,
+            "--out",
+            str(raw),
+            "--knn",
+            str(knn),
+            "--candidate-limit",
+            candidate_limit,
+            "--strategy",
+            strategy,
+            "--mem-gib",
+            str(mem_gib),
+        ]
         t0 = time.perf_counter()
         with open(err, "w") as ferr:
             p = subprocess.Popen(cmd, stdout=ferr, stderr=subprocess.STDOUT, start_new_session=True)
@@ -331,8 +365,10 @@ def run_anchor(
         "wall_seconds": wall,
         "peak_rss_mib": ru.ru_maxrss / 1024,  # the child's own peak (wait4), imports and input included
         "mem_cap_gib": mem_gib,
-        **{key: res.get(key) for key in ("seconds", "seconds_similarity", "seconds_import", "rss_before_mib",
-                                          "config", "error")},
+        **{
+            key: res.get(key)
+            for key in ("seconds", "seconds_similarity", "seconds_import", "rss_before_mib", "config", "error")
+        },
         "selected": res.get("selected"),
     }
     gains = res.get("gains")
@@ -361,8 +397,11 @@ def main(argv=None) -> int:
     ap.add_argument("--anchor", required=True, choices=ANCHORS)
     ap.add_argument("--out", required=True, help="result JSON")
     ap.add_argument("--knn", type=int, default=0, help="apricot/submodlib: kNN graph size (0 = dense n x n)")
-    ap.add_argument("--candidate-limit", default="auto",
-                    help="semhash: candidate pool ('auto' = SemHash's, raised to k; 'all' = n; or a number)")
+    ap.add_argument(
+        "--candidate-limit",
+        default="auto",
+        help="semhash: candidate pool ('auto' = SemHash's, raised to k; 'all' = n; or a number)",
+    )
     ap.add_argument("--strategy", default="mmr", help="semhash: pyversity strategy (mmr, cover, dpp, msd, ssd)")
     ap.add_argument("--mem-gib", type=float, default=16.0, help="RLIMIT_AS of the anchor process, GiB")
     ap.add_argument("--timeout", type=float, default=600.0, help="wall-clock limit of the anchor process, s")
@@ -370,8 +409,17 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a._child:
         return _child(a)
-    r = run_anchor(a.emb, a.k, a.anchor, knn=a.knn, candidate_limit=a.candidate_limit, strategy=a.strategy,
-                   mem_gib=a.mem_gib, timeout=a.timeout, python=sys.executable)
+    r = run_anchor(
+        a.emb,
+        a.k,
+        a.anchor,
+        knn=a.knn,
+        candidate_limit=a.candidate_limit,
+        strategy=a.strategy,
+        mem_gib=a.mem_gib,
+        timeout=a.timeout,
+        python=sys.executable,
+    )
     Path(a.out).write_text(json.dumps(r))
     print(json.dumps(summary(r)))
     return 0
