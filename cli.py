@@ -35,7 +35,7 @@ def _score_options():
 
 
 def _select_options():
-    """--method, --score, --budget, --ascending (engine.config.SELECT_OPTIONS)."""
+    """Every selection flag (engine.config.SELECT_OPTIONS): method, budget, quality, quotas, caps, target."""
     from engine.config import SELECT_OPTIONS
 
     return SELECT_OPTIONS

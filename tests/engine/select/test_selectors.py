@@ -214,3 +214,17 @@ def test_budget_quotas_and_caps_always_hold(method, k, label_cap, source_cap, to
         assert tokens[order].sum() <= token_budget + 1e-9
     again = base.get(method)(_cfg(neighbours=8, kcenter="exact" if seed % 2 else "graph"), seed=seed).select(c, k, lim)
     assert again.order.tolist() == order.tolist()  # same inputs, same seed: same picks
+
+
+def test_deita_on_the_graph_equals_the_dense_scan_when_no_row_is_dense():
+    from kernels.diversity_scan import diversity_scan_reference
+
+    rng = np.random.default_rng(8)
+    x = _unit(rng.normal(size=(300, 12)))
+    q = rng.random(300)
+    sel = base.get("deita")(_cfg(tau=0.6, neighbours=60))
+    got = sel.select(_cands(x, quality=q), 80, Limits.none(300))
+    assert got.info["dense_rows"] == 0
+    xr = _unit(np.asarray(_cands(x).emb, np.float32))
+    ref = diversity_scan_reference(np.argsort(-q, kind="stable"), xr, 0.6, 80)
+    assert got.order.tolist() == ref.tolist()
