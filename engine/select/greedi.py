@@ -8,11 +8,11 @@ blocks in input order, so memory-mapped embeddings are read sequentially, one pa
 Guarantees, for a monotone submodular objective such as facility location: the worst case is
 (1 - 1/e)^2 / min(P, k) of the optimum; with random partitions (Barbosa, Ene, Nguyen and Ward 2015) the expected
 value is at least (1 - 1/e) / 2, and in practice it is within a few percent of the centralised greedy
-(bench/RESULTS.md). For k-center, two rounds of farthest point are a 4-approximation (Malkomes et al. 2015). For
-facility location the final round still scores coverage of every row: each row's k nearest union rows (one faiss
-search per partition against an index of the union) form the final graph, so the final greedy optimises the whole
-corpus's objective over the union's candidates (memory O(n k) for those edges, the union's vectors, one partition's
-vectors at a time). The Ray executor runs the
+(bench/RESULTS.md). For k-center, two rounds of farthest point are a 4-approximation (Malkomes et al. 2015).
+For facility location the final round still scores coverage of every row: each row's k nearest union rows
+(engine/select/knn.py ``search_against``: cells over the union, the rows read a block at a time) form the final
+graph, so the final greedy optimises the whole corpus's objective over the union's candidates (memory O(n k) for
+those edges, the union's vectors, one block of rows at a time). The Ray executor runs the
 partitions in parallel; here they run one after another.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 from engine.select.base import Candidates, Picked, Selector
 from engine.select.budget import Limits
 from engine.select.facility import FacilityLocation
-from engine.select.knn import CHUNK, as_float32, build_index
+from engine.select.knn import search_against
 from kernels.facility_greedy import reverse_csr
 
 
@@ -47,7 +47,7 @@ def greedi(sel: Selector, cands: Candidates, k: int, limits: Limits, parts: int,
     pool = np.sort(np.concatenate(union)) if union else np.zeros(0, np.int64)
     sub = cands.take(pool)
     if isinstance(sel, FacilityLocation) and cands.emb is not None:
-        graph = _union_graph(cands, pool, sel.config.neighbours, parts, sel.seed, contiguous)
+        graph = _union_graph(cands, pool, sel.config.neighbours, sel.seed)
         final = sel.select(sub, k, limits.take(pool), graph=graph, point_weight=w_all)
     else:
         final = sel.select(sub, k, limits.take(pool))
@@ -56,16 +56,8 @@ def greedi(sel: Selector, cands: Candidates, k: int, limits: Limits, parts: int,
     return Picked(pool[final.order], final.gains, final.objective, info)
 
 
-def _union_graph(cands: Candidates, pool: np.ndarray, k: int, parts: int, seed: int, contiguous: bool):
-    """Reverse CSR over the union's candidates of every row's k nearest union rows."""
-    index = build_index(as_float32(cands.emb[pool]), seed=seed)
-    n = len(cands)
-    k = max(1, min(k, len(pool)))
-    nbr = np.empty((n, k), np.int32)
-    sim = np.empty((n, k), np.float32)
-    for idx in partitions(n, parts, seed, contiguous):
-        for s in range(0, len(idx), CHUNK):
-            rows = idx[s:s + CHUNK]
-            D, I = index.search(as_float32(cands.emb[rows]), k)
-            nbr[rows], sim[rows] = I, D
+def _union_graph(cands: Candidates, pool: np.ndarray, k: int, seed: int):
+    """Reverse CSR over the union's candidates of every row's k nearest union rows (knn.search_against: the
+    cell-by-cell search, the rows read a block at a time)."""
+    nbr, sim = search_against(cands.emb[pool], cands.emb, k=k, seed=seed)
     return reverse_csr(nbr, sim, len(pool))

@@ -63,9 +63,9 @@ ROWS_PER_CELL = 1000
 QUERY_BLOCK = 4096  # rows of a cell multiplied at once (a big cell's product stays ~QUERY_BLOCK x pool floats)
 
 
-def _cell_search(x: np.ndarray, k: int, probes: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+def _cells(x: np.ndarray, probes: int, seed: int):
+    """k-means cells over ``x``: (centroid index, each cell's nearest cells, row order by cell, cell pointers)."""
     import faiss
-    import torch
 
     n, d = x.shape
     nc = int(min(4096, max(16, n // ROWS_PER_CELL)))
@@ -94,31 +94,85 @@ def _cell_search(x: np.ndarray, k: int, probes: int, seed: int) -> tuple[np.ndar
     _, near = cindex.search(cents, min(nc, 8 * probes))  # each cell's nearest cells, itself first
     order = np.argsort(assign, kind="stable")
     ptr = np.concatenate([[0], np.cumsum(np.bincount(assign, minlength=nc))])
-    dev = "cuda" if torch.cuda.is_available() else "cpu"  # the per-cell products on the GPU when there is one
+    return cindex, near, order, ptr
+
+
+def _pool(c: int, near: np.ndarray, order: np.ndarray, ptr: np.ndarray, probes: int) -> np.ndarray:
+    """The base rows cell ``c``'s queries are searched against. Probe by rows, not by cells: nearest cells until the
+    pool holds ``probes`` cells' worth of rows (k-means cells of skewed data differ 100x in size; probing 8 big
+    cells made the work 4x what it should be)."""
+    picked, size = [], 0
+    for p in near[c]:
+        if p < 0 or (picked and size >= probes * ROWS_PER_CELL):
+            break
+        picked.append(order[ptr[p]:ptr[p + 1]])
+        size += ptr[p + 1] - ptr[p]
+    return np.concatenate(picked)
+
+
+def _search(xq, q_rows, q_order, q_ptr, xb, cells, k, probes, nbr, sim, dev) -> None:
+    """Each cell's queries (positions ``q_order[q_ptr[c]:q_ptr[c+1]]`` into ``xq``, written at ``q_rows`` of the
+    outputs) against the cell's pool of base rows: one product and a top-k per block."""
+    import torch
+
+    _cindex, near, order, ptr = cells
+    for c in range(len(q_ptr) - 1):
+        qs = q_order[q_ptr[c]:q_ptr[c + 1]]
+        if not len(qs):
+            continue
+        pool = _pool(c, near, order, ptr, probes)
+        kk = min(k, len(pool))
+        xp = xb[torch.from_numpy(pool).to(dev)]
+        for s in range(0, len(qs), QUERY_BLOCK):
+            q = qs[s:s + QUERY_BLOCK]
+            vals, idx = torch.topk(xq[torch.from_numpy(q).to(dev)] @ xp.T, kk, dim=1)
+            out = q_rows[q]
+            nbr[out, :kk] = pool[idx.cpu().numpy()]
+            sim[out, :kk] = vals.cpu().numpy()
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"  # the per-cell products on the GPU when there is one
+
+
+def _cell_search(x: np.ndarray, k: int, probes: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    import torch
+
+    n = x.shape[0]
+    cells = _cells(x, probes, seed)
+    dev = _device()
     xt = torch.from_numpy(x).to(dev)
     nbr = np.full((n, k), -1, np.int32)
     sim = np.zeros((n, k), np.float32)
-    for c in range(nc):
-        rows = order[ptr[c]:ptr[c + 1]]
-        if not len(rows):
-            continue
-        # probe by rows, not by cells: nearest cells until the pool holds ``probes`` cells' worth of rows (k-means
-        # cells of skewed data differ 100x in size; probing 8 big cells made the work 4x what it should be)
-        picked, size = [], 0
-        for p in near[c]:
-            if p < 0 or (picked and size >= probes * ROWS_PER_CELL):
-                break
-            picked.append(order[ptr[p]:ptr[p + 1]])
-            size += ptr[p + 1] - ptr[p]
-        pool = np.concatenate(picked)
-        kk = min(k, len(pool))
-        xp = xt[torch.from_numpy(pool).to(dev)]
-        for s in range(0, len(rows), QUERY_BLOCK):
-            q = rows[s:s + QUERY_BLOCK]
-            vals, idx = torch.topk(xt[torch.from_numpy(q).to(dev)] @ xp.T, kk, dim=1)
-            nbr[q, :kk] = pool[idx.cpu().numpy()]
-            sim[q, :kk] = vals.cpu().numpy()
-    return nbr, sim, {"graph": "cells", "cells": nc, "probes": probes, "device": dev}
+    _search(xt, np.arange(n), cells[2], cells[3], xt, cells, k, probes, nbr, sim, dev)
+    return nbr, sim, {"graph": "cells", "cells": len(cells[3]) - 1, "probes": probes, "device": dev}
+
+
+def search_against(base: np.ndarray, queries: np.ndarray, k: int = 16, probes: int = 4, seed: int = 0,
+                   block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """Each query row's k most similar ``base`` rows (indices into base, -1 = none), by the same cell search as the
+    graph. ``queries`` may be a memory map far larger than memory: it is read ``block`` rows at a time."""
+    import torch
+
+    xb_np = as_float32(base)
+    cells = _cells(xb_np, probes, seed)
+    dev = _device()
+    xb = torch.from_numpy(xb_np).to(dev)
+    nq = queries.shape[0]
+    k = max(1, min(k, xb_np.shape[0]))
+    nbr = np.full((nq, k), -1, np.int32)
+    sim = np.zeros((nq, k), np.float32)
+    for s in range(0, nq, block):
+        xq_np = as_float32(queries[s:s + block])
+        _, qa = cells[0].search(xq_np, 1)
+        qa = qa[:, 0].astype(np.int64)
+        q_order = np.argsort(qa, kind="stable")
+        q_ptr = np.concatenate([[0], np.cumsum(np.bincount(qa, minlength=len(cells[3]) - 1))])
+        _search(torch.from_numpy(xq_np).to(dev), np.arange(s, s + len(xq_np)), q_order, q_ptr, xb, cells, k,
+                probes, nbr, sim, dev)
+    return nbr, sim
 
 
 def knn_graph(emb: np.ndarray, k: int = 16, exact_max: int = 5_000, probes: int = 4, seed: int = 0,
