@@ -12,7 +12,8 @@ engine/select/greedi.py), oversamples labels below their quota, and writes:
   ``selection_repeats`` times, in input order;
 - ``SEL/manifest.json``: method, parameters, objective, quality formula, per-label and per-source counts before and
   after, the token count's source, seed, timings.
-The same inputs and seed give identical output. ``auto`` is ``topk`` when ``--score`` is given, else ``facility``
+The same inputs and seed give identical output. ``auto`` is ``topk`` when ``--score`` is given (or when the run
+has no embeddings: by quality), else ``facility``
 (the method with the evidence behind it: bench/RESULTS.md and the compare issue).
 """
 
@@ -138,6 +139,8 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
     schemas = [pq.read_schema(f) for f in files]
     all_cols = set().union(*(s.names for s in schemas))
     method, budget = check_options(config, {f.name: f.type for s in schemas for f in s})
+    if config.method == "auto" and method == "facility" and "embedding" not in all_cols:
+        method = "topk"  # no embeddings (scored with --embedder none): rank by quality instead
     balance = B.Balance.parse(config.balance)
     cap = B.parse_cap(config.source_cap)
     sel = base.get(method)(config, seed)

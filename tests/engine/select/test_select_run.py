@@ -118,3 +118,17 @@ def test_balance_with_a_token_budget_is_a_user_error(run, tmp_path):
     with pytest.raises(UserError, match="needs a count"):
         select(out, tmp_path / "x", SelectConfig(balance="equal", budget="tokens:100"))
     assert not (tmp_path / "x").exists()
+
+
+def test_auto_without_embeddings_ranks_by_quality(tmp_path):
+    rows = [{"instruction": f"question {i} about topic {i % 7}", "output": "answer " * (1 + i % 9)} for i in range(30)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Config()
+    cfg.run.workers = 1
+    cfg.embed.embedder = "none"
+    cfg.loss.enabled = "off"
+    score([str(tmp_path / "a.jsonl")], tmp_path / "run", cfg)
+    m = select(tmp_path / "run", tmp_path / "sel", SelectConfig(budget="5"))
+    assert m["method"] == "topk" and m["selected"] == 5
+    with pytest.raises(UserError, match="no embedding column"):
+        select(tmp_path / "run", tmp_path / "sel2", SelectConfig(method="facility", budget="5"))
