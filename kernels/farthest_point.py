@@ -155,6 +155,17 @@ def _cover(i, indptr, point, value, d):
     d[i] = 0.0
 
 
+@njit(cache=True, inline="always")
+def _pick(i, gain, got, order, gains, dead, indptr, point, value, d, group, label_left, source_left, cost, cost_left):
+    """Take ``i`` as pick number ``got`` (spending the constraints, covering its graph neighbours); returns got + 1."""
+    take(i, group, label_left, source_left, cost, cost_left)
+    dead[i] = True
+    order[got] = i
+    gains[got] = gain
+    _cover(i, indptr, point, value, d)
+    return got + 1
+
+
 @njit(cache=True)
 def farthest_point_graph(indptr, point, value, rk, mult, k, init, group, label_left, source_left, cost, cost_left):
     """Farthest-point greedy on a kNN graph (reverse CSR of cosine similarities, as kernels/facility_greedy.py's
@@ -185,12 +196,8 @@ def farthest_point_graph(indptr, point, value, rk, mult, k, init, group, label_l
         if not admits(i, group, label_left, source_left, cost, cost_left):
             dead[i] = True
             continue
-        take(i, group, label_left, source_left, cost, cost_left)
-        dead[i] = True
-        order[got] = i
-        gains[got] = rk[i] * mult[i]
-        got += 1
-        _cover(i, indptr, point, value, d)
+        got = _pick(i, rk[i] * mult[i], got, order, gains, dead, indptr, point, value, d, group, label_left,
+                    source_left, cost, cost_left)
     phase1 = got
     # phase 2: exact farthest point among covered points, lazy heap keyed by d * mult
     # capacity: one entry per point plus one re-push per distance decrease (at most one per graph edge)
@@ -211,12 +218,8 @@ def farthest_point_graph(indptr, point, value, rk, mult, k, init, group, label_l
         if not admits(i, group, label_left, source_left, cost, cost_left):
             dead[i] = True
             continue
-        take(i, group, label_left, source_left, cost, cost_left)
-        dead[i] = True
-        order[got] = i
-        gains[got] = now
-        got += 1
-        _cover(i, indptr, point, value, d)
+        got = _pick(i, now, got, order, gains, dead, indptr, point, value, d, group, label_left, source_left, cost,
+                    cost_left)
     return order[:got], gains[:got], d, phase1
 
 

@@ -8,6 +8,7 @@ selector obeys: per-label and per-source places and a token budget (kernels/quot
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -52,8 +53,8 @@ class Picked:
     cover: np.ndarray | None = None  # facility: the candidate covering each point (-1: none), for GreeDi's weights
 
 
-class Selector:
-    """A selection method. ``params`` are the ``select`` config's fields the method reads (for the manifest)."""
+class Selector(ABC):
+    """A selection method (abstract: each file of this package subclasses it). ``params`` are the ``select`` config's fields the method reads (for the manifest)."""
 
     name: ClassVar[str] = ""
     needs_embeddings: ClassVar[bool] = False
@@ -63,8 +64,9 @@ class Selector:
         self.config = config
         self.seed = seed
 
-    def select(self, cands: Candidates, k: int, limits) -> Picked:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def select(self, cands: Candidates, k: int, limits) -> Picked:
+        """Up to ``k`` picks among ``cands`` within ``limits`` (never mutated: selectors spend a copy)."""
 
     def parameters(self) -> dict:
         return {p: getattr(self.config, p) for p in self.params}
