@@ -4,6 +4,7 @@
     python cli.py select DIR --out SEL          pick a budget of kept rows into SEL/
     python cli.py run [INPUT...] --out DIR      score, then select into DIR/selected/ (no INPUT: the demo corpus)
     python cli.py split DIR                     train/val/test splits, no semantic neighbourhood across splits
+    python cli.py finetune SEL --out MODEL      fine-tune on a selection (classification or sft)
     python cli.py inspect DIR                   summary of a run folder
 
 Exit codes: 0 success, 2 user error (one line naming the file, line and field), 1 internal error.
@@ -67,6 +68,16 @@ def _add_select_options(p: argparse.ArgumentParser) -> None:
     _add_options(p.add_argument_group("selection"), _select_options())
 
 
+def _add_finetune_options(p: argparse.ArgumentParser) -> None:
+    """The fine-tune recipe's flags (engine.train.finetune.FINETUNE_OPTIONS), dest = the config field."""
+    from engine.train.finetune import FINETUNE_OPTIONS
+
+    g = p.add_argument_group("recipe")
+    for o in FINETUNE_OPTIONS:
+        g.add_argument(o.flag, dest=o.field, type=o.type, default=None, metavar=o.field.upper(),
+                       help=o.help.replace("%", "%%"))
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file setting any config field")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary table")
@@ -114,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-sample", type=int, default=10000,
                    help="rows whose nearest neighbour in the other splits is measured (default: 10000; 0 = none)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+
+    p = sub.add_parser("finetune", help="fine-tune a model on a selection: classification (an encoder) or sft (a "
+                       "causal LM); writes a save_pretrained folder and metrics.json")
+    p.add_argument("selection", metavar="SEL", help="selection folder (selected.parquet), run folder, or a file or "
+                   "folder of rows")
+    p.add_argument("--out", required=True, help="model folder to write (save_pretrained, metrics.json, train_log.jsonl)")
+    p.add_argument("--val", default=None, metavar="FILE", help="validation rows (default: RUN/splits/val.parquet)")
+    p.add_argument("--test", default=None, metavar="FILE", help="test rows (default: RUN/splits/test.parquet)")
+    _add_finetune_options(p)
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
     p = sub.add_parser("inspect", help="summary of a run folder: rows, verdicts, columns, score ranges")
     p.add_argument("run", metavar="DIR", help="run folder written by `score` or `run`")
@@ -289,6 +310,17 @@ def cmd_split(args) -> None:
             print(f"largest cross-split cosine over {c['sample_rows']:,} sampled rows: {c['max_cosine']:.3f}")
 
 
+def cmd_finetune(args) -> None:
+    from engine.train.finetune import config_from_args, finetune
+
+    cfg = config_from_args(args)
+    _check_out("--out", args.out)
+    m = finetune(args.selection, args.out, cfg, val=args.val, test=args.test)
+    if not args.quiet:
+        print(json.dumps({k: m[k] for k in ("task", "rows", "val", "test") if k in m}, default=str))
+        print(f"model and metrics.json in {args.out}")
+
+
 def cmd_inspect(args) -> None:
     from engine.report.inspect import inspect_run
 
@@ -316,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_split(args)
         elif args.command == "inspect":
             cmd_inspect(args)
+        elif args.command == "finetune":
+            cmd_finetune(args)
         return 0
     except UserError as e:
         print(f"winnow: error: {e}", file=sys.stderr)
