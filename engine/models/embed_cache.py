@@ -33,7 +33,7 @@ class EmbeddingCache:
     (Ray actors) never clash and a reader sees only complete pairs. Lookups binary-search each file's sorted keys:
     memory is 16 B per cached row (keys + order); the vectors stay on disk, memory-mapped."""
 
-    def __init__(self, root: str | Path, model_key: str, dim: int):
+    def __init__(self, root: str | Path, model_key: str, dim: int, dtype=np.float16):
         safe = re.sub(r"[^A-Za-z0-9_.=-]+", "_", model_key)[:150]
         self.dir = Path(root) / safe
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -43,6 +43,9 @@ class EmbeddingCache:
             tmp.write_text(json.dumps({"model_key": model_key, "dim": dim}))
             os.replace(tmp, meta)
         self.dim = dim
+        # float16 for embeddings; float32 where a reloaded model must reproduce the cached features' predictions
+        # (engine/train/classify.py's head features).
+        self.dtype = np.dtype(dtype)
         self._files: list[tuple[np.ndarray, np.ndarray, Path]] = []  # (sorted keys, order, emb path)
         self._mmaps: dict[int, np.ndarray] = {}
         for kf in sorted(self.dir.glob("keys-*.npy")):
@@ -60,7 +63,7 @@ class EmbeddingCache:
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, (n, dim) float16 with found rows filled) for uint64 ``keys``."""
         found = np.zeros(len(keys), bool)
-        out = np.zeros((len(keys), self.dim), np.float16)
+        out = np.zeros((len(keys), self.dim), self.dtype)
         for fi, (sk, order, ef) in enumerate(self._files):
             todo = np.flatnonzero(~found)
             if len(todo) == 0:
@@ -84,7 +87,7 @@ class EmbeddingCache:
             return
         tag = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         ef, kf = self.dir / f"emb-{tag}.npy", self.dir / f"keys-{tag}.npy"
-        vec = np.ascontiguousarray(vectors, dtype=np.float16)
+        vec = np.ascontiguousarray(vectors, dtype=self.dtype)
         keys = np.ascontiguousarray(keys, dtype=np.uint64)
         for path, arr in ((ef, vec), (kf, keys)):
             tmp = path.with_name("." + path.name)
