@@ -84,6 +84,19 @@ def smollm2_cache() -> Path | None:
     return None
 
 
+def plain_copy(model):
+    """``model``'s weights in a fresh float32 model of the same config without its ``quantization_config``:
+    ``save_pretrained`` refuses a GGUF-loaded model (the loss stage's cache and ``engine.train.sft`` save this)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    clean = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    return clean
+
+
 def _save_smollm2_cache(model, tokenizer) -> None:
     """Save SmolLM2 as float32 safetensors (517 MB, outside the repository): dequantising the GGUF takes ~18 s on
     2 cores, loading the safetensors ~1 s. ``save_pretrained`` refuses a GGUF-loaded model, so the weights go into
@@ -96,13 +109,7 @@ def _save_smollm2_cache(model, tokenizer) -> None:
         import shutil
         import tempfile
 
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = model.config.to_dict()
-        cfg.pop("quantization_config", None)
-        clean = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
-        clean.load_state_dict(model.state_dict())
+        clean = plain_copy(model)
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
         clean.save_pretrained(tmp)
