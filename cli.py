@@ -6,6 +6,7 @@
     python cli.py split DIR                     train/val/test splits, no semantic neighbourhood across splits
     python cli.py finetune SEL --out MODEL      fine-tune on a selection (classification or sft)
     python cli.py inspect DIR                   summary of a run folder
+    python cli.py report DIR                    one self-contained HTML page over a run folder (DIR/report.html)
 
 Exit codes: 0 success, 2 user error (one line naming the file, line and field), 1 internal error.
 """
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="summary of a run folder: rows, verdicts, columns, score ranges")
     p.add_argument("run", metavar="DIR", help="run folder written by `score` or `run`")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("report", help="one self-contained HTML page over a run folder: verdicts, score distributions, "
+                       "samples, duplicates, selection, embedding map, fine-tune and compare results")
+    p.add_argument("run", metavar="DIR", help="run folder written by `run` or `score`")
+    p.add_argument("--out", default=None, metavar="FILE", help="HTML file to write (default: DIR/report.html)")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     return ap
 
 
@@ -270,6 +277,17 @@ def cmd_run(args) -> None:
     cfg = _checked_config(args, with_select=True)
     cmd_score(args, with_select=True, cfg=cfg)
     cmd_select(args, scores_dir=args.out, cfg=cfg)
+    from engine.report.html import write_report
+
+    try:  # the run's outputs are complete by now: a report that fails to render must not fail the run
+        path = write_report(args.out)
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: the report could not be written ({type(e).__name__}: {e}); retry with "
+              f"`cli.py report {args.out}`", file=sys.stderr)
+    else:
+        if not args.quiet:
+            print(f"report: {path}")
+
 
 
 def cmd_split(args) -> None:
@@ -333,6 +351,14 @@ def cmd_inspect(args) -> None:
     print_summary(summary)
 
 
+def cmd_report(args) -> None:
+    from engine.report.html import write_report
+
+    path = write_report(args.run, args.out)
+    if not args.quiet:
+        print(f"report: {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from engine.errors import UserError
 
@@ -348,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_split(args)
         elif args.command == "inspect":
             cmd_inspect(args)
+        elif args.command == "report":
+            cmd_report(args)
         elif args.command == "finetune":
             cmd_finetune(args)
         return 0
