@@ -196,6 +196,10 @@ CASES = [
     (("inspect",), "{nope}", "no such folder"),
     (("inspect",), "{dir}", "no scores/part-*.parquet"),
     (("inspect",), "--json --bogus", "unrecognized arguments: --bogus"),
+    (("report",), "{nope}", "no such folder"),
+    (("report",), "{dir}", "no manifest.json"),
+    (("report",), "--out {dir}", "is a folder"),
+    (("report",), "--out {nope}/r.html", "does not exist"),
 ]
 # Flags that take no value: nothing to get wrong alone (contradictions are in CASES: --loss --no-loss, --semdedup)
 SWITCHES = {"--quiet", "--no-normalize", "--no-clean", "--no-near-dedup", "--no-token-count", "--no-exact-dedup",
@@ -241,7 +245,8 @@ def _argv(cmd: str, args: str, paths: Path, out: Path) -> list[str]:
         return text.split()
 
     given = fill(args)
-    head = {"score": "{in}", "run": "{in}", "select": "{run}", "split": "{run}", "inspect": "{run}"}[cmd]
+    head = {"score": "{in}", "run": "{in}", "select": "{run}", "split": "{run}", "inspect": "{run}",
+            "report": "{run}"}[cmd]
     if given and not given[0].startswith("-"):  # the case replaces the positional argument
         head, given = given[0], given[1:]
     out_flag = {"split": "--to", "inspect": None}.get(cmd, "--out")
@@ -290,7 +295,7 @@ def test_every_flag_has_a_bad_value():
     value here, and so a check."""
     parser = cli.build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subs) == {"score", "select", "run", "split", "inspect"}
+    assert set(subs) == {"score", "select", "run", "split", "inspect", "report"}
     tokens = {cmd: set() for cmd in subs}
     positional = set()  # commands with a case that replaces the positional argument
     for cmds, args, _want in CASES:
