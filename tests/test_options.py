@@ -145,6 +145,9 @@ CASES = [
     (SCORING, "--config {toml_semdedup_niter}", "semdedup.niter = 0"),
     (SCORING, "--config {toml_tokens_cache}", "tokens.cache_chunks = -1"),
     (SCORING, "--bogus-flag 3", "unrecognized arguments: --bogus-flag"),
+    # --- the executor (engine/run/ray.py): on select too ---
+    (SCORING + ("select",), "--engine spark", "--engine spark (run.engine): expected one of local, ray"),
+    (SCORING + ("select",), "--ray-address auto", "--ray-address auto: needs --engine ray"),
     # --- selection (engine.config.SELECT_OPTIONS); for `run` the score column is checked against the columns the
     # run will produce (the active stages' declared columns and the inputs'), before scoring ---
     (SELECTING, "--method bogus", "--method bogus"),
@@ -317,6 +320,19 @@ def test_every_flag_has_a_bad_value():
     registered = {o.flag for o in all_options() if o.type is not None}
     covered = {t for cmds, args, _ in CASES for t in args.split()}
     assert registered <= covered, registered - covered
+
+
+@pytest.mark.parametrize("cmd", ["score", "select", "run"])
+def test_engine_ray_without_ray_names_the_install(cmd, paths, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    out = tmp_path / "out"
+    code, lines = _main(_argv(cmd, "--engine ray", paths, out), capsys)
+    assert code == 2 and len(lines) == 1, lines
+    assert "--engine ray: Ray Data is not installed" in lines[0] and "make install" in lines[0]
+    assert "pip install 'ray[data]'" in lines[0] and not out.exists()
 
 
 def test_every_declared_range_accepts_its_default():

@@ -201,12 +201,15 @@ def _column_or_nulls(t: pa.Table, names: list[str], n: int) -> dict[str, pa.Chun
 
 class PartsContext(GlobalContext):
     """A local run's map phase: ``parts[shard]`` = its Parquet parts in row order, ``work[shard]`` = its Arrow IPC
-    file of work columns (rows aligned with the parts, concatenated), or None."""
+    file of work columns (rows aligned with the parts, concatenated), a list of such files, one per part (the Ray
+    engine writes one per part), or None."""
 
-    def __init__(self, config: Any, parts: dict[int, list[Path]], work: dict[int, Path | None] | None = None):
+    def __init__(self, config: Any, parts: dict[int, list[Path]],
+                 work: dict[int, Path | list[Path] | None] | None = None):
         super().__init__(config)
         self.parts = {int(k): [Path(p) for p in v] for k, v in sorted(parts.items())}
-        self.work = {int(k): (Path(v) if v else None) for k, v in (work or {}).items()}
+        self.work = {int(k): ([Path(p) for p in v] if isinstance(v, list) else Path(v) if v else None)
+                     for k, v in (work or {}).items()}
         self._part_rows: dict[int, list[int]] = {}
         for s, files in self.parts.items():
             rows, verdicts, sizes = [], [], []
@@ -219,8 +222,10 @@ class PartsContext(GlobalContext):
             self._set_shard_verdicts(s, np.concatenate(rows) if rows else np.zeros(0, np.int64),
                                      pa.chunked_array([c for v in verdicts for c in v.chunks], pa.large_string()))
 
-    def _work_table(self, shard: int) -> pa.Table | None:
+    def _work_table(self, shard: int, part: int | None = None) -> pa.Table | None:
         path = self.work.get(shard)
+        if isinstance(path, list):
+            path = path[part] if part is not None and part < len(path) else None
         if path is None or not path.exists():
             return None
         with pa.memory_map(str(path)) as src:  # zero copy: the pages are the file's
@@ -230,17 +235,21 @@ class PartsContext(GlobalContext):
         for s, files in self.parts.items():
             work = None
             work_cols: list[str] = []
-            if columns:
+            per_part = isinstance(self.work.get(s), list)
+            if columns and not per_part:
                 work = self._work_table(s)
                 work_cols = [c for c in columns if work is not None and c in work.column_names]
             start = 0
-            for f, n in zip(files, self._part_rows[s]):
+            for k, (f, n) in enumerate(zip(files, self._part_rows[s])):
+                if columns and per_part:
+                    work = self._work_table(s, k)
+                    work_cols = [c for c in columns if work is not None and c in work.column_names]
                 avail = set(part_schema(f).names)
                 main_cols = [c for c in columns if c in avail and c not in work_cols]
                 t = read_part(f, columns=["row", *main_cols])
                 cols = {"row": t.column("row"), **_column_or_nulls(t, main_cols, n)}
                 if work_cols:
-                    w = work.slice(start, n)
+                    w = work if per_part else work.slice(start, n)
                     cols.update({c: w.column(c) for c in work_cols})
                 for c in columns:
                     cols.setdefault(c, pa.nulls(n))
@@ -294,5 +303,6 @@ def open_run(run_dir: str | Path, config: Any) -> PartsContext:
         # Final verdicts live in scores/ (the same names as Parquet); fall back to the map parts before finalize.
         final = [scores / (Path(p).stem + ".parquet") for p in st["parts"]]
         parts[i] = final if all(f.exists() for f in final) else [map_dir / p for p in st["parts"]]
-        work[i] = map_dir / st["work"] if st.get("work") else None
+        work[i] = ([map_dir / p for p in st["work_parts"]] if st.get("work_parts")
+                   else map_dir / st["work"] if st.get("work") else None)
     return PartsContext(config, parts, work)

@@ -143,6 +143,26 @@ def _score(t_start: float, shards, warnings: list[str], out: Path, config: Confi
                 raise RuntimeError("WINNOW_CRASH_AFTER_SHARDS: simulated crash")
             pause_point(f"map:{done_n}")
     map_seconds = time.perf_counter() - t_map
+    return finish_run(t_start, shards, warnings, out, config, command, results, pending, resolved,
+                      {"map_s": round(map_seconds, 3), "warm_up_s": timings_warm}, workers, map_stages, global_stages)
+
+
+def work_files(map_dir: Path, stats: dict) -> Path | list[Path] | None:
+    """A finished shard's work columns: one file for the shard (the local engine's ``work-SSSSS.arrow``), one per
+    part (the Ray engine's ``work-SSSSS-CCCC.arrow``, in ``work_parts``), or None."""
+    if stats.get("work_parts"):
+        return [map_dir / p for p in stats["work_parts"]]
+    return (map_dir / stats["work"]) if stats.get("work") else None
+
+
+def finish_run(t_start: float, shards, warnings: list[str], out: Path, config: Config, command: str,
+               results: dict[int, dict], pending: list[int], resolved: dict, timings_map: dict, workers: int,
+               map_stages: list[Stage] | None = None, global_stages: list[GlobalStage] | None = None,
+               extra: dict | None = None) -> dict:
+    """What every executor does once each shard's map phase has its stats in ``results``: count the rows, run the
+    global stages over a ``PartsContext``, finalize ``scores/`` and write the manifest (``extra`` adds top-level
+    entries: the Ray engine's ``engine`` and ``ray``)."""
+    map_dir = out / "work" / "map"
 
     rows_in = sum(results[i]["rows"] for i in range(len(shards)))
     for i in range(len(shards)):
@@ -155,7 +175,7 @@ def _score(t_start: float, shards, warnings: list[str], out: Path, config: Confi
 
     nonempty = [i for i in range(len(shards)) if results[i]["rows"]]
     parts = {i: [map_dir / p for p in results[i]["parts"]] for i in nonempty}
-    works = {i: (map_dir / results[i]["work"]) if results[i].get("work") else None for i in nonempty}
+    works = {i: work_files(map_dir, results[i]) for i in nonempty}
     t_glob = time.perf_counter()
     gctx = PartsContext(config, parts, works)
     timings_global: dict[str, float] = {"load_s": round(time.perf_counter() - t_glob, 3)}
@@ -187,8 +207,7 @@ def _score(t_start: float, shards, warnings: list[str], out: Path, config: Confi
         "versions": mf.versions(),
         "seed": config.run.seed,
         "timings": {
-            "map_s": round(map_seconds, 3),
-            "warm_up_s": timings_warm,
+            **timings_map,
             "global_s": timings_global,
             "finalize_s": round(fin_seconds, 3),
             "total_s": round(time.perf_counter() - t_start, 3),
@@ -202,6 +221,7 @@ def _score(t_start: float, shards, warnings: list[str], out: Path, config: Confi
         **mf.summaries(stats),
         "warnings": warnings,
         "scores": sorted(p.name for p in (out / "scores").glob("part-*.parquet")),
+        **(extra or {}),
     }
     write_json_atomic(out / "manifest.json", manifest)
     return manifest

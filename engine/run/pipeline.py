@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,34 @@ class _WorkWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def canonical_batches(shard: Shard, rc: Any, fmt_box: dict[str, Any], counts: dict[str, int]
+                      ) -> Iterator[pa.RecordBatch]:
+    """The shard's rows as canonical batches (``engine.io.schema.canonicalize``): the format detected on the first
+    readable batch (``fmt_box["fmt"]``, with the input columns in ``fmt_box["input_cols"]``), rows counted in
+    ``counts["rows"]``, malformed rows kept. Both executors read shards through this."""
+    for batch in read_shard(shard, rc.batch_rows, rc.jsonl_block_bytes):
+        if not any(not c.startswith("__") for c in batch.schema.names):
+            # Every row of this batch was unreadable: nothing to detect a format from yet.
+            out = canonicalize(batch, "unknown", shard.path, None, shard.id_prefix)
+            counts["rows"] += out.num_rows
+            yield out
+            continue
+        if "fmt" not in fmt_box:
+            have = [c for c in batch.schema.names if not c.startswith("__")]
+            try:
+                fmt_box["fmt"] = detect_format(have, rc.format, rc.map or None)
+            except UserError as e:
+                raise UserError(f"{shard.path}: {e}") from None
+            need = required_columns(fmt_box["fmt"], rc.map)
+            if have and need and not any(c in have for c in need):
+                raise UserError(f"{shard.path}: format {fmt_box['fmt']} needs column(s) {need}, found {have}")
+        out = canonicalize(batch, fmt_box["fmt"], shard.path, rc.map or None, shard.id_prefix)
+        if "input_cols" not in fmt_box:
+            fmt_box["input_cols"] = out.schema.names[len(CANONICAL_TYPES):]
+        counts["rows"] += out.num_rows
+        yield out
+
+
 def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, stages: list[Stage],
                   on_rows: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Map phase of one shard with already built ``stages``; returns its stats (also the completion marker)."""
@@ -165,28 +194,7 @@ def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, st
     counts = {"rows": 0}
     null_cols = registry.global_columns(config)
 
-    def canonical() -> Iterator[pa.RecordBatch]:
-        for batch in read_shard(shard, rc.batch_rows, rc.jsonl_block_bytes):
-            if not any(not c.startswith("__") for c in batch.schema.names):
-                # Every row of this batch was unreadable: nothing to detect a format from yet.
-                out = canonicalize(batch, "unknown", shard.path, None, shard.id_prefix)
-                counts["rows"] += out.num_rows
-                yield out
-                continue
-            if "fmt" not in fmt_box:
-                have = [c for c in batch.schema.names if not c.startswith("__")]
-                try:
-                    fmt_box["fmt"] = detect_format(have, rc.format, rc.map or None)
-                except UserError as e:
-                    raise UserError(f"{shard.path}: {e}") from None
-                need = required_columns(fmt_box["fmt"], rc.map)
-                if have and need and not any(c in have for c in need):
-                    raise UserError(f"{shard.path}: format {fmt_box['fmt']} needs column(s) {need}, found {have}")
-            out = canonicalize(batch, fmt_box["fmt"], shard.path, rc.map or None, shard.id_prefix)
-            if "input_cols" not in fmt_box:
-                fmt_box["input_cols"] = out.schema.names[len(CANONICAL_TYPES):]
-            counts["rows"] += out.num_rows
-            yield out
+    canonical = partial(canonical_batches, shard, rc, fmt_box, counts)
 
     # Inclusive seconds spent pulling from each step of the fold; a stage's own time is its inclusive time minus
     # its upstream's (reported per stage in the manifest as ``seconds``).

@@ -64,7 +64,8 @@ def reusable(map_dir: Path, shards: list[Shard], config: Any) -> tuple[dict[int,
                 st = json.loads(marker.read_text())
             except (OSError, ValueError):
                 st = None
-            files = (st or {}).get("parts", []) + ([st["work"]] if st and st.get("work") else [])
+            files = ((st or {}).get("parts", []) + ([st["work"]] if st and st.get("work") else [])
+                     + (st or {}).get("work_parts", []))  # the Ray engine: one work file per part
             if st and st.get("key") == shard_key(sh, config) and all((map_dir / p).exists() for p in files):
                 st["reused"] = True
                 done[i] = st

@@ -12,11 +12,16 @@ value is at least (1 - 1/e) / 2, and in practice it is within a few percent of t
 For facility location the final round still scores coverage of every row: each row's k nearest union rows
 (engine/select/knn.py ``search_against``: cells over the union, the rows read a block at a time) form the final
 graph, so the final greedy optimises the whole corpus's objective over the union's candidates (memory O(n k) for
-those edges, the union's vectors, one block of rows at a time). The Ray executor runs the
-partitions in parallel; here they run one after another.
+those edges, the union's vectors, one block of rows at a time). Here the partitions run one after another; under
+``partition_runner(fn)`` (``select --engine ray``: ``engine.run.ray.partition_map``, one Ray task per partition)
+``fn`` runs them, in parallel, and the final round stays on the driver. Each partition's selection depends only on
+its rows, the selector's seed and the limits, so the picks are the same either way.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -33,14 +38,33 @@ def partitions(n: int, parts: int, seed: int, contiguous: bool = False) -> list[
     return [np.sort(b) for b in np.array_split(order, parts)]
 
 
+# fn(sel, cands, k, limits, [index arrays]) -> [Picked per partition]: who runs the partitions (None: this process)
+_RUNNER: Callable | None = None
+
+
+@contextlib.contextmanager
+def partition_runner(fn: Callable) -> Iterator[None]:
+    """Run GreeDi's partitions with ``fn`` inside the block (the Ray executor's parallel tasks)."""
+    global _RUNNER
+    old, _RUNNER = _RUNNER, fn
+    try:
+        yield
+    finally:
+        _RUNNER = old
+
+
+def _in_process(sel: Selector, cands: Candidates, k: int, limits: Limits, parts: list[np.ndarray]) -> list[Picked]:
+    return [sel.select(cands.take(idx), min(k, len(idx)), limits.take(idx)) for idx in parts]
+
+
 def greedi(sel: Selector, cands: Candidates, k: int, limits: Limits, parts: int, contiguous: bool = False) -> Picked:
     union: list[np.ndarray] = []
     info_parts = []
     w_all = np.ones(len(cands)) if cands.weight is None else np.asarray(cands.weight, np.float64)
-    for p, idx in enumerate(partitions(len(cands), parts, sel.seed, contiguous)):
-        if not len(idx):
-            continue
-        got = sel.select(cands.take(idx), min(k, len(idx)), limits.take(idx))
+    todo = [(p, idx) for p, idx in enumerate(partitions(len(cands), parts, sel.seed, contiguous)) if len(idx)]
+    runner = _RUNNER or _in_process
+    picks = runner(sel, cands, k, limits, [idx for _p, idx in todo])
+    for (p, idx), got in zip(todo, picks):
         union.append(idx[got.order])
         info_parts.append({"partition": p, "rows": len(idx), "picked": len(got.order),
                            "objective": got.objective})
@@ -53,6 +77,8 @@ def greedi(sel: Selector, cands: Candidates, k: int, limits: Limits, parts: int,
         final = sel.select(sub, k, limits.take(pool))
     info = dict(final.info)
     info.update({"partitions": len(info_parts), "union_rows": len(pool), "partition_runs": info_parts})
+    if _RUNNER is not None:
+        info["partitions_ran_on"] = getattr(_RUNNER, "where", _RUNNER.__module__)
     return Picked(pool[final.order], final.gains, final.objective, info)
 
 

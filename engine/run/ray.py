@@ -1,0 +1,599 @@
+"""The Ray executor (``--engine ray``): winnow's own registered stage classes on Ray Data, writing the same run
+folder and manifest as the local executor (``engine.run.local``).
+
+**Map phase, on Ray Data.** The pending shards become a dataset of shard indices, then:
+
+1. **read** (tasks, one per shard): winnow's own reader (``engine.run.pipeline.canonical_batches``), not
+   ``ray.data.read_json`` / ``read_parquet``. Ray's readers would give other ids (they know no shard content hash),
+   stop at the first malformed JSON line instead of keeping it as a ``malformed`` row with its line number, and
+   take the user's columns as they are, where winnow escapes the ones that clash with its own (``orig_*``) and
+   detects the format per shard. Reading through winnow's reader is what keeps ids, formats, malformed-row
+   accounting and the user's columns identical to the local engine. The reader yields canonical batches of
+   ``read.batch_rows`` rows, each carrying small control columns (``__ray_*``: shard, batch number, format, input
+   columns, the shard's row total on its last batch, per-stage counters).
+2. **one ``map_batches`` per registry map stage**, in the registry's order, on whole blocks: stateless stages as
+   tasks (Ray fuses consecutive ones into one task; each worker process builds a stage once and keeps it), model
+   stages (``MODEL_STAGES``: the embedder) as a stateful class on an actor pool of ``run.workers`` actors, with one
+   GPU each when the cluster has GPUs. A stage sees exactly the batch the local runner would hand it (the control
+   columns are set aside), so its output is the same.
+3. **write** (tasks): each block becomes one map part ``work/map/part-SSSSS-CCCC.arrow`` (Arrow IPC, lz4, the same
+   metadata and null global columns as the local runner) and one ``work-SSSSS-CCCC.arrow`` of work columns (the
+   local runner writes one per shard; ``PartsContext`` reads either). Blocks are written under temporary names;
+   the driver renames a shard's blocks in row order and writes its completion marker ``done-SSSSS.json`` (the
+   local runner's format, with the same resume key) once the rows written add up to the shard's total. A killed
+   job leaves no marker for an unfinished shard, so a rerun redoes exactly the unfinished shards
+   (``engine.run.shards.reusable``: the same staleness rules as the local runner).
+
+A shard of more than ``read.batch_rows`` rows therefore gives several parts (one per batch) where the local runner
+gives one: ``scores/`` holds the same rows and columns in more files.
+
+**Global phase and finalize, on the driver.** The global stages (identity, exact and near dedup, semantic dedup,
+label noise, loss) run on the driver through the same ``PartsContext`` over ``work/map`` and ``finalize`` writes
+``scores/`` exactly as the local runner does (``engine.run.local.finish_run``), so verdicts, ``duplicate_of`` and
+scores are those of the local engine. Not distributed yet: exact-dedup hash grouping and MinHash band grouping
+(they read ``content_hash`` and the signatures, O(rows x 8 bytes) and O(rows x num_perm x 4 bytes), from
+``work/map`` on the driver), the label-noise folds and the loss pass. The manifest says ``engine: ray``.
+
+**Selection.** ``select --engine ray`` runs GreeDi's partitions (``engine/select/greedi.py``) as Ray tasks, one CPU
+each, the candidates put in the object store once; the final greedy over the union runs on the driver. The same
+seed and partitions give the same selected ids as the local engine.
+
+**Where things must live.** Inputs and ``--out`` are paths every node can read and write (a shared filesystem);
+the driver renames parts and runs the global phase, so it needs the same view. Without ``--ray-address`` a local
+Ray instance with ``run.workers`` CPUs (0 = every core) is started and stopped around the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from engine import registry
+from engine.config import Config, validate
+from engine.errors import UserError
+from engine.io.readers import check_out, discover, estimate_rows
+from engine.io.writers import META_FORMAT, META_INPUT_COLUMNS, _IpcFile, disk_full, part_name, write_json_atomic
+from engine.run.lock import RunLock
+from engine.run.shards import clean_map_dir, reusable, shard_key, with_identity
+
+INSTALL_HINT = "install it with `make install` or `pip install 'ray[data]'`"
+# Stages that load a model: run on an actor pool (the model is loaded once per actor), with a GPU per actor when
+# the cluster has GPUs. Every other map stage runs as stateless tasks.
+MODEL_STAGES = ("embed",)
+SIDE = "__ray_"  # control columns: never seen by a stage, never written
+C_SHARD, C_CHUNK, C_FMT, C_COLS, C_TOTAL, C_STATS = (
+    SIDE + n for n in ("shard", "chunk", "fmt", "cols", "total", "stats")
+)
+
+
+def require():
+    """The ``ray`` module with Ray Data, or a UserError saying how to install it."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UserError(f"--engine ray: Ray Data is not installed; {INSTALL_HINT}") from None
+    return ray
+
+
+@contextlib.contextmanager
+def session(config: Config) -> Iterator[Any]:
+    """Ray for the length of a command: joins ``run.ray_address`` when given, else starts a local instance with
+    ``run.workers`` CPUs (0 = every core) and stops it afterwards. An instance already initialised (a test's) is
+    used as it is and left running."""
+    ray = require()
+    if ray.is_initialized():
+        yield ray
+        return
+    for name in ("ray", "ray.data", "ray._private"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # the driver's core worker logs an error-level line when an actor's constructor arguments sit in the object
+    # store (ray-project/ray#53727), which every Ray Data actor pool does: not an error of this run
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    kw: dict[str, Any] = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.WARNING,
+        "configure_logging": True,
+    }
+    try:
+        if config.run.ray_address:
+            ray.init(address=config.run.ray_address, **kw)
+        else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance writes no token under $HOME
+            ray.init(
+                num_cpus=config.run.workers or os.cpu_count() or 1,
+                object_store_memory=min(2 << 30, _object_store_default()),
+                **kw,
+            )
+    except ConnectionError as e:
+        raise UserError(
+            f"--ray-address {config.run.ray_address}: cannot connect to a Ray cluster there ({e})"
+        ) from None
+    _quiet_data()
+    for name in ("ray", "ray.data", "ray.data._internal.progress"):  # Ray configures its loggers in init
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _object_store_default() -> int:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.3)
+    except (ValueError, OSError):
+        return 2 << 30
+
+
+def _quiet_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    for name in ("print_on_execution_start", "enable_operator_progress_bars"):
+        if hasattr(ctx, name):
+            setattr(ctx, name, False)
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+_BUILT: dict[tuple[str, str], Any] = {}
+
+
+def _config(config_dict: dict) -> Config:
+    from engine.config import config_from_dict
+
+    return config_from_dict(config_dict)
+
+
+def _threads() -> None:
+    """One thread per task (Ray gives each task one CPU): numba's count is per calling thread, so set it each call."""
+    import numba
+
+    numba.set_num_threads(1)
+    pa.set_cpu_count(1)
+
+
+def _build(name: str, config_dict: dict):
+    key = (name, json.dumps(config_dict, sort_keys=True, default=str))
+    st = _BUILT.get(key)
+    if st is None:
+        from engine.run.pipeline import limit_threads
+
+        limit_threads(1)
+        st = registry.spec(name).build(_config(config_dict))
+        _BUILT[key] = st
+    return st
+
+
+def _const(n: int, value: str) -> pa.Array:
+    """``value`` on every row, dictionary-encoded (one copy of the string per block)."""
+    return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.large_string()))
+
+
+def _read_shards(batch: pa.Table, shards: list, config_dict: dict) -> Iterator[pa.Table]:
+    """Ray Data task: canonical batches of each shard index in ``batch``, with the control columns. The last batch
+    of a shard carries the shard's row total (one batch held back to know which is last)."""
+    from engine.run.pipeline import canonical_batches
+
+    _threads()
+    rc = _config(config_dict).read
+    for index in batch.column("index").to_pylist():
+        shard = shards[index]
+        fmt_box: dict[str, Any] = {}
+        counts = {"rows": 0}
+        held = None
+        chunk = 0
+        for b in canonical_batches(shard, rc, fmt_box, counts):
+            if held is not None:
+                yield _with_side(held, index, chunk, fmt_box, -1)
+                chunk += 1
+            held = b
+        if held is not None:
+            yield _with_side(held, index, chunk, fmt_box, counts["rows"])
+
+
+def _with_side(b: pa.RecordBatch, index: int, chunk: int, fmt_box: dict, total: int) -> pa.Table:
+    n = b.num_rows
+    t = pa.Table.from_batches([b])
+    side = {
+        C_SHARD: pa.array(np.full(n, index, np.int32)),
+        C_CHUNK: pa.array(np.full(n, chunk, np.int32)),
+        C_FMT: _const(n, fmt_box.get("fmt", "")),
+        C_COLS: _const(n, json.dumps(fmt_box.get("input_cols", []))),
+        C_TOTAL: pa.array(np.full(n, total, np.int64)),
+        C_STATS: _const(n, "{}"),
+    }
+    for k, v in side.items():
+        t = t.append_column(k, v)
+    return t
+
+
+def _apply(stage, t: pa.Table) -> pa.Table:
+    """Run one map stage on one block: the control columns are set aside, the stage gets one record batch (what the
+    local runner hands it) and its counters and seconds go into the block's stats column."""
+    _threads()
+    side = [c for c in t.column_names if c.startswith(SIDE)]
+    if t.num_rows == 0:
+        return t
+    body = t.drop_columns(side).combine_chunks()
+    batches = body.to_batches()
+    batch = batches[0] if len(batches) == 1 else pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+    stage.stats = {}
+    t0 = time.perf_counter()
+    out = list(stage(iter([batch])))
+    seconds = time.perf_counter() - t0
+    res = pa.Table.from_batches(out) if out else body.slice(0, 0)
+    if res.num_rows != t.num_rows:
+        raise RuntimeError(f"internal error: stage {stage.name} returned {res.num_rows} rows for {t.num_rows}")
+    stats = json.loads(t.column(C_STATS)[0].as_py() or "{}")
+    mine = dict(stage.stats)
+    mine["seconds"] = mine.get("seconds", 0) + seconds
+    stats[stage.name] = mine
+    for c in side:
+        col = _const(t.num_rows, json.dumps(stats)) if c == C_STATS else t.column(c)
+        res = res.append_column(c, col)
+    return res
+
+
+def _run_stage(t: pa.Table, name: str, config_dict: dict) -> pa.Table:
+    """Ray Data task for a stateless stage (built once per worker process, then reused)."""
+    return _apply(_build(name, config_dict), t)
+
+
+class StageActor:
+    """Ray Data actor for a model stage: builds the stage (loads the model) once, then maps blocks."""
+
+    def __init__(self, name: str, config_dict: dict):
+        from engine.run.pipeline import limit_threads
+
+        limit_threads(1)
+        self.stage = registry.spec(name).build(_config(config_dict))
+
+    def __call__(self, t: pa.Table) -> pa.Table:
+        return _apply(self.stage, t)
+
+
+def _write_blocks(t: pa.Table, map_dir: str, token: str, config_dict: dict) -> pa.Table:
+    """Ray Data task: write each (shard, batch) of the block as a map part and a work file under temporary names;
+    return one summary row per piece for the driver."""
+    _threads()
+    config = _config(config_dict)
+    null_cols = registry.global_columns(config)
+    work_names = registry.work_columns(config)
+    from engine.run.pipeline import count_verdicts
+
+    rows_out = []
+    shard_col = t.column(C_SHARD).to_numpy()
+    chunk_col = t.column(C_CHUNK).to_numpy()
+    key = shard_col.astype(np.int64) << 32 | chunk_col.astype(np.int64)
+    for k in np.unique(key):
+        sel = np.flatnonzero(key == k)
+        piece = t.take(pa.array(sel)) if len(sel) != t.num_rows else t
+        index, chunk = int(k >> 32), int(k & 0xFFFFFFFF)
+        fmt = piece.column(C_FMT)[0].as_py()
+        cols = piece.column(C_COLS)[0].as_py()
+        total = int(pc.max(piece.column(C_TOTAL)).as_py())
+        stats = piece.column(C_STATS)[0].as_py()
+        body = piece.drop_columns([c for c in piece.column_names if c.startswith(SIDE)]).combine_chunks()
+        first = int(body.column("row")[0].as_py())
+        stem = f"{index:05d}-{token}-{chunk:06d}-{first:012d}"
+        have = [c for c in work_names if c in body.column_names]
+        work_name = ""
+        map_path = Path(map_dir)
+        if have:
+            side = pa.table({"row": body.column("row"), **{c: body.column(c) for c in have}})
+            work_name = f"work-{stem}.arrow.tmp"
+            # uncompressed, like the local runner's work file (MinHash values do not compress)
+            with pa.OSFile(str(map_path / work_name), "wb") as f, pa.ipc.new_file(f, side.schema) as wr:
+                wr.write_table(side)
+            body = body.drop_columns(have)
+        n = body.num_rows
+        for name, typ in null_cols.items():
+            if name not in body.column_names:
+                body = body.append_column(pa.field(name, typ), pa.nulls(n, typ))
+        meta = dict(body.schema.metadata or {})
+        meta.update({META_INPUT_COLUMNS: cols.encode(), META_FORMAT: fmt.encode()})
+        body = body.replace_schema_metadata(meta)
+        part = f"part-{stem}.arrow.tmp"
+        pw = _IpcFile(map_path / part, body.schema)
+        for b in body.to_batches():
+            pw.write_batch(b)
+        pw.close()
+        verdicts: dict[str, int] = {}
+        for b in body.to_batches():
+            count_verdicts(b, verdicts)
+        rows_out.append(
+            {
+                "shard": index,
+                "chunk": chunk,
+                "first_row": first,
+                "rows": n,
+                "part": part,
+                "work": work_name,
+                "total": total,
+                "fmt": fmt,
+                "stats": stats,
+                "verdicts": json.dumps(verdicts),
+            }
+        )
+    return pa.Table.from_pylist(
+        rows_out,
+        schema=pa.schema(
+            [
+                ("shard", pa.int32()),
+                ("chunk", pa.int32()),
+                ("first_row", pa.int64()),
+                ("rows", pa.int64()),
+                ("part", pa.string()),
+                ("work", pa.string()),
+                ("total", pa.int64()),
+                ("fmt", pa.string()),
+                ("stats", pa.string()),
+                ("verdicts", pa.string()),
+            ]
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ driver side
+def _user_error(e: BaseException) -> UserError | None:
+    """The UserError a Ray task raised, unwrapped from Ray's exception wrappers."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return UserError(str(e).splitlines()[-1] if "\n" in str(e) else str(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, UserError):
+            return UserError(str(cause))
+        e = cause if isinstance(cause, BaseException) else e.__cause__
+    return None
+
+
+class _Shard:
+    """What the driver knows of one pending shard's written blocks."""
+
+    def __init__(self):
+        self.pieces: list[dict] = []
+        self.total = -1
+        self.rows = 0
+
+    def add(self, r: dict) -> None:
+        self.pieces.append(r)
+        self.rows += r["rows"]
+        if r["total"] >= 0:
+            self.total = r["total"]
+
+    @property
+    def complete(self) -> bool:
+        return self.total >= 0 and self.rows == self.total
+
+
+def _commit(index: int, shard, st: _Shard, config: Config, map_dir: Path, seconds: float) -> dict:
+    """Rename a finished shard's blocks in row order, write its completion marker; returns its stats (the local
+    runner's marker fields, plus ``work_parts``)."""
+    pieces = sorted(st.pieces, key=lambda r: (r["chunk"], r["first_row"]))
+    parts, works = [], []
+    verdicts: dict[str, int] = {}
+    stages: dict[str, dict] = {}
+    seen_chunks: set[int] = set()
+    fmt = None
+    for k, r in enumerate(pieces):
+        name = part_name(index, k, "arrow")
+        os.replace(map_dir / r["part"], map_dir / name)
+        parts.append(name)
+        if r["work"]:
+            wname = f"work-{index:05d}-{k:04d}.arrow"
+            os.replace(map_dir / r["work"], map_dir / wname)
+            works.append(wname)
+        for v, c in json.loads(r["verdicts"]).items():
+            verdicts[v] = verdicts.get(v, 0) + c
+        if r["chunk"] not in seen_chunks:  # a block Ray split in two carries its batch's counters twice
+            seen_chunks.add(r["chunk"])
+            for name_s, vals in json.loads(r["stats"]).items():
+                agg = stages.setdefault(name_s, {})
+                for key, v in vals.items():
+                    agg[key] = agg.get(key, 0) + v
+        fmt = r["fmt"] or fmt
+    for vals in stages.values():
+        if "seconds" in vals:
+            vals["seconds"] = round(vals["seconds"], 3)
+    if works and len(works) != len(parts):
+        raise RuntimeError(f"internal error: shard {index} has {len(parts)} parts but {len(works)} work files")
+    stats = _marker(index, shard, config, fmt, st.rows, verdicts, parts, works, stages, seconds)
+    write_json_atomic(map_dir / f"done-{index:05d}.json", stats)
+    return stats
+
+
+def _marker(index, shard, config, fmt, rows, verdicts, parts, works, stages, seconds) -> dict:
+    stats = {
+        "index": index, "path": shard.path, "kind": shard.kind, "size": shard.size, "hash": shard.content_hash,
+        "format": fmt, "rows": rows, "map_verdicts": verdicts, "parts": parts, "work": None, "work_parts": works,
+        "stages": stages, "seconds": round(seconds, 3), "key": shard_key(shard, config),
+    }  # fmt: skip
+    if shard.size and rows == 0:
+        stats["warning"] = "no rows"
+    return stats
+
+
+def map_phase(
+    ray, shards, pending: list[int], config: Config, map_dir: Path, workers: int, progress: Any = None
+) -> dict[int, dict]:
+    """Run the map phase of the ``pending`` shards on Ray Data; returns {shard index: its marker stats}."""
+    import ray.data as rd
+
+    for i in pending:  # what an interrupted earlier attempt left of these shards
+        for stale in (*map_dir.glob(f"part-{i:05d}-*"), *map_dir.glob(f"work-{i:05d}*")):
+            stale.unlink()
+    if not pending:
+        return {}
+    cfg = config.to_dict()
+    token = secrets.token_hex(4)  # temp names of this attempt: a task of a killed attempt cannot clash with ours
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    ds = rd.from_items([{"index": i} for i in pending], override_num_blocks=len(pending))
+    # the reader asks for less than one CPU so that it is never fused with the stage tasks: blocks from one big
+    # shard then spread over every worker instead of running in the reader's task
+    ds = ds.map_batches(
+        _read_shards,
+        fn_kwargs={"shards": shards, "config_dict": cfg},
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=0.5,
+    )
+    for spec in registry.active(config, registry.MAP):
+        if spec.name in MODEL_STAGES:
+            args: dict[str, Any] = {"num_gpus": 1} if gpus >= 1 else {}
+            ds = ds.map_batches(
+                StageActor,
+                fn_constructor_kwargs={"name": spec.name, "config_dict": cfg},
+                batch_size=None,
+                batch_format="pyarrow",
+                compute=rd.ActorPoolStrategy(min_size=1, max_size=max(1, workers)),
+                **args,
+            )
+        else:
+            ds = ds.map_batches(
+                _run_stage, fn_kwargs={"name": spec.name, "config_dict": cfg}, batch_size=None, batch_format="pyarrow"
+            )
+    ds = ds.map_batches(
+        _write_blocks,
+        fn_kwargs={"map_dir": str(map_dir), "token": token, "config_dict": cfg},
+        batch_size=None,
+        batch_format="pyarrow",
+    )
+
+    crash_after = int(os.environ.get("WINNOW_CRASH_AFTER_SHARDS", "-1"))  # tests: simulate a kill mid-run
+    task = progress.add_task("map (ray)", total=sum(shards[i].size for i in pending) or 1) if progress else None
+    state = {i: _Shard() for i in pending}
+    results: dict[int, dict] = {}
+    t0 = time.perf_counter()
+    it = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    try:
+        for batch in it:
+            for r in batch.to_pylist():
+                i = int(r["shard"])
+                st = state[i]
+                st.add(r)
+                if st.complete and i not in results:
+                    results[i] = _commit(i, shards[i], st, config, map_dir, time.perf_counter() - t0)
+                    if progress:
+                        progress.advance(task, shards[i].size)
+                    if crash_after >= 0 and len(results) >= crash_after:
+                        raise RuntimeError("WINNOW_CRASH_AFTER_SHARDS: simulated crash")
+    except Exception as e:
+        if (ue := _user_error(e)) is not None and not isinstance(e, UserError):
+            raise ue from None
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            it.close() if hasattr(it, "close") else None
+    for i in pending:
+        if i in results:
+            continue
+        st = state[i]
+        if st.pieces:  # every task ended without an error, yet the rows do not add up
+            raise RuntimeError(f"internal error: shard {i} wrote {st.rows} rows of {st.total}")
+        # the reader yielded nothing: an empty shard
+        results[i] = _marker(i, shards[i], config, None, 0, {}, [], [], {}, 0.0)
+        write_json_atomic(map_dir / f"done-{i:05d}.json", results[i])
+    return results
+
+
+def score(inputs: list[str], out: str | Path, config: Config, progress: Any = None, command: str = "score") -> dict:
+    """``engine.run.local.score`` with the map phase on Ray: the same locking, temp-file cleanup, resume and
+    run folder; the manifest says ``engine: ray``."""
+    from engine.run.local import _remove_temps
+
+    t_start = time.perf_counter()
+    validate(config)
+    shards, warnings = discover(inputs, exclude=str(out))
+    check_out(out, shards)
+    out = Path(out)
+    with RunLock(out):
+        _remove_temps(out)
+        try:
+            with session(config) as ray:
+                return _score(ray, t_start, shards, warnings, out, config, progress, command)
+        except BaseException as e:
+            _remove_temps(out)
+            if (full := disk_full(e, getattr(e, "filename", None) or out)) is None:
+                raise
+            raise full from None
+
+
+def _score(
+    ray, t_start: float, shards, warnings: list[str], out: Path, config: Config, progress: Any, command: str
+) -> dict:
+    from engine.run.local import finish_run
+
+    shards = with_identity(shards)
+    work = out / "work"
+    map_dir = work / "map"
+    map_dir.mkdir(parents=True, exist_ok=True)
+    clean_map_dir(map_dir, len(shards))
+    resolved = registry.resolve(config, {"n_rows": estimate_rows(shards), "work_dir": str(work)})
+    results, pending = reusable(map_dir, shards, config)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    workers = config.run.workers or cpus
+    t_map = time.perf_counter()
+    results.update(map_phase(ray, shards, pending, config, map_dir, workers, progress))
+    map_seconds = time.perf_counter() - t_map
+    extra = {
+        "engine": "ray",
+        "ray": {
+            "address": config.run.ray_address or "local",
+            "cpus": cpus,
+            "gpus": float(ray.cluster_resources().get("GPU", 0)),
+            "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
+            "version": ray.__version__,
+            "model_stages_on_actors": [
+                s.name for s in registry.active(config, registry.MAP) if s.name in MODEL_STAGES
+            ],
+            "distributed": "map phase (read, map stages, part writes)",
+            "on_driver": "global stages, finalize",
+        },
+    }
+    return finish_run(
+        t_start,
+        shards,
+        warnings,
+        out,
+        config,
+        command,
+        results,
+        pending,
+        resolved,
+        {"map_s": round(map_seconds, 3), "warm_up_s": {}},
+        workers,
+        extra=extra,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ selection
+def _select_partition(sel, cands, k: int, limits, idx: np.ndarray):
+    _threads()
+    return sel.select(cands.take(idx), min(k, len(idx)), limits.take(idx))
+
+
+def partition_map(sel, cands, k: int, limits, parts: list[np.ndarray]) -> list:
+    """GreeDi's partitions as Ray tasks (``engine.select.greedi.partition_runner``): the candidates and limits are
+    put in the object store once; results come back in partition order."""
+    ray = require()
+    task = ray.remote(num_cpus=1)(_select_partition)
+    c_ref, l_ref, s_ref = ray.put(cands), ray.put(limits), ray.put(sel)
+    return ray.get([task.remote(s_ref, c_ref, k, l_ref, idx) for idx in parts])
+
+
+partition_map.where = "ray"  # the selection manifest's method_info.partitions_ran_on
