@@ -890,13 +890,15 @@ def _metric_table(d: dict) -> str:
     return _table(["metric", "value"], rows, "narrow") if rows else ""
 
 
-def _split_metrics(name: str, d: dict) -> str:
+def _split_metrics(name: str, d: dict, names: dict) -> str:
+    """One evaluation split: its scalar metrics, the per-class table and the confusion matrix (labels shown with
+    their names where the input had a ``label_name`` column)."""
     out = f"<h3>{_e(name)}</h3>" + _metric_table(d)
     pc = d.get("per_class")
     if isinstance(pc, dict) and pc:
         keys = list(dict.fromkeys(k for v in pc.values() if isinstance(v, dict) for k in v))
         rows = [
-            [lab, *[_Raw(f"<span class='r'>{_num(v.get(k))}</span>") for k in keys]]
+            [names.get(str(lab), lab), *[_Raw(f"<span class='r'>{_num(v.get(k))}</span>") for k in keys]]
             for lab, v in pc.items()
             if isinstance(v, dict)
         ]
@@ -905,6 +907,7 @@ def _split_metrics(name: str, d: dict) -> str:
     if isinstance(cm, list) and cm and all(isinstance(row, list) for row in cm):
         labels = d.get("labels") if isinstance(d.get("labels"), list) else list(range(len(cm)))
         vmax = max((max((v for v in row if isinstance(v, (int, float))), default=0) for row in cm), default=1) or 1
+        labels = [names.get(str(lab), lab) for lab in labels]
         head = "".join(f"<th>{_e(lab)}</th>" for lab in labels)
         body = ""
         for i, row in enumerate(cm):
@@ -912,7 +915,7 @@ def _split_metrics(name: str, d: dict) -> str:
             for j, v in enumerate(row):
                 a = (v / vmax) if isinstance(v, (int, float)) else 0
                 style = f"background:rgba(31,111,180,{0.08 + 0.6 * a:.2f})" + (";font-weight:bold" if i == j else "")
-                cells += f"<td class='r' style='{style}'>{_num(v)}</td>"
+                cells += f"<td style='text-align:right;{style}'>{_num(v)}</td>"
             body += f"<tr><th>{_e(labels[i] if i < len(labels) else i)}</th>{cells}</tr>"
         out += (
             "<p class='note'>confusion matrix: rows = true label, columns = predicted</p>"
@@ -966,9 +969,13 @@ def _finetune(r: _Run) -> str:
                 ],
                 "narrow",
             )
-        for split in ("val", "test"):
-            if isinstance(m.get(split), dict):
-                body += _split_metrics({"val": "validation", "test": "test"}[split] + " set", m[split])
+        names = _label_names(r)
+        splits = [
+            f"<div>{_split_metrics(title + ' set', m[split], names)}</div>"
+            for split, title in (("val", "validation"), ("test", "test"))
+            if isinstance(m.get(split), dict)
+        ]
+        body += f"<div class='fig'>{''.join(splits)}</div>"
         for k, v in m.items():
             if isinstance(v, dict) and k not in ("val", "test", "before", "after", "rows", "config"):
                 body += f"<h3>{_e(k)}</h3>" + (_metric_table(v) or f"<pre>{_e(json.dumps(v, indent=1))[:4000]}</pre>")
