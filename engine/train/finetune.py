@@ -82,25 +82,63 @@ class FinetuneConfig:
 FINETUNE_OPTIONS = [
     Option("--task", "task", "classification | sft (default: classification)", allowed=TASKS),
     Option("--model", "model", "local model folder (default: MiniLM for classification, SmolLM2-135M for sft)"),
-    Option("--lr", "lr", "learning rate (default: -1 = the trainer's default for the task and strategy)", float,
-           allowed=Range(0, lo_open=True, also=(-1,))),
+    Option(
+        "--lr",
+        "lr",
+        "learning rate (default: -1 = the trainer's default for the task and strategy)",
+        float,
+        allowed=Range(0, lo_open=True, also=(-1,)),
+    ),
     Option("--epochs", "epochs", "passes over the training rows (default: 3)", int, allowed=Range(1)),
-    Option("--batch-size", "batch_size", "rows per optimiser step (default: -1 = the trainer's default)", int,
-           allowed=Range(1, also=(-1,))),
-    Option("--max-length", "max_length", "tokens per row, longer rows truncated (default: -1 = 128 classification, "
-           "512 sft)", int, allowed=Range(8, also=(-1,))),
+    Option(
+        "--batch-size",
+        "batch_size",
+        "rows per optimiser step (default: -1 = the trainer's default)",
+        int,
+        allowed=Range(1, also=(-1,)),
+    ),
+    Option(
+        "--max-length",
+        "max_length",
+        "tokens per row, longer rows truncated (default: -1 = 128 classification, 512 sft)",
+        int,
+        allowed=Range(8, also=(-1,)),
+    ),
     Option("--seed", "seed", "seed of initialisation and shuffling (default: 0)", int, allowed=Range(0)),
-    Option("--max-steps", "max_steps", "stop after N optimiser steps (default: -1 = no cap)", int,
-           allowed=Range(1, also=(-1,))),
-    Option("--patience", "patience", "epochs without a better validation loss before stopping (default: 2; 0 = off)",
-           int, allowed=Range(0)),
+    Option(
+        "--max-steps",
+        "max_steps",
+        "stop after N optimiser steps (default: -1 = no cap)",
+        int,
+        allowed=Range(1, also=(-1,)),
+    ),
+    Option(
+        "--patience",
+        "patience",
+        "epochs without a better validation loss before stopping (default: 2; 0 = off)",
+        int,
+        allowed=Range(0),
+    ),
     Option("--device", "device", "auto | cpu | cuda (default: auto)", allowed=("auto", "cpu", "cuda")),
-    Option("--strategy", "strategy", "classification: head | last-k | full | gradual (default: head)",
-           allowed=("head", "last-k", "full", "gradual")),
-    Option("--last-k", "last_k", "classification, --strategy last-k: top layers trained (default: 2)", int,
-           allowed=Range(1)),
-    Option("--imbalance", "imbalance", "classification: weight | resample | none (default: weight)",
-           allowed=("weight", "resample", "none")),
+    Option(
+        "--strategy",
+        "strategy",
+        "classification: head | last-k | full | gradual (default: head)",
+        allowed=("head", "last-k", "full", "gradual"),
+    ),
+    Option(
+        "--last-k",
+        "last_k",
+        "classification, --strategy last-k: top layers trained (default: 2)",
+        int,
+        allowed=Range(1),
+    ),
+    Option(
+        "--imbalance",
+        "imbalance",
+        "classification: weight | resample | none (default: weight)",
+        allowed=("weight", "resample", "none"),
+    ),
     Option("--adapter", "adapter", "sft: lora | full (default: lora)", allowed=("lora", "full")),
     Option("--lora-r", "lora_r", "sft, LoRA rank (default: 16)", int, allowed=Range(1)),
     Option("--lora-alpha", "lora_alpha", "sft, LoRA alpha (default: 32)", int, allowed=Range(1)),
@@ -113,6 +151,8 @@ def check_config(config: FinetuneConfig) -> None:
         v = getattr(config, o.field)
         if o.allowed is not None and (want := expected(o.allowed, v)) is not None:
             raise UserError(f"{o.flag} {v}: expected {want}")
+    if config.model and not Path(config.model).is_dir():
+        raise UserError(f"--model {config.model}: no such folder (a local model folder; nothing is downloaded)")
 
 
 def config_from_args(args) -> FinetuneConfig:
@@ -227,7 +267,9 @@ def _text_key(df: pl.DataFrame) -> pl.Series:
     return (df["prompt"] + "\x1f" + df["response"]).alias("_key")
 
 
-def drop_leaks(train: pl.DataFrame, held_out: list[pl.DataFrame], assignment: Path | None = None) -> tuple[pl.DataFrame, int]:
+def drop_leaks(
+    train: pl.DataFrame, held_out: list[pl.DataFrame], assignment: Path | None = None
+) -> tuple[pl.DataFrame, int]:
     """Training rows without any row whose id or exact prompt + response is in a held-out set, nor (with a split's
     assignment.parquet) any row assigned to another split. Returns (rows, how many were dropped)."""
     ids = set()
@@ -249,8 +291,9 @@ def drop_leaks(train: pl.DataFrame, held_out: list[pl.DataFrame], assignment: Pa
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def finetune(selection: str | Path, out: str | Path, config: FinetuneConfig, val: str | None = None,
-             test: str | None = None) -> dict:
+def finetune(
+    selection: str | Path, out: str | Path, config: FinetuneConfig, val: str | None = None, test: str | None = None
+) -> dict:
     """Train ``config.task`` on the rows of ``selection``, evaluate on val/test, write ``out`` (module docstring)."""
     check_config(config)
     sel = Path(selection)
@@ -259,12 +302,28 @@ def finetune(selection: str | Path, out: str | Path, config: FinetuneConfig, val
     if val is None and test is None:
         s = _splits_dir(sel)
         if s is None:
-            raise UserError(f"{selection}: give --val FILE and --test FILE, or make a leak-free split first "
-                            "(`cli.py split RUN`) and select from that run")
+            raise UserError(
+                f"{selection}: give --val FILE and --test FILE, or make a leak-free split first "
+                "(`cli.py split RUN`) and select from that run"
+            )
         val, test, assignment = str(s / "val.parquet"), str(s / "test.parquet"), s / "assignment.parquet"
     elif val is None or test is None:
         raise UserError("--val and --test go together: give both, or neither to use RUN/splits/")
     val_df, test_df = load_rows(val, "--val"), load_rows(test, "--test")
+    unlabelled = {}
+    if config.task == "classification":
+        # A mixed corpus (instruction rows beside labelled text, like the demo's) trains the classifier on its
+        # labelled rows; the others are counted, not an error, unless no row of a set has a label.
+        for name, what, src in (("train", "SEL", selection), ("val", "--val", val), ("test", "--test", test)):
+            df = {"train": train, "val": val_df, "test": test_df}[name]
+            n = int(df["label"].is_null().sum())
+            if n == df.height:
+                raise UserError(
+                    f"{what} {src}: no row has a label; classification needs labelled rows "
+                    "(--task sft for instruction data)"
+                )
+            unlabelled[name] = n
+        train, val_df, test_df = (d.filter(pl.col("label").is_not_null()) for d in (train, val_df, test_df))
     train, leaked = drop_leaks(train, [val_df, test_df], assignment)
     if not train.height:
         raise UserError(f"{selection}: every training row is also in --val/--test; nothing left to train on")
@@ -286,7 +345,13 @@ def finetune(selection: str | Path, out: str | Path, config: FinetuneConfig, val
         "selection": str(selection),
         "val": str(val),
         "test": str(test),
-        "rows": {"train": train.height, "val": val_df.height, "test": test_df.height, "leak_dropped": leaked},
+        "rows": {
+            "train": train.height,
+            "val": val_df.height,
+            "test": test_df.height,
+            "leak_dropped": leaked,
+            **({"unlabelled_dropped": unlabelled} if unlabelled else {}),
+        },
         "config": asdict(config),
         "seconds": round(time.perf_counter() - t0, 2),
     }
