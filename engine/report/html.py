@@ -1035,7 +1035,23 @@ def _compare(r: _Run) -> str:
     try:
         metric = c.get("metric") or "macro_f1"
         facts = {k: v for k, v in c.items() if isinstance(v, (int, float, str, bool)) and k != "plot"}
+        for k in ("budget", "pool"):  # small records: their scalar fields on one line
+            if isinstance(c.get(k), dict):
+                facts[k] = ", ".join(f"{kk}={vv}" for kk, vv in c[k].items() if isinstance(vv, (int, float, str)))
         body = _metric_table(facts)
+        recipe = _dict(c.get("recipe"))
+        if recipe:
+            body += (
+                "<p class='note'>recipe: "
+                + _e(
+                    ", ".join(
+                        f"{k}={v}"
+                        for k, v in recipe.items()
+                        if isinstance(v, (int, float, str, bool, list)) and v != ""
+                    )
+                )
+                + "</p>"
+            )
         arms = [a for a in _list(c.get("arms")) if isinstance(a, dict)]
         if arms:
             keys = list(dict.fromkeys(k for a in arms for k in _dict(a.get("mean"))))
