@@ -5,6 +5,7 @@
     python cli.py run [INPUT...] --out DIR      score, then select into DIR/selected/ (no INPUT: the demo corpus)
     python cli.py split DIR                     train/val/test splits, no semantic neighbourhood across splits
     python cli.py finetune SEL --out MODEL      fine-tune on a selection (classification or sft)
+    python cli.py compare INPUT... --out DIR    winnow's selection vs random, fine-tuned and tested (compare.json)
     python cli.py inspect DIR                   summary of a run folder
     python cli.py report DIR                    one self-contained HTML page over a run folder (DIR/report.html)
 
@@ -155,6 +156,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", default=None, metavar="FILE", help="test rows (default: RUN/splits/test.parquet)")
     _add_finetune_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("compare", help="winnow's selection vs random rows of the same count (several seeds), each "
+                       "fine-tuned with the same recipe and tested on the same held-out rows; writes compare.json "
+                       "and compare.png")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="labelled rows (files, folders or globs): the pool, "
+                   "split 70/15/15 by winnow unless --val and --test are given")
+    p.add_argument("--out", required=True, help="folder for compare.json, compare.png, base/, pool/, arms/")
+    p.add_argument("--val", default=None, metavar="FILE", help="validation rows (default: a leak-free split)")
+    p.add_argument("--test", default=None, metavar="FILE", help="test rows (default: a leak-free split)")
+    p.add_argument("--seeds", type=int, default=None, help="runs per arm: training seeds and random draws (default: 3)")
+    p.add_argument("--full", action="store_true", help="add the arm 'full': every kept row")
+    p.add_argument("--raw", action="store_true", help="add the arm 'raw': every pool row, unscored")
+    p.add_argument("--corrupt", default=None, metavar="KIND=F,...", help="plant damage in the pool first: "
+                   "labels=F (flips), dups=F (near-duplicate copies), junk=F (junk rows), fractions of the pool, "
+                   "e.g. labels=0.2,dups=0.1,junk=0.05; adds the arm 'oracle'")
+    p.add_argument("--fractions", default=None, help="train,val,test of the split made without --val/--test "
+                   "(default: 0.7,0.15,0.15)")
+    p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples of the test rows (default: 1000)")
+    _add_score_options(p)
+    _add_select_options(p)
+    from engine.train.finetune import FINETUNE_OPTIONS
+
+    g = p.add_argument_group("recipe")
+    for o in FINETUNE_OPTIONS:
+        if o.flag != "--seed":  # --seed (scoring's) seeds everything
+            g.add_argument(o.flag, dest=o.field, type=o.type, default=None, metavar=o.field.upper(),
+                           help=o.help.replace("%", "%%"))
+    _common(p)
 
     p = sub.add_parser("inspect", help="summary of a run folder: rows, verdicts, columns, score ranges")
     p.add_argument("run", metavar="DIR", help="run folder written by `score` or `run`")
@@ -318,7 +347,6 @@ def cmd_run(args) -> None:
             print(f"report: {path}")
 
 
-
 def cmd_split(args) -> None:
     from engine.config import SEED
     from engine.errors import UserError
@@ -368,6 +396,56 @@ def cmd_finetune(args) -> None:
         print(f"model and metrics.json in {args.out}")
 
 
+def cmd_compare(args) -> None:
+    from engine.errors import UserError
+    from engine.train.compare import CompareConfig, compare, table
+    from engine.train.corrupt import parse_spec
+    from engine.train.finetune import config_from_args
+
+    cc = CompareConfig()
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise UserError(f"--seeds {args.seeds}: expected an integer >= 1")
+        cc.seeds = args.seeds
+    if args.n_boot is not None:
+        if args.n_boot < 100:
+            raise UserError(f"--n-boot {args.n_boot}: expected an integer >= 100")
+        cc.n_boot = args.n_boot
+    if args.fractions is not None:
+        try:
+            fr = tuple(float(x) for x in args.fractions.split(","))
+        except ValueError:
+            raise UserError(f"--fractions {args.fractions}: expected numbers like 0.7,0.15,0.15") from None
+        if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1) > 1e-6:
+            raise UserError(f"--fractions {args.fractions}: three positive fractions summing to 1")
+        cc.fractions = fr
+    cc.full, cc.raw = args.full, args.raw
+    cc.corrupt = args.corrupt or ""
+    parse_spec(cc.corrupt)
+    if (args.val is None) != (args.test is None):
+        raise UserError("--val and --test go together: give both, or neither to split the inputs")
+    for flag in ("val", "test"):
+        f = getattr(args, flag)
+        if f is not None and not os.path.exists(f):
+            raise UserError(f"--{flag} {f}: no such file or folder")
+    ft = config_from_args(args)
+    if ft.task != "classification":
+        raise UserError(f"--task {ft.task}: compare trains classifiers (--task classification)")
+    if ft.model and not os.path.isdir(ft.model):
+        raise UserError(f"--model {ft.model}: no such folder")
+    cfg = _checked_config(args, with_select=True)
+    from engine.select.budget import Budget
+
+    if Budget.parse(cfg.select.budget).kind == "tokens":
+        raise UserError(f"--budget {cfg.select.budget}: compare needs a count or a fraction of the pool, not tokens")
+    cc.seed = cfg.run.seed
+    command = "python cli.py " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "compare"
+    report = compare(args.inputs, args.out, cfg, ft, cc, val=args.val, test=args.test, command=command,
+                     log=(lambda *a, **k: None) if args.quiet else print)
+    print(table(report))
+    print(f"compare.json and compare.png in {args.out}")
+
+
 def cmd_inspect(args) -> None:
     from engine.report.inspect import inspect_run
 
@@ -407,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_report(args)
         elif args.command == "finetune":
             cmd_finetune(args)
+        elif args.command == "compare":
+            cmd_compare(args)
         return 0
     except UserError as e:
         print(f"winnow: error: {e}", file=sys.stderr)

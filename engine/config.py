@@ -105,6 +105,9 @@ class SelectConfig:
     relevance: str = "both"  # knn | dsir | both: how relevance to --target is measured
     target_mode: str = "weight"  # weight (quality x relevance) | restrict (keep the most relevant candidates)
     target_keep: float = 0.5  # restrict: the fraction of candidates kept, by relevance
+    # auto | keep | drop: rows the labels stage flagged label_issue leave the candidates (drop); auto = what
+    # engine/select/selection.py's label_issue_policy resolves from the evidence (bench/bench_compare.py)
+    label_issues: str = "auto"
 
     def validate(self) -> None:
         from engine.select.selection import check_options
@@ -203,6 +206,9 @@ SELECT_OPTIONS = [
            "--target-keep most relevant candidates)", section="select", allowed=("weight", "restrict")),
     Option("--target-keep", "target_keep", "restrict: fraction of candidates kept by relevance (default: 0.5)", float,
            section="select", allowed=Range(0, 1, lo_open=True)),
+    Option("--label-issues", "label_issues", "auto | keep | drop: drop rows flagged label_issue from the candidates "
+           "(default: auto, see the README's selection paragraph)", section="select",
+           allowed=("auto", "keep", "drop")),
 ]
 
 

@@ -24,7 +24,8 @@ from engine.io.readers import discover
 from engine.stages.loss import _cuda_present
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"score": "--embedder none --no-token-count", "run": "--embedder none --no-token-count"}
+BASE = {"score": "--embedder none --no-token-count", "run": "--embedder none --no-token-count",
+        "compare": "--embedder none --no-token-count"}
 
 TOML = {
     "bad_syntax": "[dedup\nnum_perm = 3\n",
@@ -55,8 +56,9 @@ TOML = {
 }
 
 # (subcommands, arguments after the base ones, what the one stderr line must contain)
-SCORING = ("score", "run")
-SELECTING = ("select", "run")
+SCORING = ("score", "run", "compare")
+SELECTING = ("select", "run", "compare")
+RECIPE = ("finetune", "compare")  # engine.train.finetune.FINETUNE_OPTIONS (compare: all but --seed)
 CASES = [
     # --- input and runner flags (engine.config.CORE_OPTIONS), and the positional INPUT ---
     (SCORING, "{nope}.jsonl", "no such file or folder"),
@@ -196,6 +198,40 @@ CASES = [
     (("split",), "--max-group 0", "--max-group 0"),
     (("split",), "--search bogus", "--search bogus"),
     (("split",), "--check-sample -1", "--check-sample -1"),
+    # --- fine-tune recipe (finetune; compare shares all but --seed) ---
+    (RECIPE, "--task bogus", "--task bogus"),
+    (("compare",), "--task sft", "--task sft: compare trains classifiers"),
+    (RECIPE, "--model {nope}", "--model"),
+    (RECIPE, "--lr 0", "--lr 0"),
+    (RECIPE, "--lr abc", "argument --lr: invalid float value"),
+    (RECIPE, "--epochs 0", "--epochs 0"),
+    (RECIPE, "--batch-size 0", "--batch-size 0"),
+    (RECIPE, "--max-length 4", "--max-length 4"),
+    (("finetune",), "--seed -1", "--seed -1"),
+    (RECIPE, "--max-steps 0", "--max-steps 0"),
+    (RECIPE, "--patience -1", "--patience -1"),
+    (RECIPE, "--device tpu", "--device tpu"),
+    (RECIPE, "--strategy bogus", "--strategy bogus"),
+    (RECIPE, "--last-k 0", "--last-k 0"),
+    (RECIPE, "--imbalance bogus", "--imbalance bogus"),
+    (RECIPE, "--adapter bogus", "--adapter bogus"),
+    (RECIPE, "--lora-r 0", "--lora-r 0"),
+    (RECIPE, "--lora-alpha 0", "--lora-alpha 0"),
+    (("finetune",), "{nope}", "no such file or folder"),
+    (("finetune",), "--out {file}", "exists and is not a folder"),
+    (("finetune",), "--val {nope}", "--val and --test go together"),
+    (("finetune",), "--test {nope}", "--val and --test go together"),
+    # --- compare ---
+    (("compare",), "--seeds 0", "--seeds 0"),
+    (("compare",), "--n-boot 10", "--n-boot 10"),
+    (("compare",), "--fractions 0.7,0.3", "--fractions 0.7,0.3"),
+    (("compare",), "--corrupt labels=2", "--corrupt labels=2"),
+    (("compare",), "--corrupt flips=0.1", "KIND=FRACTION"),
+    (("compare",), "--budget tokens:1000", "compare needs a count or a fraction"),
+    (("compare",), "--val {in}", "--val and --test go together"),
+    (("compare",), "--val {nope} --test {nope}", "--val"),
+    (("compare",), "--test {in} --val {in} --seeds -2", "--seeds -2"),
+    (SELECTING, "--label-issues bogus", "--label-issues bogus"),
     (("inspect",), "{nope}", "no such folder"),
     (("inspect",), "{dir}", "no scores/part-*.parquet"),
     (("inspect",), "--json --bogus", "unrecognized arguments: --bogus"),
@@ -206,7 +242,7 @@ CASES = [
 ]
 # Flags that take no value: nothing to get wrong alone (contradictions are in CASES: --loss --no-loss, --semdedup)
 SWITCHES = {"--quiet", "--no-normalize", "--no-clean", "--no-near-dedup", "--no-token-count", "--no-exact-dedup",
-            "--no-label-noise", "--ascending", "--json", "--help"}
+            "--no-label-noise", "--ascending", "--json", "--help", "--full", "--raw"}
 NEEDS_NO_GPU = {"--embed-device cuda", "--loss-device cuda"}
 
 
@@ -249,7 +285,7 @@ def _argv(cmd: str, args: str, paths: Path, out: Path) -> list[str]:
 
     given = fill(args)
     head = {"score": "{in}", "run": "{in}", "select": "{run}", "split": "{run}", "inspect": "{run}",
-            "report": "{run}"}[cmd]
+            "report": "{run}", "finetune": "{run}", "compare": "{in}"}[cmd]
     if given and not given[0].startswith("-"):  # the case replaces the positional argument
         head, given = given[0], given[1:]
     out_flag = {"split": "--to", "inspect": None}.get(cmd, "--out")
@@ -298,7 +334,7 @@ def test_every_flag_has_a_bad_value():
     value here, and so a check."""
     parser = cli.build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(subs) == {"score", "select", "run", "split", "inspect", "report"}
+    assert set(subs) == {"score", "select", "run", "split", "inspect", "report", "finetune", "compare"}
     tokens = {cmd: set() for cmd in subs}
     positional = set()  # commands with a case that replaces the positional argument
     for cmds, args, _want in CASES:

@@ -44,6 +44,19 @@ CHARS_PER_TOKEN = 4.0
 PARTITION_ROWS = 4_000_000  # candidates per GreeDi partition when --partitions is auto
 
 
+def label_issue_policy(config: SelectConfig, method: str, columns: set[str]) -> bool:
+    """Whether rows flagged ``label_issue`` leave the candidates: ``--label-issues drop|keep``; ``auto`` drops them
+    when the method is auto-chosen and the run has the column (the evidence is in the README's selection paragraph)."""
+    if "label_issue" not in columns or config.label_issues == "keep":
+        return False
+    return config.label_issues == "drop" or (config.label_issues == "auto" and config.method == "auto" and
+                                             AUTO_DROPS_LABEL_ISSUES)
+
+
+# Measured with cli.py compare (bench/bench_compare.py): see the README's selection paragraph.
+AUTO_DROPS_LABEL_ISSUES = False
+
+
 def method_of(config: SelectConfig) -> str:
     if config.method == "auto":
         return "topk" if config.score else "facility"
@@ -146,7 +159,10 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
     sel = base.get(method)(config, seed)
     tok_cols = ["prompt_tokens", "response_tokens"] if {"prompt_tokens", "response_tokens"} <= all_cols else []
     q_cols = list(Q.DEFAULT_COLUMNS) if not config.quality else Q.columns(config.quality)
+    drop_issues = label_issue_policy(config, method, all_cols)
     cols = ["id", "verdict", "row", "label", "prompt_chars", "response_chars", *tok_cols, *q_cols]
+    if drop_issues:
+        cols.append("label_issue")
     if config.score:
         cols.append(config.score)
     if cap > 0:
@@ -155,6 +171,15 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
     t_read = time.perf_counter()
     kept, emb, rows_total, verdicts = _read_kept(files, cols, sel.needs_embeddings)
     read_s = time.perf_counter() - t_read
+    rows_kept = kept.height
+    labels_kept = kept["label"].to_numpy() if "label" in kept.columns else None
+    issues_dropped = None
+    if drop_issues:
+        ok = ~kept["label_issue"].fill_null(False).to_numpy().astype(bool)
+        issues_dropped = int((~ok).sum())
+        kept = kept.filter(pl.Series(ok))
+        if emb is not None:
+            emb = emb[ok]
     if tok_cols:
         kept = kept.with_columns((pl.col("prompt_tokens").fill_null(0) + pl.col("response_tokens").fill_null(0))
                                  .cast(pl.Float64).alias("_tokens"))
@@ -193,7 +218,7 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
 
     # --- budget, quotas, caps
     m = len(pool)
-    k = budget.rows(m) if budget.kind != "fraction" else budget.rows(n)
+    k = budget.rows(m) if budget.kind != "fraction" else budget.rows(n if issues_dropped is None else rows_kept)
     k = min(k, m)
     lab_codes, lab_names = (B.codes(pool.labels) if pool.labels is not None else (None, []))
     quotas = {}
@@ -201,6 +226,11 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
         if pool.labels is None:
             raise UserError(f"--balance {config.balance}: the scores have no labels to balance")
         counts = dict(zip(lab_names, np.bincount(lab_codes, minlength=len(lab_names)).tolist()))
+        if issues_dropped and labels_kept is not None:
+            # quotas from the label mix before label issues left: issues concentrate in some classes, and the mix
+            # the user's data has is what proportional means
+            before = _counts(labels_kept)
+            counts = {lab: before.get(str(lab), counts[lab]) for lab in lab_names}
         quotas = B.label_quotas(counts, k, balance)
     cap_n = 0
     cap_codes = None
@@ -277,7 +307,8 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
         "seed": seed,
         "rows_in_scores": rows_total,
         "verdicts": verdicts,
-        "rows_kept": n,
+        "rows_kept": rows_kept,
+        "label_issues_dropped": issues_dropped,
         "candidates": m,
         "selected": len(order),
         "selected_with_repeats": int(rep.sum()),

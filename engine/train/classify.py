@@ -59,7 +59,7 @@ STRATEGIES = ("head", "last-k", "full", "gradual")
 # Defaults when --lr / --batch-size are -1: the head is a small MLP on fixed features (Adam at 1e-3 converges in tens
 # of epochs); the encoder strategies use the usual BERT fine-tuning rates.
 DEFAULT_LR = {"head": 1e-3, "last-k": 1e-4, "full": 5e-5, "gradual": 1e-4}
-DEFAULT_BATCH = {"head": 32, "last-k": 16, "full": 16, "gradual": 16}
+DEFAULT_BATCH = {"head": 64, "last-k": 16, "full": 16, "gradual": 16}
 DEFAULT_MAX_LENGTH = 128
 # On cached features an epoch is milliseconds; --epochs (default 3, sized for encoder fine-tuning) would leave the head
 # underfit, so the head runs at least this many epochs and early stopping on the validation loss ends it.
@@ -162,7 +162,33 @@ def _model_path(config) -> str:
         raise UserError(str(e).replace("--embedder PATH", "--model PATH")) from None
 
 
+# (model folder, labels) -> (tokenizer, model as loaded, before any training): cli.py compare trains arms x seeds
+# of one model in one process, and building the model again each time cost more than training the head on a loaded
+# machine. A run gets a deep copy (90 MB memcpy for MiniLM) with its head re-initialised from its own seed.
+_LOADED: dict[tuple[str, tuple[str, ...]], tuple] = {}
+
+
 def _load(path: str, labels: list[str], seed: int):
+    import copy
+
+    import torch
+
+    key = (os.path.abspath(path), tuple(labels))
+    if key in _LOADED:
+        tok, pristine = _LOADED[key]
+        model = copy.deepcopy(pristine)
+        torch.manual_seed(seed)
+        for name, mod in model.named_modules():  # the newly initialised head, as from_pretrained would draw it
+            if not name.startswith(model.base_model_prefix) and name and hasattr(mod, "reset_parameters"):
+                model._init_weights(mod)
+        return tok, model
+    tok, model = _load_fresh(path, labels, seed)
+    _LOADED.clear()
+    _LOADED[key] = (tok, copy.deepcopy(model))
+    return tok, model
+
+
+def _load_fresh(path: str, labels: list[str], seed: int):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -350,10 +376,8 @@ def _train_head(
     model, feats: dict, ys: dict, config, hp: dict, weights, log_path: Path, device: str, progress: bool
 ) -> dict:
     """Plain loop over cached features (module docstring); keeps the best validation-loss epoch."""
-    import copy
 
     import torch
-    import torch.nn.functional as F
 
     parts = _head_parts(model)
     if parts is None:
@@ -363,6 +387,22 @@ def _train_head(
         )
     mods, fwd_raw, first = parts
     model.to(device)
+    # One thread: the head's matmuls are (32 x 384) x (384 x 384); with two busy cores, every multi-threaded op waited
+    # for a descheduled worker thread (22 ms per 32 x 32 linear measured under load: a 72-row head took 40 s).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _head_loop(model, mods, fwd_raw, first, feats, ys, config, hp, weights, log_path, device, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _head_loop(model, mods, fwd_raw, first, feats, ys, config, hp, weights, log_path, device, progress) -> dict:
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
     # The head trains on standardised features (per-dimension mean and std of the training rows: a random or
     # mean-pooling-trained encoder's [CLS] state varies little around a large mean, which Adam on raw features
     # learns slowly); afterwards the standardisation is folded into the head's first Linear, W' = W / std,
@@ -647,6 +687,7 @@ def train_classifier(
     out: Path,
     progress: bool = True,
     cache: bool = True,
+    save: bool = True,
 ) -> dict:
     """Fine-tune, evaluate and save (module docstring). ``progress`` shows bars (tqdm, off when stderr is not a
     terminal); ``cache`` stores the head's features under the user cache dir."""
@@ -703,8 +744,9 @@ def train_classifier(
         preds = {s: predict(model, tok, df, hp["max_length"], device) for s, df in (("val", val), ("test", test))}
     for p in model.parameters():
         p.requires_grad_(True)
-    model.to("cpu").save_pretrained(out)
-    tok.save_pretrained(out)
+    if save:  # cli.py compare trains many arms x seeds and keeps only their metrics and predictions
+        model.to("cpu").save_pretrained(out)
+        tok.save_pretrained(out)
     result = {
         "strategy": config.strategy,
         "model": path,

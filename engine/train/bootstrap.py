@@ -1,0 +1,72 @@
+"""Paired bootstrap over test rows: how sure is a gain of one arm over another on the same test set?
+
+``paired_bootstrap(y, a, b, n_classes, ...)`` resamples the test rows with replacement ``n_boot`` times and, on each
+resample, computes the metric of arm ``a`` minus the metric of arm ``b`` on the *same* rows (paired: the test set's
+own difficulty cancels, which makes the interval far narrower than two independent intervals). An arm with several
+runs (seeds) is scored as the mean of its runs' metrics on each resample, so the interval is about the arms' mean
+gain; it covers the test set's sampling, not the spread between training seeds (compare.json reports that as std).
+The interval is the 2.5th and 97.5th percentile of the resampled differences; the point estimate is the difference
+on the full test set. Resamples are drawn from ``numpy.random.default_rng(seed)``: the same inputs and seed give the
+same interval. Macro-F1 on a resample is computed for all resamples at once from one ``bincount`` of
+(resample, true, predicted) triples: 1,000 resamples x 700 rows x 6 runs take about 0.1 s.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+METRICS = ("macro_f1", "accuracy")
+
+
+def batched_metric(y: np.ndarray, p: np.ndarray, idx: np.ndarray, c: int, metric: str) -> np.ndarray:
+    """The metric of predictions ``p`` against ``y`` (integer codes < c) on each row of ``idx`` ((B, m) row indices
+    into y): shape (B,). Macro-F1 averages the classes present in the resample's truth or predictions."""
+    yt, yp = y[idx], p[idx]
+    if metric == "accuracy":
+        return (yt == yp).mean(1)
+    b = idx.shape[0]
+    flat = (np.arange(b)[:, None] * (c * c) + yt * c + yp).ravel()
+    conf = np.bincount(flat, minlength=b * c * c).reshape(b, c, c).astype(np.float64)
+    tp = np.diagonal(conf, axis1=1, axis2=2)
+    support, predicted = conf.sum(2), conf.sum(1)
+    prec = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    rec = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
+    present = (support + predicted) > 0
+    return (f1 * present).sum(1) / np.maximum(present.sum(1), 1)
+
+
+def paired_bootstrap(
+    y: np.ndarray,
+    a: list[np.ndarray],
+    b: list[np.ndarray],
+    n_classes: int,
+    metric: str = "macro_f1",
+    n_boot: int = 1000,
+    seed: int = 0,
+    chunk: int = 200,
+) -> dict:
+    """{"mean": metric(a) - metric(b) on all rows, "ci95": [lo, hi], "n_boot", "rows"} (module docstring); ``a`` and
+    ``b`` are lists of runs, each an array of predicted codes aligned with ``y``."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    y = np.asarray(y, np.int64)
+    n = len(y)
+    a = [np.asarray(x, np.int64) for x in a]
+    b = [np.asarray(x, np.int64) for x in b]
+    full = np.arange(n)[None, :]
+
+    def diff(idx):
+        ma = np.mean([batched_metric(y, p, idx, n_classes, metric) for p in a], axis=0)
+        mb = np.mean([batched_metric(y, p, idx, n_classes, metric) for p in b], axis=0)
+        return ma - mb
+
+    point = float(diff(full)[0])
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for start in range(0, n_boot, chunk):
+        m = min(chunk, n_boot - start)
+        diffs.append(diff(rng.integers(0, n, size=(m, n))))
+    d = np.concatenate(diffs) if diffs else np.zeros(0)
+    lo, hi = np.percentile(d, [2.5, 97.5]) if len(d) else (float("nan"), float("nan"))
+    return {"mean": point, "ci95": [float(lo), float(hi)], "n_boot": int(n_boot), "rows": int(n)}

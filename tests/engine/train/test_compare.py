@@ -1,0 +1,178 @@
+"""cli.py compare on planted data with a tiny random BERT (embedder and classifier): damage counts exact and marked,
+the bootstrap interval covers a known difference and is deterministic, compare.json has every arm, the oracle never
+trains on a planted row."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+import cli
+from engine.errors import UserError
+from engine.train.bootstrap import batched_metric, paired_bootstrap
+from engine.train.classify import metrics_of
+from engine.train.corrupt import corrupt, parse_spec
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_classify import WORDS, make_tiny_bert, planted
+
+
+def pool(n: int = 200) -> pl.DataFrame:
+    return planted(n, 0, "p").select(["id", "prompt", "response", "label"])
+
+
+def test_corrupt_counts_are_exact_and_marked():
+    df = pool(200)
+    out, counts = corrupt(df, parse_spec("labels=0.2,dups=0.1,junk=0.05"), seed=3)
+    assert counts == {"label_flip": 40, "near_dup": 20, "junk": 10}
+    assert out.height == 230
+    inj = out["injected"].to_list()
+    assert inj.count("label_flip") == 40 and inj.count("near_dup") == 20 and inj.count("junk") == 10
+    flips = out.filter(pl.col("injected") == "label_flip")
+    assert (flips["label"] != flips["clean_label"]).all()  # a flip always changes the class
+    untouched = out.filter(pl.col("injected").is_null())
+    assert (untouched["label"] == untouched["clean_label"]).all()
+    orig = dict(zip(df["id"].to_list(), df["response"].to_list()))
+    assert sorted(untouched["pool_id"].to_list() + flips["pool_id"].to_list()) == sorted(orig)
+    for row in out.filter(pl.col("injected") == "near_dup").iter_rows(named=True):
+        a, b = orig[row["pool_id"]].split(), row["text"].split()
+        assert len(a) == len(b) and 1 <= sum(x != y for x, y in zip(a, b)) <= 2  # 1-2 words changed
+    junk = out.filter(pl.col("injected") == "junk")
+    assert junk["clean_label"].null_count() == 10
+    again, _ = corrupt(df, parse_spec("labels=0.2,dups=0.1,junk=0.05"), seed=3)
+    assert again.equals(out)  # deterministic per seed
+
+
+@pytest.mark.parametrize(
+    "spec, want",
+    [
+        ("labels=2", "fraction of the pool"),
+        ("flips=0.2", "KIND=FRACTION"),
+        ("labels=x", "not a number"),
+        ("labels=0.1,labels=0.2", "twice"),
+        ("labels", "KIND=FRACTION"),
+    ],
+)
+def test_bad_corrupt_spec(spec, want):
+    with pytest.raises(UserError, match=want):
+        parse_spec(spec)
+
+
+def test_bootstrap_covers_a_known_difference_and_is_deterministic():
+    rng = np.random.default_rng(0)
+    n = 4000
+    y = rng.integers(0, 3, n)
+    a = np.where(rng.random(n) < 0.80, y, (y + 1) % 3)  # accuracy 0.80 in expectation
+    b = np.where(rng.random(n) < 0.70, y, (y + 2) % 3)  # 0.70
+    r = paired_bootstrap(y, [a], [b], 3, "accuracy", n_boot=500, seed=1)
+    assert r["ci95"][0] < 0.10 < r["ci95"][1]
+    assert r["ci95"][1] - r["ci95"][0] < 0.05
+    assert paired_bootstrap(y, [a], [b], 3, "accuracy", n_boot=500, seed=1) == r
+    f = paired_bootstrap(y, [a], [b], 3, "macro_f1", n_boot=200, seed=1)
+    full = metrics_of(y, a, ["0", "1", "2"])["macro_f1"] - metrics_of(y, b, ["0", "1", "2"])["macro_f1"]
+    assert f["mean"] == pytest.approx(full)
+    assert f["ci95"][0] < full < f["ci95"][1]
+    same = paired_bootstrap(y, [a], [a], 3, "macro_f1", n_boot=100, seed=0)
+    assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
+
+
+def test_batched_macro_f1_equals_metrics_of():
+    rng = np.random.default_rng(2)
+    y, p = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
+    idx = rng.integers(0, 300, (5, 300))
+    got = batched_metric(y, p, idx, 4, "macro_f1")
+    want = [metrics_of(y[i], p[i], list("abcd"))["macro_f1"] for i in idx]
+    assert got == pytest.approx(want)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture(scope="module")
+def report(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("compare")
+    rows = planted(240, 5, "r").select([pl.col("response").alias("text"), "label"])
+    rows.write_parquet(d / "in.parquet")
+    out = d / "out"
+    import os
+
+    os.environ["WINNOW_CACHE"] = str(d / "cache")
+    code = cli.main(
+        [
+            "compare",
+            str(d / "in.parquet"),
+            "--out",
+            str(out),
+            "--model",
+            tiny,
+            "--embedder",
+            tiny,
+            "--no-token-count",
+            "--corrupt",
+            "labels=0.2,dups=0.1,junk=0.05",
+            "--seeds",
+            "2",
+            "--full",
+            "--raw",
+            "--budget",
+            "30%",
+            "--n-boot",
+            "200",
+            "--max-steps",
+            "60",
+            "-q",
+        ]
+    )
+    assert code == 0
+    return out, json.loads((out / "compare.json").read_text())
+
+
+def test_compare_json_has_every_arm(report):
+    out, r = report
+    assert [a["name"] for a in r["arms"]] == ["winnow", "random", "oracle", "full", "raw"]
+    assert r["metric"] == "macro_f1" and r["task"] == "classification"
+    pool_rows = r["pool"]["rows"]
+    assert r["budget"]["rows"] == round(0.3 * pool_rows)
+    for a in r["arms"]:
+        assert len(a["runs"]) == 2 and {"macro_f1", "accuracy"} <= set(a["mean"]) and "macro_f1" in a["std"]
+        for run in a["runs"]:
+            assert set(run["injected"]) == {"label_flip", "near_dup", "junk"}
+            if a["name"] in ("winnow", "random", "oracle"):
+                assert run["n"] == r["budget"]["rows"]
+    raw = next(a for a in r["arms"] if a["name"] == "raw")
+    assert raw["runs"][0]["n"] == pool_rows
+    assert raw["runs"][0]["injected"] == r["pool"]["planted"]  # every planted row is in the raw pool
+    arms_with_gain = {g["arm"] for g in r["gains"]}
+    assert arms_with_gain == {"winnow", "oracle", "full", "raw"}
+    for g in r["gains"]:
+        assert g["vs"] == "random" and g["ci95"][0] <= g["mean"] <= g["ci95"][1]
+    assert (out / "compare.png").stat().st_size > 1000
+    assert sum(v["rows"] for v in r["pool_injected"].values()) == sum(r["pool"]["planted"].values())
+
+
+def test_oracle_never_selects_an_injected_row(report):
+    _, r = report
+    oracle = next(a for a in r["arms"] if a["name"] == "oracle")
+    for run in oracle["runs"]:
+        assert run["injected"] == {"label_flip": 0, "near_dup": 0, "junk": 0}
+    rnd = next(a for a in r["arms"] if a["name"] == "random")
+    assert sum(sum(run["injected"].values()) for run in rnd["runs"]) > 0  # random does draw damaged rows
+
+
+def test_injected_marks_survive_into_scores(report):
+    out, r = report
+    scores = pl.read_parquet(sorted((out / "pool" / "scores").glob("part-*.parquet")))
+    assert {"injected", "clean_label"} <= set(scores.columns)
+    counts = scores["injected"].value_counts()
+    got = dict(zip(counts["injected"].to_list(), counts["count"].to_list()))
+    assert {k: got.get(k, 0) for k in r["pool"]["planted"]} == r["pool"]["planted"]
+
+
+def test_labels_of_the_planted_data(report):
+    _, r = report
+    assert set(r["pool"]["labels"]) == set(WORDS)
