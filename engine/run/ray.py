@@ -27,12 +27,14 @@ folder and manifest as the local executor (``engine.run.local``).
 A shard of more than ``read.batch_rows`` rows therefore gives several parts (one per batch) where the local runner
 gives one: ``scores/`` holds the same rows and columns in more files.
 
-**Global phase and finalize, on the driver.** The global stages (identity, exact and near dedup, semantic dedup,
-label noise, loss) run on the driver through the same ``PartsContext`` over ``work/map`` and ``finalize`` writes
-``scores/`` exactly as the local runner does (``engine.run.local.finish_run``), so verdicts, ``duplicate_of`` and
-scores are those of the local engine. Not distributed yet: exact-dedup hash grouping and MinHash band grouping
-(they read ``content_hash`` and the signatures, O(rows x 8 bytes) and O(rows x num_perm x 4 bytes), from
-``work/map`` on the driver), the label-noise folds and the loss pass. The manifest says ``engine: ray``.
+**Global phase and finalize.** Exact dedup's grouping runs on Ray Data: every map part's kept ``content_hash``
+values are grouped with ``groupby`` (a distributed shuffle) and the stage then runs on the driver over the rows of
+duplicate groups only (``ExactDedupOnRay``). The other global stages (identity, near dedup, semantic dedup, label
+noise, loss) run on the driver through the same ``PartsContext`` over ``work/map``, and ``finalize`` writes
+``scores/`` exactly as the local runner does (``engine.run.local.finish_run``). So verdicts, ``duplicate_of`` and
+scores are those of the local engine. Not distributed yet: MinHash band grouping (near dedup reads every signature,
+O(rows x num_perm x 4 bytes), on the driver; its union-find over candidate edges is O(rows) int64 plus the edges),
+the label-noise folds and the loss pass. The manifest says ``engine: ray``.
 
 **Selection.** ``select --engine ray`` runs GreeDi's partitions (``engine/select/greedi.py``) as Ray tasks, one CPU
 each, the candidates put in the object store once; the final greedy over the union runs on the driver. The same
@@ -64,6 +66,7 @@ from engine.config import Config, validate
 from engine.errors import UserError
 from engine.io.readers import check_out, discover, estimate_rows
 from engine.io.writers import META_FORMAT, META_INPUT_COLUMNS, _IpcFile, disk_full, part_name, write_json_atomic
+from engine.run.context import GlobalContext
 from engine.run.lock import RunLock
 from engine.run.shards import clean_map_dir, reusable, shard_key, with_identity
 
@@ -98,9 +101,6 @@ def session(config: Config) -> Iterator[Any]:
         return
     for name in ("ray", "ray.data", "ray._private"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # the driver's core worker logs an error-level line when an actor's constructor arguments sit in the object
-    # store (ray-project/ray#53727), which every Ray Data actor pool does: not an error of this run
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     kw: dict[str, Any] = {
         "include_dashboard": False,
         "log_to_driver": False,
@@ -428,6 +428,22 @@ def _marker(index, shard, config, fmt, rows, verdicts, parts, works, stages, sec
     return stats
 
 
+def _actor_stage(ds, rd, name: str, cfg: dict, workers: int, args: dict):
+    """``map_batches`` of a model stage on an actor pool of 1..``workers`` actors. ``max_restarts=0``: a failed
+    actor fails the run (a rerun resumes), and Ray's core worker then does not log an error-level line about
+    constructor arguments in the object store (ray-project/ray#53727) on the user's terminal."""
+    import warnings
+
+    kw = dict(fn_constructor_kwargs={"name": name, "config_dict": cfg}, batch_size=None, batch_format="pyarrow",
+              compute=rd.ActorPoolStrategy(min_size=1, max_size=max(1, workers)), **args)  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # max_restarts goes through ray_remote_args, deprecated since 2.60
+        try:
+            return ds.map_batches(StageActor, max_restarts=0, **kw)
+        except TypeError:  # a Ray that no longer takes it
+            return ds.map_batches(StageActor, **kw)
+
+
 def map_phase(
     ray, shards, pending: list[int], config: Config, map_dir: Path, workers: int, progress: Any = None
 ) -> dict[int, dict]:
@@ -443,26 +459,22 @@ def map_phase(
     token = secrets.token_hex(4)  # temp names of this attempt: a task of a killed attempt cannot clash with ours
     gpus = float(ray.cluster_resources().get("GPU", 0))
     ds = rd.from_items([{"index": i} for i in pending], override_num_blocks=len(pending))
-    # the reader asks for less than one CPU so that it is never fused with the stage tasks: blocks from one big
-    # shard then spread over every worker instead of running in the reader's task
+    # Reads and writes ask for no CPU (at most `workers` of each at a time): mostly I/O, like the local runner's
+    # reader and writer threads beside its stage thread. A CPU each would deadlock a cluster whose CPUs the
+    # embedder's actors hold (1 CPU, 1 actor: no read or write task could ever start), and not fusing the reader
+    # with the stage tasks spreads one big shard's blocks over every worker.
     ds = ds.map_batches(
         _read_shards,
         fn_kwargs={"shards": shards, "config_dict": cfg},
         batch_size=1,
         batch_format="pyarrow",
-        num_cpus=0.5,
+        num_cpus=0,
+        compute=rd.TaskPoolStrategy(size=max(1, workers)),
     )
     for spec in registry.active(config, registry.MAP):
         if spec.name in MODEL_STAGES:
             args: dict[str, Any] = {"num_gpus": 1} if gpus >= 1 else {}
-            ds = ds.map_batches(
-                StageActor,
-                fn_constructor_kwargs={"name": spec.name, "config_dict": cfg},
-                batch_size=None,
-                batch_format="pyarrow",
-                compute=rd.ActorPoolStrategy(min_size=1, max_size=max(1, workers)),
-                **args,
-            )
+            ds = _actor_stage(ds, rd, spec.name, cfg, workers, args)
         else:
             ds = ds.map_batches(
                 _run_stage, fn_kwargs={"name": spec.name, "config_dict": cfg}, batch_size=None, batch_format="pyarrow"
@@ -472,6 +484,8 @@ def map_phase(
         fn_kwargs={"map_dir": str(map_dir), "token": token, "config_dict": cfg},
         batch_size=None,
         batch_format="pyarrow",
+        num_cpus=0,
+        compute=rd.TaskPoolStrategy(size=max(1, workers)),
     )
 
     crash_after = int(os.environ.get("WINNOW_CRASH_AFTER_SHARDS", "-1"))  # tests: simulate a kill mid-run
@@ -561,10 +575,13 @@ def _score(
             "model_stages_on_actors": [
                 s.name for s in registry.active(config, registry.MAP) if s.name in MODEL_STAGES
             ],
-            "distributed": "map phase (read, map stages, part writes)",
-            "on_driver": "global stages, finalize",
+            "distributed": "map phase (read, map stages, part writes); exact-dedup hash grouping",
+            "on_driver": "global stages (exact dedup over its duplicate groups only), finalize",
         },
     }
+    gstages = [
+        ExactDedupOnRay(st) if st.name in GROUPED_ON_RAY else st for st in registry.build(config, registry.GLOBAL)
+    ]
     return finish_run(
         t_start,
         shards,
@@ -577,8 +594,83 @@ def _score(
         resolved,
         {"map_s": round(map_seconds, 3), "warm_up_s": {}},
         workers,
+        global_stages=gstages,
         extra=extra,
     )
+
+
+# ------------------------------------------------------------------------------------------------ exact dedup
+GROUPED_ON_RAY = ("exact_dedup",)
+
+
+def _part_hashes(batch: pa.Table) -> pa.Table:
+    """Ray Data task: ``content_hash`` of the rows each map part in ``batch`` left kept."""
+    from engine.io.writers import read_part
+
+    _threads()
+    out = []
+    for path in batch.column("path").to_pylist():
+        t = read_part(path, columns=["content_hash", "verdict"])
+        out.append(t.filter(pc.equal(t.column("verdict"), "kept")).select(["content_hash"]))
+    return pa.concat_tables(out) if out else pa.table({"content_hash": pa.array([], pa.uint64())})
+
+
+class _Where:
+    """A global context that shows a stage only the rows passing ``where`` (everything else delegates)."""
+
+    def __init__(self, ctx, where):
+        self._ctx, self._where = ctx, where
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def iter_tables(self, columns, kept_only=False, where=None, keys=None):
+        w = self._where if where is None else (where & self._where)
+        return self._ctx.iter_tables(columns, kept_only, w, keys)
+
+    table = GlobalContext.table
+    frame = GlobalContext.frame
+    iter_frames = GlobalContext.iter_frames
+
+
+class ExactDedupOnRay:
+    """The exact-dedup stage with its grouping on Ray Data: the map parts' ``content_hash`` values are grouped with
+    Ray Data's ``groupby`` (a distributed shuffle), and the stage itself then runs on the driver over the rows of
+    the hash groups with two or more copies only, plus one single-copy row, so that its counters read as on a corpus
+    without duplicates. A row alone in its group never changes verdict and the stage orders rows by (shard, row), so
+    its updates are the local engine's; the driver holds the duplicate groups instead of every kept row's hash.
+    (Map-time ``kept`` is a superset of the rows still kept when the stage runs; the stage recounts its groups.)"""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.name = inner.name
+
+    @property
+    def stats(self):
+        return self.inner.stats
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, ctx):
+        import polars as pl
+        import ray.data as rd
+
+        files = [str(f) for fs in ctx.parts.values() for f in fs]
+        if not files:
+            return self.inner.run(ctx)
+        ds = rd.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+        counts = ds.map_batches(_part_hashes, batch_size=1, batch_format="pyarrow").groupby("content_hash").count()
+        multi, single = [], []
+        for b in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
+            n = b.column(b.column_names[-1]).to_numpy()
+            h = b.column("content_hash").to_numpy()
+            multi.append(h[n > 1])
+            if not single and (n == 1).any():
+                single.append(h[n == 1][:1])
+        keep = np.concatenate([*multi, *single]) if multi or single else np.zeros(0, np.uint64)
+        where = pl.col("content_hash").is_in(pl.Series(keep.astype(np.uint64), dtype=pl.UInt64))
+        return self.inner.run(_Where(ctx, where))
 
 
 # ------------------------------------------------------------------------------------------------ selection
