@@ -186,22 +186,22 @@ def _length_batches(lengths: np.ndarray, batch_tokens: int) -> list[np.ndarray]:
     return out
 
 
-def response_loss(
+def response_nll(
     model, ids: list[list[int]], masks: list[list[int]], device, pad_id: int, batch_tokens: int = EVAL_BATCH_TOKENS
-) -> tuple[float, int]:
-    """(token-weighted mean NLL over the masked tokens, how many) under ``model`` (a plain or peft model). Only the
-    hidden states that predict a masked token go through the LM head."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: (summed NLL over its masked tokens, how many) under ``model`` (a plain or peft model), float64 and
+    int64 arrays in the input order. Only the hidden states that predict a masked token go through the LM head."""
     import torch
 
     from engine.models.causal_lm import backbone_and_head
 
+    sums, counts = np.zeros(len(ids)), np.zeros(len(ids), dtype=np.int64)
     if not ids:
-        return float("nan"), 0
+        return sums, counts
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     backbone, weight, scale = backbone_and_head(base)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
     lengths = np.array([len(x) for x in ids])
     with torch.no_grad():
         for b in _length_batches(lengths, batch_tokens):
@@ -221,11 +221,21 @@ def response_loss(
             rows, pos = m.nonzero(as_tuple=True)
             hs = h[rows, pos - 1].float() * scale
             logits = hs @ weight.float().T
-            nll = torch.nn.functional.cross_entropy(logits, x[rows, pos], reduction="sum")
-            total += float(nll)
-            count += len(pos)
+            nll = torch.nn.functional.cross_entropy(logits, x[rows, pos], reduction="none").double().cpu()
+            per = torch.zeros(len(b), dtype=torch.float64).index_add_(0, rows.cpu(), nll)
+            sums[b] = per.numpy()
+            counts[b] = m.sum(1).cpu().numpy()
     model.train(was_training)
-    return total / count, count
+    return sums, counts
+
+
+def response_loss(
+    model, ids: list[list[int]], masks: list[list[int]], device, pad_id: int, batch_tokens: int = EVAL_BATCH_TOKENS
+) -> tuple[float, int]:
+    """(token-weighted mean NLL over the masked tokens of all rows, how many tokens): ``response_nll`` summed."""
+    sums, counts = response_nll(model, ids, masks, device, pad_id, batch_tokens)
+    n = int(counts.sum())
+    return (float(sums.sum()) / n if n else float("nan")), n
 
 
 def _use_bf16(device) -> bool:
@@ -427,7 +437,8 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, config: FinetuneConfig, re
         per_device_train_batch_size=recipe["batch_size"],
         per_device_eval_batch_size=recipe["batch_size"],
         lr_scheduler_type="cosine",
-        warmup_steps=max(0, round(0.05 * planned)),  # 5% warm-up: Adam's first updates are the largest
+        # 5% warm-up, rounded down: HF schedules start warm-up at lr 0, so 1 step of 12 would be a wasted step.
+        warmup_steps=int(0.05 * planned),
         seed=config.seed,
         data_seed=config.seed,
         max_length=recipe["max_length"],

@@ -189,7 +189,7 @@ def test_cli_end_to_end_and_errors(tiny, tmp_path):
     assert set(m["val"]) == {"loss_before", "ppl_before", "loss_after", "ppl_after", "tokens"}
     assert (out / "config.json").is_file() and (out / "tokenizer_config.json").is_file()
 
-    with pytest.raises(UserError, match="--model .*nope: not a model folder"):
+    with pytest.raises(UserError, match="--model .*nope: no such folder"):
         finetune(paths["train"], tmp_path / "m2", _cfg(str(tmp_path / "nope")), str(paths["val"]), str(paths["test"]))
 
 
@@ -199,6 +199,10 @@ def test_user_errors(tiny, tmp_path):
     with pytest.raises(UserError, match="--max-length"):
         # Every prompt is longer than 12 tokens (system turn + user turn): nothing to train on.
         S.train_sft(rows, rows, rows, _cfg(folder, max_length=12), tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="--model .*empty: not a model folder"):
+        S.load_base(str(empty))
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda"):
             S.resolve_device("cuda")
@@ -213,3 +217,22 @@ def test_early_stopping_on_validation_loss(tiny, tmp_path):
     assert m["steps"] == 4 and m["epochs_run"] == 2.0  # 16 rows / 8 = 2 steps per epoch
     evals = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert sum("eval_loss" in r for r in evals) == 2
+
+
+def test_response_nll_equals_naive_per_row_logits(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, _ = tiny
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ids, masks, _ = S.encode(tok, _rows(7, 3, "n"), 64)
+    # batch_tokens 60: several length-sorted, right-padded batches.
+    sums, counts = S.response_nll(model, ids, masks, torch.device("cpu"), tok.pad_token_id, batch_tokens=60)
+    for x, m, s, c in zip(ids, masks, sums, counts):
+        with torch.no_grad():
+            logits = model(torch.tensor([x])).logits[0].double()
+        nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(x[1:]), reduction="none")
+        want = nll[torch.tensor(m[1:], dtype=torch.bool)]
+        assert c == len(want) == sum(m) and s == pytest.approx(float(want.sum()), rel=1e-5)
+    loss, n = S.response_loss(model, ids, masks, torch.device("cpu"), tok.pad_token_id)
+    assert n == counts.sum() and loss == pytest.approx(sums.sum() / n, rel=1e-6)  # other batches: float32 order
