@@ -14,7 +14,10 @@ folder and manifest as the local executor (``engine.run.local``).
 2. **one ``map_batches`` per registry map stage**, in the registry's order, on whole blocks: stateless stages as
    tasks (Ray fuses consecutive ones into one task; each worker process builds a stage once and keeps it), model
    stages (``MODEL_STAGES``: the embedder) as a stateful class on an actor pool of ``run.workers`` actors, with one
-   GPU each when the cluster has GPUs. A stage sees exactly the batch the local runner would hand it (the control
+   GPU each when the cluster has GPUs. On a CPU-only cluster every map stage runs on that actor pool, in order:
+   CPU tasks beside CPU actors deadlocked a cluster whose CPUs the actors held (``--workers 1``: the one actor took
+   the one CPU and no stage task ever started), and Ray's optimiser fuses stateless tasks into the actors anyway
+   where it can (seen as ``MapWorker(MapBatches(_run_stage)->...->MapBatches(StageActor))``). A stage sees exactly the batch the local runner would hand it (the control
    columns are set aside), so its output is the same.
 3. **write** (tasks): each block becomes one map part ``work/map/part-SSSSS-CCCC.arrow`` (Arrow IPC, lz4, the same
    metadata and null global columns as the local runner) and one ``work-SSSSS-CCCC.arrow`` of work columns (the
@@ -253,16 +256,20 @@ def _run_stage(t: pa.Table, name: str, config_dict: dict) -> pa.Table:
 
 
 class StageActor:
-    """Ray Data actor for a model stage: builds the stage (loads the model) once, then maps blocks."""
+    """Ray Data actor for a model stage (or a chain of stages ending in one): builds them (loads the model) once,
+    then maps blocks through them in order."""
 
-    def __init__(self, name: str, config_dict: dict):
+    def __init__(self, names: list[str], config_dict: dict):
         from engine.run.pipeline import limit_threads
 
         limit_threads(1)
-        self.stage = registry.spec(name).build(_config(config_dict))
+        config = _config(config_dict)
+        self.stages = [registry.spec(n).build(config) for n in names]
 
     def __call__(self, t: pa.Table) -> pa.Table:
-        return _apply(self.stage, t)
+        for st in self.stages:
+            t = _apply(st, t)
+        return t
 
 
 def _write_blocks(t: pa.Table, map_dir: str, token: str, config_dict: dict) -> pa.Table:
@@ -428,13 +435,13 @@ def _marker(index, shard, config, fmt, rows, verdicts, parts, works, stages, sec
     return stats
 
 
-def _actor_stage(ds, rd, name: str, cfg: dict, workers: int, args: dict):
+def _actor_stage(ds, rd, names: list[str], cfg: dict, workers: int, args: dict):
     """``map_batches`` of a model stage on an actor pool of 1..``workers`` actors. ``max_restarts=0``: a failed
     actor fails the run (a rerun resumes), and Ray's core worker then does not log an error-level line about
     constructor arguments in the object store (ray-project/ray#53727) on the user's terminal."""
     import warnings
 
-    kw = dict(fn_constructor_kwargs={"name": name, "config_dict": cfg}, batch_size=None, batch_format="pyarrow",
+    kw = dict(fn_constructor_kwargs={"names": names, "config_dict": cfg}, batch_size=None, batch_format="pyarrow",
               compute=rd.ActorPoolStrategy(min_size=1, max_size=max(1, workers)), **args)  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # max_restarts goes through ray_remote_args, deprecated since 2.60
@@ -442,6 +449,13 @@ def _actor_stage(ds, rd, name: str, cfg: dict, workers: int, args: dict):
             return ds.map_batches(StageActor, max_restarts=0, **kw)
         except TypeError:  # a Ray that no longer takes it
             return ds.map_batches(StageActor, **kw)
+
+
+def _on_actors(config: Config, gpus: float) -> list[str]:
+    """The map stages that run on actor pools (the rest run as tasks): see ``map_phase``."""
+    names = [s.name for s in registry.active(config, registry.MAP)]
+    models = [n for n in names if n in MODEL_STAGES]
+    return names if models and gpus < 1 else models
 
 
 def map_phase(
@@ -471,14 +485,20 @@ def map_phase(
         num_cpus=0,
         compute=rd.TaskPoolStrategy(size=max(1, workers)),
     )
-    for spec in registry.active(config, registry.MAP):
-        if spec.name in MODEL_STAGES:
-            args: dict[str, Any] = {"num_gpus": 1} if gpus >= 1 else {}
-            ds = _actor_stage(ds, rd, spec.name, cfg, workers, args)
-        else:
-            ds = ds.map_batches(
-                _run_stage, fn_kwargs={"name": spec.name, "config_dict": cfg}, batch_size=None, batch_format="pyarrow"
-            )
+    names = [s.name for s in registry.active(config, registry.MAP)]
+    if gpus < 1 and any(n in MODEL_STAGES for n in names):
+        # CPU only: every map stage on the model stage's actor pool. Stateless CPU tasks beside CPU actors deadlock
+        # a cluster whose CPUs the actors hold (1 CPU, 1 actor: no task ever starts), and Ray's optimiser fuses
+        # the stateless tasks into the actors when it can anyway.
+        ds = _actor_stage(ds, rd, names, cfg, workers, {})
+    else:
+        for name in names:
+            if name in MODEL_STAGES:  # GPUs: the model's actors hold a GPU each, the CPU stages stay tasks
+                ds = _actor_stage(ds, rd, [name], cfg, workers, {"num_gpus": 1})
+            else:
+                ds = ds.map_batches(
+                    _run_stage, fn_kwargs={"name": name, "config_dict": cfg}, batch_size=None, batch_format="pyarrow"
+                )
     ds = ds.map_batches(
         _write_blocks,
         fn_kwargs={"map_dir": str(map_dir), "token": token, "config_dict": cfg},
@@ -572,9 +592,7 @@ def _score(
             "gpus": float(ray.cluster_resources().get("GPU", 0)),
             "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
             "version": ray.__version__,
-            "model_stages_on_actors": [
-                s.name for s in registry.active(config, registry.MAP) if s.name in MODEL_STAGES
-            ],
+            "stages_on_actors": _on_actors(config, float(ray.cluster_resources().get("GPU", 0))),
             "distributed": "map phase (read, map stages, part writes); exact-dedup hash grouping",
             "on_driver": "global stages (exact dedup over its duplicate groups only), finalize",
         },
