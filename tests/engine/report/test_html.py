@@ -270,3 +270,19 @@ def test_cli_report_writes_the_page_and_errors_are_one_line(run, tmp_path):
         (tmp_path / "empty").mkdir()
         (tmp_path / "empty" / "manifest.json").write_text("{}")
         write_report(tmp_path / "empty")
+
+
+def test_run_writes_the_report_at_its_end(tmp_path, capsys):
+    import cli
+
+    rows = [
+        {"instruction": f"Name fact {i} about {WORDS[i]}.", "output": f"Fact {i}: the {WORDS[i]} is {WORDS[-i]}."}
+        for i in range(12)
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    argv = ["run", str(tmp_path / "in.jsonl"), "--out", str(out), "--embedder", "static", "--workers", "1"]
+    assert cli.main([*argv, "--no-loss"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == f"report: {out / 'report.html'}"
+    assert tuple(_sections((out / "report.html").read_text())) == SECTIONS
