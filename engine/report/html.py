@@ -633,7 +633,7 @@ def _size_buckets(sizes: np.ndarray) -> tuple[list[str], list[int], list[int]]:
         m = (sizes >= lo) & (sizes < hi) if hi else sizes >= lo
         if not m.any():
             continue
-        labels.append(str(lo) if hi == lo + 1 else (f"{lo}–{hi - 1}" if hi else f"{lo}+"))
+        labels.append("size " + (str(lo) if hi == lo + 1 else (f"{lo}–{hi - 1}" if hi else f"{lo}+")))
         clusters.append(int(m.sum()))
         rows.append(int(sizes[m].sum()))
     return labels, clusters, rows
@@ -691,7 +691,7 @@ def _duplicates(r: _Run) -> str:
             labels,
             [("clusters", clusters, SELECTED), ("rows in them", rows, KEPT)],
             "clusters (and rows) by cluster size",
-            label_chars=8,
+            label_chars=10,
         )
         nums = _table(
             ["", ""],
