@@ -33,8 +33,9 @@ from engine.train.finetune import FinetuneConfig
 
 # Candidate defaults for labelled data (the winnow arm itself is --method auto as it stands).
 # (Two candidates only: on the shared 2-core machine an arm x 3 seeds took minutes.)
+# The winnow arm is --method auto: on labelled data, drop label issues + proportional quotas + facility.
 VARIANTS = {
-    "drop+facility+prop": {"method": "facility", "label_issues": "drop", "balance": "proportional"},
+    "facility": {"method": "facility", "label_issues": "keep", "balance": "none"},  # the previous default
     "drop+random+prop": {"method": "random", "label_issues": "drop", "balance": "proportional"},
 }
 SETS = {
@@ -71,45 +72,99 @@ def summary(r: dict) -> dict:
     }
 
 
-def run_one(name: str, part: str, imbalance: str, budget: str, corrupt: str, args, variants) -> dict:
+def run_one(name: str, part: str, imbalances: list[str], budget: str, corrupt: str, args, variants) -> list[dict]:
+    """One scoring of the pool, the arms trained once per imbalance mode (the first in OUT, the others in OUT/<mode>)."""
     spec = SETS[name]
     d = SHARED_DATA / name
-    out = Path(args.out) / name / f"{part}-{imbalance}-b{budget}"
+    out = Path(args.out) / name / f"{part}-b{budget}"
     cfg = load_config(None, {"tokens": {"enabled": False}, "select": {"budget": budget}})
-    ft = FinetuneConfig(task="classification", strategy=args.strategy, imbalance=imbalance)
+    fts = {imb: FinetuneConfig(task="classification", strategy=args.strategy, imbalance=imb) for imb in imbalances}
     cc = CompareConfig(seeds=args.seeds, full=True, corrupt=corrupt, seed=0)
     t0 = time.perf_counter()
-    r = compare(
+    compare(
         [str(d / f) for f in spec["inputs"]],
         out,
         cfg,
-        ft,
+        fts[imbalances[0]],
         cc,
         val=str(d / spec["val"]) if "val" in spec else None,
         test=str(d / spec["test"]) if "test" in spec else None,
-        command=f"bench/bench_compare.py {name} {part} {imbalance} {budget}",
+        command=f"bench/bench_compare.py {name} {part} {budget}",
         log=lambda *a: None,
         cache_dir=Path(args.out) / name / "embed_cache",
         variants=variants,
+        recipes={imb: fts[imb] for imb in imbalances[1:]},
     )
-    s = {
-        "set": name,
-        "part": part,
-        "imbalance": imbalance,
-        "budget": budget,
-        "corrupt": corrupt or None,
-        "strategy": args.strategy,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        **summary(r),
-        "compare_json": str(out / "compare.json"),
+    rows = []
+    for i, imb in enumerate(imbalances):
+        path = out / "compare.json" if i == 0 else out / imb / "compare.json"
+        r = json.loads(path.read_text())
+        s = {
+            "set": name,
+            "part": part,
+            "imbalance": imb,
+            "budget": budget,
+            "corrupt": corrupt or None,
+            "strategy": args.strategy,
+            "wall_s": round(time.perf_counter() - t0, 1),
+            **summary(r),
+            "compare_json": str(path),
+        }
+        print(json.dumps(s), flush=True)
+        for arm, a in s["arms"].items():
+            if "gain" in a:
+                append_result(
+                    f"compare_{name}_{part}_{imb}_b{budget}", arm, s["budget_rows"], "gain_macro_f1", a["gain"]
+                )
+        rows.append(s)
+    return rows
+
+
+def heads(name: str, args) -> dict:
+    """Which features should the ``head`` strategy train on? On the set's base split (made by the corrupt part, no
+    damage): logistic regression (class-weighted, C chosen on val) on MiniLM's mean-pooled embeddings (what MiniLM was
+    trained for, but not expressible in a plain BertForSequenceClassification) vs on the [CLS] state (what the
+    saved model's pooler reads), and winnow's head (pooler + classifier on standardised [CLS], weighted loss)."""
+    import numpy as np
+    import polars as pl
+    from sklearn.linear_model import LogisticRegression
+
+    from engine.train.classify import _load, _model_path, cls_features, metrics_of, train_classifier
+
+    splits = Path(args.out) / name / "corrupt-b0.3" / "base" / "splits"
+    if not splits.exists():
+        return {}
+    dfs = {s: pl.read_parquet(splits / f"{s}.parquet") for s in ("train", "val", "test")}
+    labels = sorted(set(dfs["train"]["label"].to_list()))
+    y = {s: np.array([labels.index(x) for x in d["label"].to_list()]) for s, d in dfs.items()}
+    ft = FinetuneConfig(task="classification", strategy="head", imbalance="weight")
+    path = _model_path(ft)
+    tok, model = _load(path, labels, 0)
+    feats = {
+        "mean": {s: np.stack(d["embedding"].to_numpy()).astype(np.float32) for s, d in dfs.items()},
+        "cls": {s: cls_features(model, tok, d, 128, "cpu", path) for s, d in dfs.items()},
     }
-    print(json.dumps(s), flush=True)
-    for arm, a in s["arms"].items():
-        if "gain" in a:
-            append_result(
-                f"compare_{name}_{part}_{imbalance}_b{budget}", arm, s["budget_rows"], "gain_macro_f1", a["gain"]
+    out = {"set": name, "rows": {s: d.height for s, d in dfs.items()}}
+    for kind, f in feats.items():
+        mu, sd = f["train"].mean(0), f["train"].std(0) + 1e-6
+        best = None
+        for c in (0.01, 0.1, 1.0, 10.0):
+            lr = LogisticRegression(C=c, class_weight="balanced", max_iter=3000).fit(
+                (f["train"] - mu) / sd, y["train"]
             )
-    return s
+            v = metrics_of(y["val"], lr.predict((f["val"] - mu) / sd), labels)["macro_f1"]
+            if best is None or v > best[0]:
+                best = (v, c, lr)
+        t = metrics_of(y["test"], best[2].predict((f["test"] - mu) / sd), labels)["macro_f1"]
+        out[f"logreg_{kind}"] = {"C": best[1], "val_macro_f1": round(best[0], 4), "test_macro_f1": round(t, 4)}
+    rows = {s: d.select(["id", "prompt", "response", "label"]) for s, d in dfs.items()}
+    m = train_classifier(rows["train"], rows["val"], rows["test"], ft, Path(args.out) / name / "heads", save=False)
+    out["winnow_head_cls"] = {
+        "val_macro_f1": round(m["val"]["macro_f1"], 4),
+        "test_macro_f1": round(m["test"]["macro_f1"], 4),
+    }
+    print(json.dumps(out), flush=True)
+    return out
 
 
 def curve_plot(rows: list[dict], path: Path) -> None:
@@ -152,14 +207,30 @@ def main() -> None:
             print(f"skip {name}: absent", file=sys.stderr)
             continue
         for part in args.parts.split(","):
-            if part == "curve":
-                for b in ("0.1", "0.2", "0.3", "0.5"):
-                    rows.append(run_one(name, "curve", "weight", b, CORRUPT, args, VARIANTS))
+            if part == "heads":
+                heads(name, args)
                 continue
-            for imb in args.imbalance.split(","):
-                rows.append(run_one(name, part, imb, "0.3", CORRUPT if part == "corrupt" else "", args, VARIANTS))
-    curve = [r for r in rows if r["part"] == "curve"]
-    if curve:
+            if part == "curve":
+                for b in ("0.1", "0.2", "0.5"):  # 0.3 is the corrupt part's
+                    rows += run_one(name, "curve", ["weight"], b, CORRUPT, args, VARIANTS)
+                at30 = Path(args.out) / name / "corrupt-b0.3" / "compare.json"
+                if "corrupt" not in args.parts and at30.exists():
+                    rows.append(
+                        {
+                            "set": name,
+                            "part": "corrupt",
+                            "imbalance": "weight",
+                            "budget": "0.3",
+                            "corrupt": CORRUPT,
+                            **summary(json.loads(at30.read_text())),
+                        }
+                    )
+                continue
+            rows += run_one(
+                name, part, args.imbalance.split(","), "0.3", CORRUPT if part == "corrupt" else "", args, VARIANTS
+            )
+    curve = [r for r in rows if r["part"] == "curve" or (r["part"] == "corrupt" and r["imbalance"] == "weight")]
+    if any(r["part"] == "curve" for r in curve):
         curve_plot(curve, Path(args.out) / "curve.png")
     print_json({"bench": "compare", "strategy": args.strategy, "runs": len(rows), "out": args.out})
 

@@ -168,7 +168,8 @@ CORE_OPTIONS = [
 # Flags of selection (`select` and `run`); engine.select.selection.check_options checks what needs the columns.
 SELECT_OPTIONS = [
     Option("--method", "method", "auto | facility | kcenter | deita | topk | random (default: auto = topk if --score "
-           "is given, else facility)", section="select",
+           "is given; on labelled rows scored for label noise, facility after dropping label issues, with "
+           "proportional label quotas; else facility)", section="select",
            allowed=("auto", "facility", "kcenter", "deita", "topk", "random")),
     Option("--score", "score", "topk's ranking column, higher is better (see --ascending); default: quality",
            section="select"),

@@ -53,8 +53,17 @@ def label_issue_policy(config: SelectConfig, method: str, columns: set[str]) -> 
                                              AUTO_DROPS_LABEL_ISSUES)
 
 
-# Measured with cli.py compare (bench/bench_compare.py): see the README's selection paragraph.
-AUTO_DROPS_LABEL_ISSUES = False
+# Measured with cli.py compare (bench/bench_compare.py): see the README's selection paragraph. ``auto`` on a run with
+# labels and the labels stage's scores: drop the rows flagged label_issue, keep the label mix of the kept rows
+# (proportional quotas), then this method within the quotas. {} = facility as for unlabelled rows.
+AUTO_DROPS_LABEL_ISSUES = True
+AUTO_LABELLED: dict[str, str] = {"method": "facility", "balance": "proportional"}
+
+
+def _replace(config: SelectConfig, **changes) -> SelectConfig:
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
 
 
 def method_of(config: SelectConfig) -> str:
@@ -152,6 +161,13 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
     schemas = [pq.read_schema(f) for f in files]
     all_cols = set().union(*(s.names for s in schemas))
     method, budget = check_options(config, {f.name: f.type for s in schemas for f in s})
+    labelled_auto = config.method == "auto" and not config.score and "label_issue" in all_cols
+    balance_given = config.balance
+    if labelled_auto and AUTO_LABELLED:
+        # labelled rows with the labels stage's scores: the default the compare measurements support (README)
+        method = AUTO_LABELLED["method"]
+        if config.balance == "none":
+            config = _replace(config, balance=AUTO_LABELLED["balance"])
     if config.method == "auto" and method == "facility" and "embedding" not in all_cols:
         method = "topk"  # no embeddings (scored with --embedder none): rank by quality instead
     balance = B.Balance.parse(config.balance)
@@ -171,8 +187,11 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
     t_read = time.perf_counter()
     kept, emb, rows_total, verdicts = _read_kept(files, cols, sel.needs_embeddings)
     read_s = time.perf_counter() - t_read
+    if labelled_auto and AUTO_LABELLED and balance_given == "none" and kept["label"].null_count():
+        # a mixed corpus (instruction rows beside labelled ones): no quotas over the unlabelled rows
+        config = _replace(config, balance="none")
+        balance = B.Balance.parse("none")
     rows_kept = kept.height
-    labels_kept = kept["label"].to_numpy() if "label" in kept.columns else None
     issues_dropped = None
     if drop_issues:
         ok = ~kept["label_issue"].fill_null(False).to_numpy().astype(bool)
@@ -226,11 +245,9 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
         if pool.labels is None:
             raise UserError(f"--balance {config.balance}: the scores have no labels to balance")
         counts = dict(zip(lab_names, np.bincount(lab_codes, minlength=len(lab_names)).tolist()))
-        if issues_dropped and labels_kept is not None:
-            # quotas from the label mix before label issues left: issues concentrate in some classes, and the mix
-            # the user's data has is what proportional means
-            before = _counts(labels_kept)
-            counts = {lab: before.get(str(lab), counts[lab]) for lab in lab_names}
+        # With label issues dropped, the quotas follow the mix of the rows that remain: flips move rows off the
+        # majority class, and dropping the flagged rows moves the mix back (phrasebank, 20% flips: kept rows
+        # 18/51/30% negative/neutral/positive, after the drop 13/61/26%, the undamaged rows 12/59/28%).
         quotas = B.label_quotas(counts, k, balance)
     cap_n = 0
     cap_codes = None

@@ -124,11 +124,13 @@ def compare(
     log=print,
     cache_dir: str | Path | None = None,
     variants: dict[str, dict] | None = None,
+    recipes: dict[str, object] | None = None,
 ) -> dict:
     """Run the comparison (module docstring); ``config`` is the scoring + selection config tree, ``ft`` the
     FinetuneConfig recipe. Returns what compare.json holds. ``cache_dir`` (default OUT/embed_cache) holds the
     scoring embeddings; ``variants`` ({name: SelectConfig fields}) adds arms ``winnow:<name>`` selected with other
-    options (bench/bench_compare.py chooses the default method with them)."""
+    options (bench/bench_compare.py chooses the default method with them); ``recipes`` ({name: FinetuneConfig})
+    trains the same arms again with other recipes into OUT/<name>/ (one scoring, several losses)."""
     from engine.select.selection import select
     from engine.train.classify import train_classifier
     from engine.train.corrupt import corrupt, parse_spec
@@ -234,120 +236,127 @@ def compare(
     if cc.raw:
         arms["raw"] = ("every pool row, unscored", [scores] * len(seeds))
 
-    labels_all = None
-    results = []
-    preds: dict[str, list[np.ndarray]] = {}
-    y_test = None
-    for name, (method, frames) in arms.items():
-        runs = []
-        preds[name] = []
-        for s, rows in zip(seeds, frames):
-            train, leaked = drop_leaks(_rows_frame(rows), [val_df, test_df], assignment)
-            cfg = copy.copy(ft)
-            cfg.seed = s
-            run_dir = out / "arms" / name / f"seed{s}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            m = train_classifier(train, val_df, test_df, cfg, run_dir, progress=False, save=False)
-            labels_all = m["labels"]
-            p = pl.read_parquet(run_dir / "test_predictions.parquet")
-            code = {lab: i for i, lab in enumerate(labels_all)}
-            preds[name].append(np.array([code[x] for x in p["pred"].to_list()], np.int64))
-            if y_test is None:
-                y_test = np.array([code[str(x)] for x in p["label"].to_list()], np.int64)
-            runs.append(
+    def evaluate(ft, out: Path) -> dict:
+        out.mkdir(parents=True, exist_ok=True)
+        labels_all = None
+        results = []
+        preds: dict[str, list[np.ndarray]] = {}
+        y_test = None
+        for name, (method, frames) in arms.items():
+            runs = []
+            preds[name] = []
+            for s, rows in zip(seeds, frames):
+                train, leaked = drop_leaks(_rows_frame(rows), [val_df, test_df], assignment)
+                cfg = copy.copy(ft)
+                cfg.seed = s
+                run_dir = out / "arms" / name / f"seed{s}"
+                run_dir.mkdir(parents=True, exist_ok=True)
+                m = train_classifier(train, val_df, test_df, cfg, run_dir, progress=False, save=False)
+                labels_all = m["labels"]
+                p = pl.read_parquet(run_dir / "test_predictions.parquet")
+                code = {lab: i for i, lab in enumerate(labels_all)}
+                preds[name].append(np.array([code[x] for x in p["pred"].to_list()], np.int64))
+                if y_test is None:
+                    y_test = np.array([code[str(x)] for x in p["label"].to_list()], np.int64)
+                runs.append(
+                    {
+                        "seed": s,
+                        "n": train.height,
+                        "leak_dropped": leaked,
+                        "macro_f1": m["test"]["macro_f1"],
+                        "accuracy": m["test"]["accuracy"],
+                        "val_macro_f1": m["val"]["macro_f1"],
+                        "injected": _count_injected(rows),
+                        "labels": _label_counts(train),
+                    }
+                )
+                log(
+                    f"  {name:<7} seed {s}: n={train.height:,} macro-F1 {m['test']['macro_f1']:.4f} "
+                    f"accuracy {m['test']['accuracy']:.4f}"
+                )
+            f1 = np.array([r["macro_f1"] for r in runs])
+            acc = np.array([r["accuracy"] for r in runs])
+            results.append(
                 {
-                    "seed": s,
-                    "n": train.height,
-                    "leak_dropped": leaked,
-                    "macro_f1": m["test"]["macro_f1"],
-                    "accuracy": m["test"]["accuracy"],
-                    "val_macro_f1": m["val"]["macro_f1"],
-                    "injected": _count_injected(rows),
-                    "labels": _label_counts(train),
+                    "name": name,
+                    "method": method,
+                    "runs": runs,
+                    "mean": {"macro_f1": float(f1.mean()), "accuracy": float(acc.mean())},
+                    "std": {
+                        "macro_f1": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
+                        "accuracy": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                    },
                 }
             )
-            log(
-                f"  {name:<7} seed {s}: n={train.height:,} macro-F1 {m['test']['macro_f1']:.4f} "
-                f"accuracy {m['test']['accuracy']:.4f}"
-            )
-        f1 = np.array([r["macro_f1"] for r in runs])
-        acc = np.array([r["accuracy"] for r in runs])
-        results.append(
-            {
-                "name": name,
-                "method": method,
-                "runs": runs,
-                "mean": {"macro_f1": float(f1.mean()), "accuracy": float(acc.mean())},
-                "std": {
-                    "macro_f1": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
-                    "accuracy": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
-                },
-            }
-        )
-    # 5. gains over random
-    from engine.train.bootstrap import paired_bootstrap
+        # 5. gains over random
+        from engine.train.bootstrap import paired_bootstrap
 
-    gains = []
-    for name, runs_preds in preds.items():
-        if name == "random":
-            continue
-        for metric in ("macro_f1", "accuracy"):
-            g = paired_bootstrap(y_test, runs_preds, preds["random"], len(labels_all), metric, cc.n_boot, cc.seed)
-            gains.append(
-                {
-                    "arm": name,
-                    "vs": "random",
-                    "metric": metric,
-                    "mean": g["mean"],
-                    "ci95": g["ci95"],
-                    "n_boot": g["n_boot"],
-                    "test_rows": g["rows"],
-                }
-            )
-    oracle_gap = _recovered(results, gains)
-    report = {
-        "command": command,
-        "task": "classification",
-        "metric": "macro_f1",
-        "budget": {
-            "given": config.select.budget,
-            "rows": k,
-            "of_pool": scores.height,
-            "fraction": round(k / max(1, scores.height), 4),
-        },
-        "recipe": {
-            **{f: v for f, v in asdict(ft).items() if f not in ("adapter", "lora_r", "lora_alpha")},
-            "seeds": seeds,
-            "n_boot": cc.n_boot,
-            "held_out": held,
-            "corrupt": spec or None,
-            "selection": {
-                "method": sel_man["method"],
-                "balance": sel_man.get("balance"),
-                "quality": sel_man.get("quality"),
-                "parameters": sel_man.get("parameters"),
+        gains = []
+        for name, runs_preds in preds.items():
+            if name == "random":
+                continue
+            for metric in ("macro_f1", "accuracy"):
+                g = paired_bootstrap(y_test, runs_preds, preds["random"], len(labels_all), metric, cc.n_boot, cc.seed)
+                gains.append(
+                    {
+                        "arm": name,
+                        "vs": "random",
+                        "metric": metric,
+                        "mean": g["mean"],
+                        "ci95": g["ci95"],
+                        "n_boot": g["n_boot"],
+                        "test_rows": g["rows"],
+                    }
+                )
+        oracle_gap = _recovered(results, gains)
+        report = {
+            "command": command,
+            "task": "classification",
+            "metric": "macro_f1",
+            "budget": {
+                "given": config.select.budget,
+                "rows": k,
+                "of_pool": scores.height,
+                "fraction": round(k / max(1, scores.height), 4),
             },
-        },
-        "pool": {
-            "rows": scores.height,
-            "kept": kept.height,
-            "planted": planted,
-            "verdicts": manifest["verdicts"],
-            "val_rows": val_df.height,
-            "test_rows": test_df.height,
-            "labels": _label_counts(scores),
-        },
-        "pool_injected": pool_inj,
-        "arms": results,
-        "gains": gains,
-        "oracle_gap_recovered": oracle_gap,
-        "plot": "compare.png",
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
-    from engine.io.writers import write_json_atomic
+            "recipe": {
+                **{f: v for f, v in asdict(ft).items() if f not in ("adapter", "lora_r", "lora_alpha")},
+                "seeds": seeds,
+                "n_boot": cc.n_boot,
+                "held_out": held,
+                "corrupt": spec or None,
+                "selection": {
+                    "method": sel_man["method"],
+                    "balance": sel_man.get("balance"),
+                    "quality": sel_man.get("quality"),
+                    "parameters": sel_man.get("parameters"),
+                },
+            },
+            "pool": {
+                "rows": scores.height,
+                "kept": kept.height,
+                "planted": planted,
+                "verdicts": manifest["verdicts"],
+                "val_rows": val_df.height,
+                "test_rows": test_df.height,
+                "labels": _label_counts(scores),
+            },
+            "pool_injected": pool_inj,
+            "arms": results,
+            "gains": gains,
+            "oracle_gap_recovered": oracle_gap,
+            "plot": "compare.png",
+            "seconds": round(time.perf_counter() - t_start, 1),
+        }
+        from engine.io.writers import write_json_atomic
 
-    write_json_atomic(out / "compare.json", report)
-    plot(report, out / "compare.png")
+        write_json_atomic(out / "compare.json", report)
+        plot(report, out / "compare.png")
+        return report
+
+    report = evaluate(ft, out)
+    for rname, rft in (recipes or {}).items():
+        evaluate(rft, out / rname)
     return report
 
 

@@ -253,4 +253,4 @@ def test_unlabelled_rows_are_a_user_error(tiny, data, tmp_path, capsys):
         ]
     )
     err = capsys.readouterr().err
-    assert code == 2 and "no label" in err
+    assert code == 2 and "no row has a label" in err
