@@ -14,6 +14,8 @@ of the row, no truncation), the table swapped between "distilled" (``load_static
   MiniLM; the mean share in common.
 - Speed: MiniLM (``EncoderEmbedder``, bf16 autocast where the CPU has it) and each static table encode the same
   ``--speed-rows`` held-out alpaca rows in this process, static best of ``--repeats``; rows/s and ratio.
+- Thresholds: the pairs at cosine >= 0.95 / 0.85 under MiniLM (the encoder tier's semantic-dedup / split
+  thresholds) against each static table's pairs at 0.85-0.99, pooled over the sets: precision and recall.
 - Selection: facility location (engine/select facility, lazy greedy on the kNN graph, quality weight 0) picks
   ``--fraction`` of ``--select-rows`` held-out alpaca rows from each tier's vectors; every selection is scored by
   the same objective, ``sum_j max_{i in S} cos_MiniLM(i, j)`` (dense, exact), against the selection made on MiniLM
@@ -72,6 +74,26 @@ def facility_objective(sim_rows: np.ndarray, picked: np.ndarray) -> float:
     return float(sim_rows[picked].max(0).sum())
 
 
+THRESHOLDS = (0.85, 0.88, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
+
+
+def pairs_above(v: np.ndarray, t: float, tag: str) -> set:
+    """{(tag, i, j)} for i < j with cosine >= t (dense, one set at a time)."""
+    v = np.asarray(v, np.float32)
+    sim = np.triu(v @ v.T, 1)
+    i, j = np.nonzero(sim >= t)
+    return {(tag, int(a), int(b)) for a, b in zip(i, j, strict=True)}
+
+
+def pr(got: set, ref: set) -> dict:
+    hit = len(got & ref)
+    return {
+        "pairs": len(got),
+        "precision": round(hit / max(1, len(got)), 3),
+        "recall": round(hit / max(1, len(ref)), 3),
+    }
+
+
 def select_facility(emb: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     from types import SimpleNamespace
 
@@ -87,7 +109,9 @@ def select_facility(emb: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return base.get("facility")(cfg, seed=seed).select(cands, k, Limits.none(n)).order
 
 
-def eval_sets(cache: Path, encoder_key: str | None, encode_minilm) -> dict[str, tuple[list[str], np.ndarray]]:
+def eval_sets(
+    cache: Path, encoder_key: str | None, encode_minilm, cached_only: bool = False
+) -> dict[str, tuple[list[str], np.ndarray]]:
     """{set name: (texts, MiniLM vectors)} for the held-out chunks; re-embedded when the cache's model key differs."""
     import pyarrow.parquet as pq
 
@@ -102,6 +126,8 @@ def eval_sets(cache: Path, encoder_key: str | None, encode_minilm) -> dict[str, 
                 texts, _, vec = read_chunk(path)
                 out[name.removeprefix("eval_")] = (texts, vec)
                 continue
+        if cached_only:
+            continue
         texts = [x for x in read_texts(folder_split, rows, kind) if x.strip()]
         out[name.removeprefix("eval_")] = (texts, encode_minilm(texts))
     return out
@@ -115,6 +141,8 @@ def main(argv=None) -> dict:
     p.add_argument("--fraction", type=float, default=0.1, help="selection size as a share of --select-rows")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch and Numba threads for the speed figures")
+    p.add_argument("--set", default="alpaca", help="the held-out set the speed and selection figures use")
+    p.add_argument("--cached-only", action="store_true", help="skip held-out sets the cache lacks (no MiniLM)")
     p.add_argument("--no-csv", action="store_true")
     args = p.parse_args(argv)
 
@@ -128,7 +156,7 @@ def main(argv=None) -> dict:
 
     model = default_model_path()
     minilm = EncoderEmbedder(model, num_threads=args.threads)
-    sets = eval_sets(Path(args.cache), minilm.model_key, minilm.encode)
+    sets = eval_sets(Path(args.cache), minilm.model_key, minilm.encode, args.cached_only)
     tables = {"distilled": load_static_table(model, tuned=False)[:2]}
     key, trained = static_table_source(model, 256, 1e-4)
     if trained is not None:
@@ -154,7 +182,7 @@ def main(argv=None) -> dict:
         res[f"knn10_overlap_mean_{tier}"] = round(float(np.mean([a[tier] for a in agreement.values()])), 4)
 
     # Speed on the same rows, MiniLM the anchor in this run
-    speed_texts = sets["alpaca"][0][: args.speed_rows]
+    speed_texts = sets[args.set][0][: args.speed_rows]
     minilm.encode(speed_texts[:16])
     c = time.perf_counter()
     minilm.encode(speed_texts)
@@ -173,18 +201,19 @@ def main(argv=None) -> dict:
         res[f"{tier}_vs_minilm"] = round(t_minilm / best, 1)
 
     # Selection quality: facility location on each tier's vectors, scored under MiniLM similarity
-    texts, ref = sets["alpaca"]
+    texts, ref = sets[args.set]
     n = min(args.select_rows, len(texts))
     ref = ref[:n]
     k = max(1, round(args.fraction * n))
     sim = ref.astype(np.float32) @ ref.astype(np.float32).T
     picks = {"minilm": select_facility(ref, k)}
     for tier in tables:
-        picks[tier] = select_facility(vecs[tier]["alpaca"][:n], k)
+        picks[tier] = select_facility(vecs[tier][args.set][:n], k)
     picks["random"] = np.random.default_rng(0).choice(n, k, replace=False)
     objective = {name: facility_objective(sim, idx) for name, idx in picks.items()}
     floor, top = objective["random"], objective["minilm"]
     res["select"] = {
+        "set": args.set,
         "rows": n,
         "k": k,
         **{f"objective_{name}": round(v, 2) for name, v in objective.items()},
@@ -193,6 +222,21 @@ def main(argv=None) -> dict:
         **{f"gap_closed_{t}": round((objective[t] - floor) / max(top - floor, 1e-9), 4) for t in tables},
         **{f"picks_shared_{t}": round(len(set(picks[t]) & set(picks["minilm"])) / k, 4) for t in tables},
     }
+    # Thresholds: pairs at >= the MiniLM tier's threshold are the reference (semantic dedup 0.95, split 0.85); a
+    # static tier's pairs at each candidate threshold, pooled over the sets: precision and recall against them.
+    res["thresholds"] = {}
+    for purpose, ref_t in (("semdedup", 0.95), ("split", 0.85)):
+        rows = {}
+        for tier in tables:
+            ref_pairs, tier_pairs = set(), {t: set() for t in THRESHOLDS}
+            for name, (_, ref_v) in sets.items():
+                ref_pairs |= pairs_above(ref_v, ref_t, name)
+                v = vecs[tier][name]
+                for t in THRESHOLDS:
+                    tier_pairs[t] |= pairs_above(v, t, name)
+            rows[tier] = {f"{t:.2f}": pr(tier_pairs[t], ref_pairs) for t in THRESHOLDS}
+            rows["reference_pairs"] = len(ref_pairs)
+        res["thresholds"][f"{purpose}_vs_minilm_{ref_t}"] = rows
     if not args.no_csv:
         for tier in tables:
             append_result("static_agreement", tier, len(sets), "knn10_overlap_mean", res[f"knn10_overlap_mean_{tier}"])

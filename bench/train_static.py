@@ -11,7 +11,7 @@ t0_train_50k, alpaca_chinese rows 0-27,999, the train splits of five TweetEval s
 stance) and 15,000 instruction-only texts of alpaca and t0 (the embed stage embeds the prompt alone when the
 response is a label). Held out entirely (evaluation only, ``eval_*`` chunks, embedded first): code_alpaca_2k,
 gsm8k test, self_instruct_user_oriented, tweeteval_emotion test, financial_phrasebank, the koala/LIMA/WizardLM
-prompts, alpaca_chinese rows 28,000+ and alpaca_52k rows 42,000-45,999 (the first 1,000 rows of
+prompts, alpaca_chinese rows 28,000+ and alpaca_52k rows 42,000-43,999 (the first 1,000 rows of
 gsm8k test, 1,500 of financial_phrasebank). Each row's text is what the embed stage
 embeds: ``prompt + "\\n" + response`` with prompt ``instruction + "\\n\\n" + input`` (bench_embed.load_texts).
 Targets come from the repo's own MiniLM path (``engine.models.encoder.EncoderEmbedder``: mean pooling + L2 norm,
@@ -52,7 +52,7 @@ EVAL_SETS = [
     ("eval_financial_phrasebank", "financial_phrasebank/train", (0, 1500), "text"),
     ("eval_koala_lima_wizardlm", "eval_prompts_koala_lima_wizardlm/test", (0, None), "prompt"),
     ("eval_alpaca_chinese", "alpaca_chinese/train", (28000, 29500), "pair"),
-    ("eval_alpaca", "alpaca_52k/train", (42000, 46000), "pair"),
+    ("eval_alpaca", "alpaca_52k/train", (42000, 44000), "pair"),
 ]
 TRAIN_SETS = [
     ("alpaca_52k/train", (0, 42000), "pair"),
@@ -115,10 +115,10 @@ def chunk_plan() -> list[tuple[str, list[str], list[str]]]:
     texts, names = [texts[i] for i in keep], [names[i] for i in keep]
     for c in range(0, len(texts), CHUNK):
         plan.append((f"train_{c // CHUNK:04d}", texts[c : c + CHUNK], names[c : c + CHUNK]))
-    # The 4,000 held-out alpaca rows (the selection benchmark's rows) after the first 8 training chunks: on 2 shared
-    # cores MiniLM runs 10-50 rows/s, and training needs rows early.
+    # The 2,000 held-out alpaca rows (a selection benchmark's rows) after the first 12 training chunks: on 2 cores
+    # shared by 7 jobs MiniLM ran 2-5 rows/s here, and training needs rows early.
     alpaca = plan.pop(len(EVAL_SETS) - 1)
-    plan.insert(len(EVAL_SETS) - 1 + 8, alpaca)
+    plan.insert(len(EVAL_SETS) - 1 + 12, alpaca)
     return plan
 
 
@@ -252,6 +252,100 @@ def align(f: np.ndarray, ids: np.ndarray, offsets: np.ndarray, targets: np.ndarr
     return w.astype(np.float32)
 
 
+def _batch(ids, offsets, ends, rows):
+    seg = [ids[offsets[r] : ends[r]] for r in rows]
+    lens = np.fromiter((len(x) for x in seg), np.int64, count=len(seg))
+    offs = np.zeros(len(seg), np.int64)
+    np.cumsum(lens[:-1], out=offs[1:])
+    return np.concatenate(seg), offs
+
+
+def neighbour_lists(targets: np.ndarray, m: int) -> np.ndarray:
+    """(n, m) each training text's m nearest training texts under MiniLM (exact cosine, self excluded)."""
+    from bench.bench_static_agreement import knn
+
+    return knn(targets / np.linalg.norm(targets, axis=1, keepdims=True), m)
+
+
+def batches(n: int, batch: int, rng, nbrs: np.ndarray | None):
+    """(rows, anchor positions in rows) per step: ``batch`` shuffled texts; with neighbour lists, anchors plus
+    their MiniLM neighbours (so that the ranking loss sees each anchor's true neighbours among its candidates)."""
+    order = rng.permutation(n)
+    if nbrs is None:
+        for b in range(0, n, batch):
+            rows = order[b : b + batch]
+            yield rows, np.arange(len(rows))
+        return
+    per = max(1, batch // (nbrs.shape[1] + 1))
+    for b in range(0, n, per):
+        anchors = order[b : b + per]
+        rows, inv = np.unique(np.concatenate([anchors, nbrs[anchors].ravel()]), return_inverse=True)
+        yield rows, inv[: len(anchors)]
+
+
+def batch_loss(pooled, y_rows, anchors, rank: float, tau: float):
+    """mean(1 - cos(pooled, target)) + ``rank`` x KL(MiniLM's softmax over each anchor's cosines to the batch ||
+    the static one), temperature ``tau``: the second term asks for MiniLM's neighbour order, not just directions."""
+    import torch
+
+    p = torch.nn.functional.normalize(pooled, dim=1)
+    loss = (1 - (p * y_rows).sum(1)).mean()
+    if rank > 0:
+        a = torch.from_numpy(anchors)
+        self_mask = torch.zeros(len(anchors), len(p), dtype=torch.bool)
+        self_mask[torch.arange(len(anchors)), a] = True
+        s = (p[a] @ p.T / tau).masked_fill(self_mask, -1e9)
+        t = (y_rows[a] @ y_rows.T / tau).masked_fill(self_mask, -1e9)
+        loss = loss + rank * torch.nn.functional.kl_div(
+            torch.log_softmax(s, 1), torch.log_softmax(t, 1), log_target=True, reduction="batchmean"
+        )
+    return loss
+
+
+def fit_weights_map(
+    table: np.ndarray,
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    targets: np.ndarray,
+    epochs: int,
+    batch: int,
+    lr: float,
+    nbrs: np.ndarray | None = None,
+    rank: float = 0.0,
+    tau: float = 0.05,
+    seed: int = SEED,
+    log=print,
+) -> np.ndarray:
+    """(V, d) table ``exp(s_t) * (table_t @ W)``: a per-token log-weight ``s`` (0 at the start) and one (d, d) map
+    ``W`` (least squares at the start), fitted to mean(1 - cos(pooled, target)). V + d^2 parameters instead of
+    V x d: what a small corpus can pin down without overfitting."""
+    import torch
+
+    torch.manual_seed(seed)
+    n = len(offsets)
+    ends = np.append(offsets[1:], len(ids))
+    base = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(table.astype(np.float32)), freeze=True, mode="sum")
+    logw = torch.zeros(len(table), requires_grad=True)
+    w = torch.tensor(align(table, ids, offsets, targets), requires_grad=True)
+    opt = torch.optim.Adam([logw, w], lr=lr)
+    y = torch.nn.functional.normalize(torch.from_numpy(targets.astype(np.float32)), dim=1)
+    rng = np.random.default_rng(seed)
+    for ep in range(epochs):
+        total, t0 = 0.0, time.perf_counter()
+        for rows, anchors in batches(n, batch, rng, nbrs):
+            flat, offs = _batch(ids, offsets, ends, rows)
+            flat_t = torch.from_numpy(flat)
+            pooled = base(flat_t, torch.from_numpy(offs), per_sample_weights=torch.exp(logw[flat_t])) @ w
+            loss = batch_loss(pooled, y[torch.from_numpy(rows)], anchors, rank, tau)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(rows)
+        log(f"weights+map epoch {ep + 1}/{epochs}: loss {total / n:.4f} ({time.perf_counter() - t0:.1f} s)")
+    with torch.no_grad():
+        return (torch.exp(logw)[:, None] * (torch.from_numpy(table.astype(np.float32)) @ w)).numpy()
+
+
 def fit_table(
     init: np.ndarray,
     ids: np.ndarray,
@@ -260,10 +354,15 @@ def fit_table(
     epochs: int,
     batch: int,
     lr: float,
+    reg: float = 0.0,
+    nbrs: np.ndarray | None = None,
+    rank: float = 0.0,
+    tau: float = 0.05,
     seed: int = SEED,
     log=print,
 ) -> np.ndarray:
-    """(V, d) float32 table F minimising mean(1 - cos(sum_t F[ids_t], target)) over the texts.
+    """(V, d) float32 table F minimising mean(1 - cos(sum_t F[ids_t], target)) over the texts, plus ``reg`` times
+    the mean squared relative distance of the batch's token rows from their starting values.
 
     The inference pooling is ``normalize(sum_t w_t * table_t)`` (kernels.embed_pool; the division by ``sum w`` does
     not change the direction), so a per-token weight and a per-token vector are one free vector ``F_t = w_t table_t``:
@@ -277,22 +376,23 @@ def fit_table(
     bag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(init.astype(np.float32)), freeze=False, mode="sum",
                                                 sparse=True)  # fmt: skip
     opt = torch.optim.SparseAdam(bag.parameters(), lr=lr)
+    f0 = torch.from_numpy(init.astype(np.float32))
+    f0_sq = (f0 * f0).sum(1).clamp(min=1e-12)
     y = torch.nn.functional.normalize(torch.from_numpy(targets.astype(np.float32)), dim=1)
     rng = np.random.default_rng(seed)
-    steps = epochs * ((n + batch - 1) // batch)
+    per = batch if nbrs is None else max(1, batch // (nbrs.shape[1] + 1))
+    steps = epochs * ((n + per - 1) // per)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
     for ep in range(epochs):
-        order = rng.permutation(n)
         total, t0 = 0.0, time.perf_counter()
-        for b in range(0, n, batch):
-            rows = order[b : b + batch]
-            seg = [ids[offsets[r] : ends[r]] for r in rows]
-            lens = np.fromiter((len(s) for s in seg), np.int64, count=len(seg))
-            offs = np.zeros(len(seg), np.int64)
-            np.cumsum(lens[:-1], out=offs[1:])
-            pooled = bag(torch.from_numpy(np.concatenate(seg)), torch.from_numpy(offs))
-            cos = (torch.nn.functional.normalize(pooled, dim=1) * y[torch.from_numpy(rows)]).sum(1)
-            loss = (1 - cos).mean()
+        for rows, anchors in batches(n, batch, rng, nbrs):
+            flat, offs = _batch(ids, offsets, ends, rows)
+            pooled = bag(torch.from_numpy(flat), torch.from_numpy(offs))
+            loss = batch_loss(pooled, y[torch.from_numpy(rows)], anchors, rank, tau)
+            if reg > 0:
+                uniq = torch.unique(torch.from_numpy(flat))
+                rows_now = torch.nn.functional.embedding(uniq, bag.weight, sparse=True)
+                loss = loss + reg * (((rows_now - f0[uniq]) ** 2).sum(1) / f0_sq[uniq]).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -368,8 +468,12 @@ def cmd_train(args) -> None:
         evaluate("context", f)
         f = f @ align(f, ids, offsets, yp)
         evaluate("context_mapped", f)
+    nbrs = neighbour_lists(yp, args.neighbours) if args.rank > 0 else None
+    if args.map_epochs:
+        f = fit_weights_map(f, ids, offsets, yp, args.map_epochs, args.batch, args.map_lr, nbrs, args.rank, args.tau)
+        evaluate("weights_map", f)
     if args.epochs:
-        f = fit_table(f, ids, offsets, yp, args.epochs, args.batch, args.lr)
+        f = fit_table(f, ids, offsets, yp, args.epochs, args.batch, args.lr, args.reg, nbrs, args.rank, args.tau)
         evaluate("trained", f)
     if args.out:
         meta = {
@@ -378,6 +482,12 @@ def cmd_train(args) -> None:
             "epochs": args.epochs,
             "batch": args.batch,
             "lr": args.lr,
+            "reg": args.reg,
+            "rank": args.rank,
+            "tau": args.tau,
+            "neighbours": args.neighbours,
+            "map_epochs": args.map_epochs,
+            "map_lr": args.map_lr,
             "shrink": args.shrink,
             "max_tokens": args.max_tokens,
             "knn10_overlap_heldout": report,
@@ -416,6 +526,12 @@ def _args(argv=None):
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--shrink", type=float, default=5.0, help="occurrences at which a token's context mean gets half")
     t.add_argument("--no-context", action="store_true", help="ignore the in-context token means")
+    t.add_argument("--map-epochs", type=int, default=0, help="epochs of per-token weights + one linear map first")
+    t.add_argument("--map-lr", type=float, default=1e-2)
+    t.add_argument("--reg", type=float, default=0.0, help="pull of each token row towards its starting value")
+    t.add_argument("--rank", type=float, default=0.0, help="weight of the neighbour-ranking (KL) loss")
+    t.add_argument("--tau", type=float, default=0.05, help="temperature of the ranking loss")
+    t.add_argument("--neighbours", type=int, default=10, help="MiniLM neighbours per anchor in a ranking batch")
     return p.parse_args(argv)
 
 

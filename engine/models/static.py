@@ -1,11 +1,23 @@
-"""The static tier: a per-token table distilled from an encoder (model2vec's method), >100x faster than the encoder
-on CPU.
+"""The static tier: a per-token table, trained on MiniLM's outputs (shipped) or distilled from an encoder (model2vec's
+method), >100x faster than the encoder on CPU.
 
-Every vocabulary token goes through the encoder once as ``[SEP] tok [CLS]`` (model2vec's order), the three output
-vectors are averaged, PCA to ``static_dim`` (256) and each token is weighted by SIF over a Zipf estimate of its
-frequency from its vocabulary rank, ``w = a / (a + p(rank))`` with a = 1e-4. The table (30,522 x 256 float16 =
-15.6 MB) is cached under the user cache dir (``$WINNOW_CACHE``, else ``$XDG_CACHE_HOME/winnow``, else
-``~/.cache/winnow``), never in the repository; distilling took 11-57 s on 2 shared cores. It is built once, under an
+Trained table (the default for the shipped MiniLM): ``engine/models/data/static_minilm_tuned.npz``, made offline by
+``bench/train_static.py`` (model2vec's tokenlearn idea): MiniLM embeds a real corpus, each token starts from its mean
+in-context MiniLM state, then per-token weights, one linear map and finally every token row are fitted so that the
+pooled static vector of each text points where MiniLM's does (cosine loss, targets projected on their top 256
+singular directions). Stored as int8 unit rows with a per-row scale plus float32 weights (6.9 MB), tied by
+``model_fingerprint`` to the MiniLM weights it was trained against: another encoder (a user's ``static:PATH``),
+another ``static_dim`` or ``static_sif`` gets the plain distillation below (``static_table_source``). Its key (folder
+name and the tier's model key) carries a digest of the file, so a retrained table changes every cache and resume
+key. Held-out 10-NN overlap with MiniLM (sets never trained on; bench/bench_static_agreement.py): see docs/EMBED.md.
+
+Distilled table: every vocabulary token goes through the encoder once as ``[SEP] tok [CLS]`` (model2vec's order), the
+three output vectors are averaged, PCA to ``static_dim`` (256) and each token is weighted by SIF over a Zipf estimate
+of its frequency from its vocabulary rank, ``w = a / (a + p(rank))`` with a = 1e-4.
+
+Either table (30,522 x 256 float16 = 15.6 MB) is decoded or distilled once into the user cache dir
+(``$WINNOW_CACHE``, else ``$XDG_CACHE_HOME/winnow``, else ``~/.cache/winnow``), or into ``<prefix>/share/winnow`` by
+``make install``; distilling took 11-57 s on 2 shared cores, decoding well under a second. It is built once, under an
 exclusive file lock, even when several worker processes ask for it at the same time (see ``build_once``).
 A row's vector is the weighted mean of its token vectors (``kernels.embed_pool``), tokenised by the Numba
 WordPiece kernel (``kernels.wordpiece``, exact on ASCII rows; others go through the HF fast tokenizer); on ASCII rows

@@ -107,7 +107,9 @@ def warm(config: Any, processes: int = 1) -> dict[str, float]:
 
 
 def ship_static_table(config: Any) -> str:
-    """Copy the default static table (distilling it if needed) into the installed share folder."""
+    """Install the default static table into the share folder: the trained table shipped in the package
+    (engine/models/data/static_minilm_tuned.npz, decoded) when it was trained against this MiniLM, else the
+    distilled one (distilling it if needed); see ``engine.models.static.static_table_source``."""
     import shutil
 
     from engine.models.encoder import default_model_path
@@ -141,10 +143,27 @@ def warm_select() -> float:
     x = rng.normal(size=(600, 32)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cands = base.Candidates(np.arange(600), rng.random(600).astype(np.float32), np.ones(600), emb=x.astype(np.float16))
-    for method, extra in (("facility", {}), ("facility", {"epsilon": 0.1}), ("kcenter", {"kcenter": "exact"}),
-                          ("kcenter", {"kcenter": "graph"}), ("deita", {}), ("topk", {}), ("random", {})):
-        cfg = SimpleNamespace(**{"quality_weight": 1.0, "neighbours": 8, "epsilon": 0.0, "tau": 0.9,
-                                 "kcenter": "auto", "score": "", "ascending": False, **extra})
+    for method, extra in (
+        ("facility", {}),
+        ("facility", {"epsilon": 0.1}),
+        ("kcenter", {"kcenter": "exact"}),
+        ("kcenter", {"kcenter": "graph"}),
+        ("deita", {}),
+        ("topk", {}),
+        ("random", {}),
+    ):
+        cfg = SimpleNamespace(
+            **{
+                "quality_weight": 1.0,
+                "neighbours": 8,
+                "epsilon": 0.0,
+                "tau": 0.9,
+                "kcenter": "auto",
+                "score": "",
+                "ascending": False,
+                **extra,
+            }
+        )
         base.get(method)(cfg).select(cands, 20, Limits.none(600))
     dsir_scores([["a warm up text", "another one"]], ["target text"])
     return round(time.perf_counter() - t0, 2)
@@ -166,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     got = warm(cfg, processes=min(2, os.cpu_count() or 1))
     got["select"] = warm_select()
     got["total"] += got["select"]
-    print(f"winnow: kernels compiled ({got['total']:.0f} s)" + (f"; static table in {where}" if where else ""),
-          file=sys.stderr)
+    print(
+        f"winnow: kernels compiled ({got['total']:.0f} s)" + (f"; static table in {where}" if where else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
