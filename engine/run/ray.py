@@ -115,11 +115,7 @@ def session(config: Config) -> Iterator[Any]:
             ray.init(address=config.run.ray_address, **kw)
         else:
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local instance writes no token under $HOME
-            ray.init(
-                num_cpus=config.run.workers or os.cpu_count() or 1,
-                object_store_memory=min(2 << 30, _object_store_default()),
-                **kw,
-            )
+            _start_local(ray, config.run.workers or os.cpu_count() or 1, kw)
     except ConnectionError as e:
         raise UserError(
             f"--ray-address {config.run.ray_address}: cannot connect to a Ray cluster there ({e})"
@@ -131,6 +127,19 @@ def session(config: Config) -> Iterator[Any]:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _start_local(ray, cpus: int, kw: dict) -> None:
+    """A local Ray instance. Ray gives its raylet 30 s to register; on a loaded machine a first start can miss that
+    (seen here at a load of 15 on 2 cores), so one more try."""
+    for attempt in range(2):
+        try:
+            ray.init(num_cpus=cpus, object_store_memory=min(2 << 30, _object_store_default()), **kw)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 1:
+                raise
 
 
 def _object_store_default() -> int:

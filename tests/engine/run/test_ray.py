@@ -25,7 +25,14 @@ SELECT = ["--method", "facility", "--budget", "60", "--partitions", "3", "-q"]
 @pytest.fixture(scope="module")
 def ray_local():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 << 20)
+    for attempt in range(3):  # Ray waits 30 s for its raylet; on a loaded machine a first start can miss that
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 << 20)
+            break
+        except Exception as e:  # ray raises a bare Exception for this
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
     yield
     ray.shutdown()
 
