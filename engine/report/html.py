@@ -949,7 +949,11 @@ def _finetune(r: _Run) -> str:
     try:
         top = {k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}
         rows = m.get("rows") if isinstance(m.get("rows"), dict) else {}
-        body = _metric_table({**top, **{f"rows: {k}": v for k, v in rows.items()}})
+        flat = {}  # rows: {train, val, test, leak_dropped, unlabelled_dropped: {train, val, test}}
+        for k, v in rows.items():
+            for kk, vv in v.items() if isinstance(v, dict) else [("", v)]:
+                flat[f"rows: {k}" + (f" ({kk})" if kk else "")] = vv
+        body = _metric_table({**top, **flat})
         cfg = m.get("config") if isinstance(m.get("config"), dict) else {}
         if cfg:
             body += (
