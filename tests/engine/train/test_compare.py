@@ -99,9 +99,8 @@ def report(tiny, tmp_path_factory):
     rows = planted(240, 5, "r").select([pl.col("response").alias("text"), "label"])
     rows.write_parquet(d / "in.parquet")
     out = d / "out"
-    import os
-
-    os.environ["WINNOW_CACHE"] = str(d / "cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WINNOW_CACHE", str(d / "cache"))  # the head's feature cache, for this module only
     code = cli.main(
         [
             "compare",
@@ -129,7 +128,8 @@ def report(tiny, tmp_path_factory):
         ]
     )
     assert code == 0
-    return out, json.loads((out / "compare.json").read_text())
+    yield out, json.loads((out / "compare.json").read_text())
+    mp.undo()
 
 
 def test_compare_json_has_every_arm(report):
