@@ -421,7 +421,7 @@ def plot(report: dict, path: Path) -> None:
     for a in arms:
         g = gains.get(a["name"])
         extra = f"\n{100 * g['mean']:+.1f} [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]" if g else ""
-        names.append(f"{a['name']} (n={a['runs'][0]['n']:,}){extra}")
+        names.append(f"{a['name'].replace(':', ':' + chr(10))} (n={a['runs'][0]['n']:,}){extra}")
     ax.set_xticks(x, names, fontsize=8)
     lo = min(min(r["macro_f1"] for r in a["runs"]) for a in arms)
     hi = max(max(r["macro_f1"] for r in a["runs"]) for a in arms)
@@ -430,7 +430,9 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("test macro-F1")
     b = report["budget"]
     ax.set_title(
-        f"budget {b['rows']:,} of {b['of_pool']:,} pool rows; gain over random, 95% paired bootstrap", fontsize=9
+        f"budget {b['rows']:,} of {b['of_pool']:,} pool rows; strategy {report['recipe'].get('strategy')}, imbalance "
+        f"{report['recipe'].get('imbalance')}; gain over random, 95% paired bootstrap",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
