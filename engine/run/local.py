@@ -87,17 +87,23 @@ def _remove_temps(out: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
-def _score(t_start: float, shards, warnings: list[str], out: Path, config: Config, progress: Any, command: str,
-           map_stages: list[Stage] | None, global_stages: list[GlobalStage] | None) -> dict:
+def open_map(shards, out: Path, config: Config):
+    """What every executor does before its map phase: ids per shard, ``work/map`` made and cleaned of stale files,
+    every ``auto`` resolved once (before the resume key is computed and before any stage is built), and which shards a
+    rerun can reuse. Returns (shards, map_dir, resolved, results of reused shards, pending shard indexes)."""
     shards = with_identity(shards)
     work = out / "work"
     map_dir = work / "map"
     map_dir.mkdir(parents=True, exist_ok=True)
     clean_map_dir(map_dir, len(shards))
-
-    # Resolve every `auto` once, here, before the resume key is computed and before any stage is built.
     resolved = registry.resolve(config, {"n_rows": estimate_rows(shards), "work_dir": str(work)})
     results, pending = reusable(map_dir, shards, config)
+    return shards, map_dir, resolved, results, pending
+
+
+def _score(t_start: float, shards, warnings: list[str], out: Path, config: Config, progress: Any, command: str,
+           map_stages: list[Stage] | None, global_stages: list[GlobalStage] | None) -> dict:
+    shards, map_dir, resolved, results, pending = open_map(shards, out, config)
 
     t_map = time.perf_counter()
     crash_after = int(os.environ.get("WINNOW_CRASH_AFTER_SHARDS", "-1"))  # tests: simulate a kill mid-run

@@ -67,11 +67,11 @@ import pyarrow.compute as pc
 from engine import registry
 from engine.config import Config, validate
 from engine.errors import UserError
-from engine.io.readers import check_out, discover, estimate_rows
+from engine.io.readers import check_out, discover
 from engine.io.writers import META_FORMAT, META_INPUT_COLUMNS, _IpcFile, disk_full, part_name, write_json_atomic
 from engine.run.context import GlobalContext
 from engine.run.lock import RunLock
-from engine.run.shards import clean_map_dir, reusable, shard_key, with_identity
+from engine.run.shards import shard_key
 
 INSTALL_HINT = "install it with `make install` or `pip install 'ray[data]'`"
 # Stages that load a model: run on an actor pool (the model is loaded once per actor), with a GPU per actor when
@@ -579,15 +579,9 @@ def score(inputs: list[str], out: str | Path, config: Config, progress: Any = No
 def _score(
     ray, t_start: float, shards, warnings: list[str], out: Path, config: Config, progress: Any, command: str
 ) -> dict:
-    from engine.run.local import finish_run
+    from engine.run.local import finish_run, open_map
 
-    shards = with_identity(shards)
-    work = out / "work"
-    map_dir = work / "map"
-    map_dir.mkdir(parents=True, exist_ok=True)
-    clean_map_dir(map_dir, len(shards))
-    resolved = registry.resolve(config, {"n_rows": estimate_rows(shards), "work_dir": str(work)})
-    results, pending = reusable(map_dir, shards, config)
+    shards, map_dir, resolved, results, pending = open_map(shards, out, config)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     workers = config.run.workers or cpus
     t_map = time.perf_counter()
