@@ -5,7 +5,8 @@ Trained table (the default for the shipped MiniLM): ``engine/models/data/static_
 ``bench/train_static.py`` (model2vec's tokenlearn idea): MiniLM embeds a real corpus, each token starts from its mean
 in-context MiniLM state, then per-token weights, one linear map and finally every token row are fitted so that the
 pooled static vector of each text points where MiniLM's does (cosine loss, targets projected on their top 256
-singular directions). Stored as int8 unit rows with a per-row scale plus float32 weights (6.9 MB), tied by
+singular directions). Stored as 4-bit codes of the unit rows (one 16-level Lloyd codebook) plus float32 weights
+(3.7 MB, under the project's 5 MiB limit per file; see ``write_tuned_table`` for what the packing costs), tied by
 ``model_fingerprint`` to the MiniLM weights it was trained against: another encoder (a user's ``static:PATH``),
 another ``static_dim`` or ``static_sif`` gets the plain distillation below (``static_table_source``). Its key (folder
 name and the tier's model key) carries a digest of the file, so a retrained table changes every cache and resume
@@ -151,23 +152,49 @@ def shipped_static_dir() -> Path:
     return Path(sys.prefix) / "share" / "winnow" / "static"
 
 
-# The trained table for the shipped MiniLM (bench/train_static.py), int8 rows with a per-row scale: part of the package.
+# The trained table for the shipped MiniLM (bench/train_static.py), 4-bit codes: part of the package.
 TUNED_FILE = Path(__file__).resolve().parent / "data" / "static_minilm_tuned.npz"
+CODE_LEVELS = 16  # 4 bits per entry, two entries per byte
+
+
+def _lloyd_codebook(x: np.ndarray, levels: int = CODE_LEVELS, iters: int = 30, sample: int = 500_000) -> np.ndarray:
+    """(levels,) float32 scalar quantiser fitted to the values ``x`` by Lloyd's algorithm (each level the mean of the
+    values nearest it), started from the quantiles; seeded subsample, so the same table gives the same file."""
+    x = np.asarray(x, np.float64).ravel()
+    if len(x) > sample:
+        x = x[np.random.default_rng(0).choice(len(x), sample, replace=False)]
+    c = np.quantile(x, (np.arange(levels) + 0.5) / levels)
+    for _ in range(iters):
+        idx = np.searchsorted((c[1:] + c[:-1]) / 2, x)
+        sums = np.bincount(idx, x, minlength=levels)
+        counts = np.bincount(idx, minlength=levels)
+        c = np.where(counts > 0, sums / np.maximum(counts, 1), c)
+    return np.sort(c).astype(np.float32)
 
 
 def write_tuned_table(path: Path, vectors: np.ndarray, fingerprint: str, sif: float, meta: dict) -> None:
-    """Save a trained table ``F`` (V, d): pooling is ``normalize(sum_t F_t)``, stored as unit rows in int8 (per-row
-    absmax scale) and weights ``|F_t|``, with the fingerprint of the encoder the targets came from. ``sif`` is the
-    setting the table answers to (the default's: a user who asks for another SIF or dim gets a plain distillation)."""
+    """Save a trained table ``F`` (V, d): pooling is ``normalize(sum_t F_t)``, stored as weights ``|F_t|`` (float32)
+    and unit rows in 4 bits per entry (two per byte), with the fingerprint of the encoder the targets came from.
+
+    The 4-bit code indexes one 16-level codebook fitted by Lloyd's algorithm to the entries of the unit rows scaled
+    by sqrt(d) (unit rows all have that rms, so no per-row scale is needed; ``read_tuned_table`` renormalises each
+    decoded row and the weight carries its length). Measured on the 15,000-text table (held-out 10-NN overlap with
+    MiniLM, mean of 8 sets): int8 + per-row scale 0.4176 (7.0 MB), this 0.4168 (3.7 MB), uniform 4-bit absmax
+    0.4160, 3-bit Lloyd 0.4145. ``sif`` is the setting the table answers to (the default's: a user who asks for
+    another SIF or dim gets a plain distillation)."""
     f = np.asarray(vectors, np.float32)
+    d = f.shape[1]
+    if d % 2:
+        raise ValueError(f"a trained table needs an even dim to pack 4-bit codes, got {d}")
     weights = np.linalg.norm(f, axis=1)
-    unit = f / np.maximum(weights, 1e-30)[:, None]
-    scale = np.abs(unit).max(1) / 127.0
-    q = np.round(unit / np.maximum(scale, 1e-30)[:, None]).astype(np.int8)
-    meta = {**meta, "fingerprint": fingerprint, "dim": int(f.shape[1]), "sif": float(sif)}
+    x = f / np.maximum(weights, 1e-30)[:, None] * np.float32(np.sqrt(d))
+    codebook = _lloyd_codebook(x[weights > 0])
+    codes = np.searchsorted((codebook[1:] + codebook[:-1]) / 2, x).astype(np.uint8)
+    packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    meta = {**meta, "fingerprint": fingerprint, "dim": int(d), "sif": float(sif), "format": "4bit-lloyd"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.npz")
-    np.savez_compressed(tmp, table=q, scale=scale.astype(np.float32), weights=weights.astype(np.float32),
+    np.savez_compressed(tmp, codes=packed, codebook=codebook, weights=weights.astype(np.float32),
                         meta=np.array(json.dumps(meta, sort_keys=True)))  # fmt: skip
     os.replace(tmp, path)
 
@@ -187,10 +214,15 @@ def tuned_table_meta(path: Path) -> dict | None:
 
 
 def read_tuned_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(table float16 (V, d), weights float32 (V,)) of a trained table file."""
+    """(table float16 (V, d) unit rows, weights float32 (V,)) of a trained table file (``write_tuned_table``)."""
     with np.load(path) as z:
-        table = z["table"].astype(np.float32) * z["scale"][:, None]
-        return table.astype(np.float16), z["weights"].astype(np.float32)
+        packed, codebook, weights = z["codes"], z["codebook"], z["weights"].astype(np.float32)
+    codes = np.empty((len(packed), packed.shape[1] * 2), np.uint8)
+    codes[:, 0::2] = packed & 0x0F
+    codes[:, 1::2] = packed >> 4
+    table = codebook[codes]
+    table /= np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-30)
+    return table.astype(np.float16), weights
 
 
 def static_table_source(model_path: str, dim: int, sif: float, tuned: bool = True) -> tuple[str, Path | None]:

@@ -48,14 +48,34 @@ def test_round_trip_keeps_pooled_directions(tmp_path, monkeypatch):
     table, weights = static.read_tuned_table(path)
     assert table.dtype == np.float16 and weights.dtype == np.float32 and table.shape == f.shape
     assert weights[3] == 0.0
-    back = table.astype(np.float32) * weights[:, None]
+    live = np.arange(40) != 3
+    assert np.allclose(weights, np.linalg.norm(f, axis=1), rtol=1e-6)  # lengths exact, in the weights
+    unit = table.astype(np.float32)
+    assert np.allclose(np.linalg.norm(unit[live], axis=1), 1.0, atol=2e-3)
+    cos = (unit * f).sum(1)[live] / np.linalg.norm(f[live], axis=1)
+    assert cos.min() > 0.98 and cos.mean() > 0.99  # 16 Lloyd levels on Gaussian entries: ~0.996 per row
+    back = unit * weights[:, None]
     rng = np.random.default_rng(2)
-    for _ in range(20):  # a row's vector is normalize(sum_t w_t table_t): int8 rows keep its direction
+    for _ in range(20):  # a row's vector is normalize(sum_t w_t table_t): 4-bit rows keep its direction
         ids = rng.integers(0, 40, 12)
         a, b = f[ids].sum(0), back[ids].sum(0)
-        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.9995
+        assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.98
     meta = static.tuned_table_meta(path)
     assert meta["train_rows"] == 7 and meta["dim"] == 16 and meta["fingerprint"] == model_fingerprint(model)
+    assert meta["format"] == "4bit-lloyd"
+
+
+def test_codebook_is_lloyd_optimal_on_planted_levels():
+    """Values drawn from 16 well-separated levels (plus small noise): the fitted codebook finds the levels."""
+    levels = np.linspace(-3, 3, 16)
+    rng = np.random.default_rng(0)
+    x = rng.choice(levels, 20000) + rng.normal(0, 0.01, 20000)
+    assert np.allclose(static._lloyd_codebook(x), levels, atol=0.01)
+
+
+def test_odd_dim_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="even dim"):
+        static.write_tuned_table(tmp_path / "t.npz", np.ones((4, 3), np.float32), "fp", 1e-4, {})
 
 
 def test_trained_table_used_for_its_own_encoder(tmp_path, monkeypatch, fake_distill):
@@ -111,5 +131,6 @@ def test_shipped_table_belongs_to_the_shipped_minilm():
     assert meta["dim"] == 256 and meta["sif"] == 1e-4
     key, path = static.static_table_source(default_model_path(), 256, 1e-4)
     assert path == static.TUNED_FILE and "-tuned-" in key
+    assert path.stat().st_size < 5 * 2**20  # the project's limit for any tracked file
     table, weights = static.read_tuned_table(path)
     assert table.shape == (30522, 256) and weights.shape == (30522,) and np.isfinite(table).all()
