@@ -41,17 +41,16 @@ float16"`` under the interpreter with ``set_cuda_override(True)``, ``"cpu float1
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import threading
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from kernels.dispatch import PATH_TRITON, PATH_UNCHECKED, Dispatch, cuda_probe, device_key, dot_mode
+from kernels.dispatch import interpreting as _interpreting
 
 OPS = ("rowmax_sim", "facility_gains")
 
@@ -182,20 +181,6 @@ def _facility_gains_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _dot_mode(dtype: torch.dtype) -> int:
-    """float32 inputs use an exact fp32 dot (no TF32, like torch's matmul default), fp16/bf16 tensor cores with float32
-    accumulation (their products are exact in float32). Under TRITON_INTERPRET=1 half-precision tiles are upcast first:
-    Triton 3.9's interpreter multiplies bf16 tiles as raw 16-bit integers (kernels/xent.py measured ~1e10 off); fp16
-    came out right here (8e-6 off on a 64 x 64 tile of N(0,1) values, float32 rounding) but costs nothing to upcast."""
-    if dtype == torch.float32:
-        return 1
-    return 2 if _interpreting() else 0
-
-
 def _common_dtype(e: torch.Tensor, c: torch.Tensor) -> torch.dtype:
     """The dtype both operands run in: theirs if equal and 16/32-bit, else float32 (float64 is computed in float32)."""
     if e.dtype == c.dtype and e.dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -270,7 +255,7 @@ def rowmax_sim_triton(
         BLOCK_N=block_n,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
-        DOT_MODE=_dot_mode(e.dtype),
+        DOT_MODE=dot_mode(e.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -321,7 +306,7 @@ def facility_gains_triton(
         BLOCK_N=block_n,
         BLOCK_M=block_m,
         BLOCK_D=block_d,
-        DOT_MODE=_dot_mode(e.dtype),
+        DOT_MODE=dot_mode(e.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -432,11 +417,10 @@ def facility_gains_blocked(
 # ---------------------------------------------------------------------------------------------------------------
 # Self-check of the Triton path on the device it runs on
 # ---------------------------------------------------------------------------------------------------------------
-PATH_TRITON = "triton"  # the Triton kernel, which passed its self-check on this device
-PATH_BLOCKED = "torch-blocked"  # the blocked torch path: the CPU path, or forced by set_path_override
-PATH_FALLBACK = "triton-failed-check->torch-blocked"  # the check failed (or raised): blocked path on the same device
-PATH_UNCHECKED = "triton-unchecked"  # device="triton" or set_path_override("triton"): the kernel, trusted unchecked
-PATHS = (PATH_TRITON, PATH_BLOCKED, PATH_FALLBACK, PATH_UNCHECKED)
+DISPATCH = Dispatch("kernels.similarity", "torch-blocked", "the blocked torch path on the same device")
+PATH_BLOCKED = DISPATCH.fallback  # the blocked torch path: the CPU path, or forced by set_path_override
+PATH_FALLBACK = DISPATCH.failed  # the check failed (or raised): the blocked path on the same device
+PATHS = DISPATCH.paths  # PATH_TRITON, PATH_UNCHECKED (device="triton" or set_path_override("triton")) as in dispatch
 
 # (n, m, d) of the fixed problem. With the default 64 x 128 x 64 tiles: n = 150 is two full row blocks and a ragged
 # one (22 rows), m = 300 two full candidate tiles and a ragged one (44), d = 80 a full feature step and a ragged one
@@ -477,21 +461,6 @@ class SimilarityCheck:
             f"{self.op} {self.key}: Triton {verdict} the float64 reference (max abs err {self.max_abs_err:.3g}{idx}; "
             f"{what})"
         )
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def device_key(device: torch.device | str, dtype: torch.dtype, *, triton_path: bool = True) -> str:
-    """``"cuda:0 NVIDIA H200 float16"``: device index + name + dtype, as kernels/xent.py keys its verdicts."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} {torch.cuda.get_device_name(index)} {_dtype_name(dtype)}"
-    if triton_path and _interpreting():
-        return f"{device.type}:triton-interpreter {_dtype_name(dtype)}"
-    return f"{device.type} {_dtype_name(dtype)}"
 
 
 def _check_problem(device: torch.device, dtype: torch.dtype):
@@ -558,45 +527,13 @@ def check_triton(op: str, device: torch.device | str, impl=None, *, dtype: torch
 # ---------------------------------------------------------------------------------------------------------------
 # Dispatchers
 # ---------------------------------------------------------------------------------------------------------------
-_CUDA_OVERRIDE: bool | None = None  # tests set this (nanochat's _override_impl) to pretend a GPU is or isn't there
-_PATH_OVERRIDE: str | None = None  # tests and benchmarks force "triton" or "torch-blocked" on the GPU branch
-_VERDICTS: dict[str, str] = {}  # "<op> <device key>" -> path chosen by the self-check, once per process
-_USED: dict[str, str] = {}  # "<op> <device key>" -> path that ran there (for a selector's manifest)
-_LOCK = threading.Lock()  # two threads' first calls on one device run one check, and warn once
 DEVICES = ("auto", "cpu", "cuda", "triton")
-
-
-@functools.cache
-def _cuda_probe() -> bool:
-    return torch.cuda.is_available()
-
-
-def cuda_available() -> bool:
-    """Whether a CUDA GPU can run the Triton kernels; probed once per process, overridable by tests."""
-    return _cuda_probe() if _CUDA_OVERRIDE is None else _CUDA_OVERRIDE
-
-
-def set_cuda_override(value: bool | None) -> None:
-    """Pretend a GPU is (True) or is not (False) present; None restores the real probe. With True under
-    ``TRITON_INTERPRET=1`` the GPU branch (self-check included) runs on CPU tensors."""
-    global _CUDA_OVERRIDE
-    _CUDA_OVERRIDE = value
-
-
-def set_path_override(path: str | None) -> None:
-    """Force the GPU branch's path: ``"triton"`` (no self-check; recorded as ``"triton-unchecked"``) or
-    ``"torch-blocked"``; None restores the self-checked choice. The CPU branch always runs the blocked path."""
-    global _PATH_OVERRIDE
-    if path not in (None, PATH_TRITON, PATH_BLOCKED):
-        raise ValueError(f"set_path_override: path must be None, {PATH_TRITON!r} or {PATH_BLOCKED!r}, got {path!r}")
-    _PATH_OVERRIDE = path
-
-
-def similarity_paths_used() -> dict[str, str]:
-    """``"<op> <device key>"`` -> path for every (op, device) run in this process (a copy), e.g.
-    ``{"rowmax_sim cuda:0 NVIDIA H200 float16": "triton", "facility_gains cpu float16": "torch-blocked"}``."""
-    with _LOCK:
-        return dict(_USED)
+cuda_available = DISPATCH.cuda_available
+set_cuda_override = DISPATCH.set_cuda_override
+set_path_override = DISPATCH.set_path_override
+similarity_paths_used = (
+    DISPATCH.paths_used
+)  # "<op> <device key>" -> path, e.g. "rowmax_sim cuda:0 NVIDIA H200 float16"
 
 
 def _gpu_device(e: torch.Tensor) -> torch.device:
@@ -604,7 +541,7 @@ def _gpu_device(e: torch.Tensor) -> torch.device:
     ``set_cuda_override(True)`` or ``device="triton"``) the interpreter's host."""
     if e.is_cuda:
         return e.device
-    if _interpreting() and not _cuda_probe():
+    if _interpreting() and not cuda_probe():
         return torch.device("cpu")
     return torch.device("cuda")
 
@@ -612,30 +549,14 @@ def _gpu_device(e: torch.Tensor) -> torch.device:
 def _gpu_branch_path(op: str, dev: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     """(key, path) for the GPU branch: the override, else the cached self-check verdict (running the check once)."""
     key = f"{op} {device_key(dev, dtype)}"
-    if _PATH_OVERRIDE is not None:
-        return key, PATH_UNCHECKED if _PATH_OVERRIDE == PATH_TRITON else PATH_BLOCKED
-    with _LOCK:
-        path = _VERDICTS.get(key)
-        if path is None:
-            check = check_triton(op, dev, dtype=dtype)
-            path = PATH_TRITON if check.ok else PATH_FALLBACK
-            if not check.ok:
-                warnings.warn(
-                    f"kernels.similarity: the Triton kernel failed its self-check: {check.describe()}. Using "
-                    f"{PATH_BLOCKED} (the blocked torch path on the same device) for {key} for the rest of this "
-                    f"process; similarity_paths_used() records it as {PATH_FALLBACK!r}.",
-                    RuntimeWarning,
-                    stacklevel=5,
-                )
-            _VERDICTS[key] = path
-    return key, path
+    return key, DISPATCH.gpu_branch_path(key, lambda: check_triton(op, dev, dtype=dtype), stacklevel=5)
 
 
 def _no_gpu_error(what: str) -> RuntimeError:
-    return RuntimeError(
-        f"{what} needs a CUDA GPU, but torch.cuda.is_available() is False (torch {torch.__version__}, CUDA build: "
-        f"{torch.version.cuda}). Use device='auto' or device='cpu' for the blocked CPU path, install a CUDA build of "
-        "torch on a machine with a GPU, or (tests) set TRITON_INTERPRET=1 before importing kernels.similarity."
+    return Dispatch.no_gpu_error(
+        what,
+        "Use device='auto' or device='cpu' for the blocked CPU path, install a CUDA build of torch on a machine with "
+        "a GPU, or (tests) set TRITON_INTERPRET=1 before importing kernels.similarity.",
     )
 
 
@@ -645,7 +566,7 @@ def _route(op: str, device: str, e: torch.Tensor, c: torch.Tensor) -> tuple[str,
         raise ValueError(f"{op}: device must be one of {DEVICES}, got {device!r}")
     dtype = _common_dtype(e, c)
     if device == "triton":
-        if not (_cuda_probe() or _interpreting()):
+        if not (cuda_probe() or _interpreting()):
             raise _no_gpu_error(f"{op}(device='triton')")
         dev = _gpu_device(e)
         return f"{op} {device_key(dev, dtype)}", PATH_UNCHECKED, dev
@@ -679,11 +600,6 @@ def _inputs(op: str, E, C):
     return e, c
 
 
-def _record(key: str, path: str) -> None:
-    with _LOCK:
-        _USED[key] = path
-
-
 @torch.no_grad()
 def rowmax_sim(E, C, *, device: str = "auto", block_rows: int | None = None, block_cols: int | None = None):
     """``(vals float32 (n,), idx int64 (n,))``: ``vals[i] = max_j <E_i, C_j>``, ``idx[i]`` the lowest maximiser;
@@ -703,7 +619,7 @@ def rowmax_sim(E, C, *, device: str = "auto", block_rows: int | None = None, blo
             vals, idx = rowmax_sim_triton(e.to(dev), c.to(dev))
         else:
             vals, idx = rowmax_sim_blocked(e.to(dev), c.to(dev), block_rows=block_rows, block_cols=block_cols)
-        _record(key, path)
+        DISPATCH.record(key, path)
     if as_numpy:
         return vals.cpu().numpy(), idx.cpu().numpy()
     return vals.to(home), idx.to(home)
@@ -732,5 +648,5 @@ def facility_gains(E, C, cur, *, device: str = "auto", block_rows: int | None = 
             gains = facility_gains_triton(e, c, cur_t)
         else:
             gains = facility_gains_blocked(e, c, cur_t, block_rows=block_rows, block_cols=block_cols)
-        _record(key, path)
+        DISPATCH.record(key, path)
     return gains.cpu().numpy() if as_numpy else gains.to(home)

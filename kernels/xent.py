@@ -39,17 +39,16 @@ instead) and uses ``xent_chunked`` on that device for the rest of the process. T
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import threading
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from kernels.dispatch import PATH_TRITON, PATH_UNCHECKED, Dispatch, device_key, dot_mode
+from kernels.dispatch import interpreting as _interpreting
 
 IGNORE_INDEX = -100  # torch's cross_entropy default: a target of -100 is never scored
 
@@ -154,16 +153,6 @@ def _prepare(hidden, weight, target, mask, ignore_index):
 # ---------------------------------------------------------------------------------------------------------------
 # Launcher
 # ---------------------------------------------------------------------------------------------------------------
-def _dot_mode(dtype: torch.dtype) -> int:
-    """How the kernel multiplies: float32 inputs use an exact fp32 dot, matching torch's matmul (TF32 off by
-    default) to ~1e-6; bf16/fp16 use tensor cores with float32 accumulation. Triton 3.9's interpreter multiplies
-    bf16 tiles as raw 16-bit integers (tl.dot of two bf16 16 x 16 tiles came out ~1e10 off, a plain .to(float32)
-    of the same tile exact), so under TRITON_INTERPRET=1 half-precision tiles are upcast first."""
-    if dtype == torch.float32:
-        return 1
-    return 2 if os.environ.get("TRITON_INTERPRET") == "1" else 0
-
-
 @torch.no_grad()
 def xent_triton(
     hidden: torch.Tensor,
@@ -237,7 +226,7 @@ def xent_triton(
         BLOCK_T=block_t,
         BLOCK_V=block_v,
         BLOCK_H=block_h,
-        DOT_MODE=_dot_mode(hidden.dtype),
+        DOT_MODE=dot_mode(hidden.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -353,11 +342,10 @@ def segment_sums(
 # ---------------------------------------------------------------------------------------------------------------
 # Self-check of the Triton path on the device it runs on
 # ---------------------------------------------------------------------------------------------------------------
-PATH_TRITON = "triton"  # the Triton kernel, which passed its self-check on this device
-PATH_CHUNKED = "torch-chunked"  # xent_chunked: the CPU path, or forced by set_path_override
-PATH_FALLBACK = "triton-failed-check->torch-chunked"  # the check failed (or raised): xent_chunked on the same device
-PATH_UNCHECKED = "triton-unchecked"  # set_path_override("triton"): the kernel, trusted without a check
-PATHS = (PATH_TRITON, PATH_CHUNKED, PATH_FALLBACK, PATH_UNCHECKED)
+DISPATCH = Dispatch("kernels.xent", "torch-chunked", "xent_chunked on the same device")
+PATH_CHUNKED = DISPATCH.fallback  # xent_chunked: the CPU path, or forced by set_path_override
+PATH_FALLBACK = DISPATCH.failed  # the check failed (or raised): xent_chunked on the same device
+PATHS = DISPATCH.paths  # PATH_TRITON, PATH_UNCHECKED (set_path_override("triton")) as in kernels/dispatch.py
 
 # (T, H, V) of the fixed batch. V = 1,283 is prime: its last 128-wide tile holds 3 ids, so a missing vocabulary mask
 # shows; H = 80 is one full 64-wide hidden tile plus a ragged one; T = 150 with 30% unscored leaves 105 scored rows,
@@ -401,25 +389,6 @@ class XentCheck:
             f"{self.key}: Triton {verdict} the float64 reference (max abs err {self.max_abs_err:.3g}, "
             f"max rel err {self.max_rel_err:.3g}; {zeros}{what})"
         )
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def device_key(device: torch.device | str, dtype: torch.dtype, *, triton_path: bool = True) -> str:
-    """``"cuda:0 NVIDIA H200 bfloat16"``: device index + name + dtype, the key verdicts and used paths go under."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return f"cuda:{index} {torch.cuda.get_device_name(index)} {_dtype_name(dtype)}"
-    if triton_path and _interpreting():
-        return f"{device.type}:triton-interpreter {_dtype_name(dtype)}"
-    return f"{device.type} {_dtype_name(dtype)}"
 
 
 def _check_batch(device: torch.device, dtype: torch.dtype):
@@ -468,43 +437,17 @@ def check_triton(device: torch.device | str, impl=None, *, dtype: torch.dtype = 
 # ---------------------------------------------------------------------------------------------------------------
 # Dispatcher
 # ---------------------------------------------------------------------------------------------------------------
-_CUDA_OVERRIDE: bool | None = None  # tests set this (nanochat's _override_impl) to pretend a GPU is or isn't there
-_PATH_OVERRIDE: str | None = None  # tests and benchmarks force "triton" or "torch-chunked" on the GPU branch
-_VERDICTS: dict[str, str] = {}  # device key -> path chosen by the self-check, once per process
-_USED: dict[str, str] = {}  # device key -> path xent() ran there (what the loss stage writes into its manifest)
-_LOCK = threading.Lock()  # two threads' first calls on one device run one check, and warn once
-
-
-@functools.cache
-def _cuda_probe() -> bool:
-    return torch.cuda.is_available()
-
-
-def cuda_available() -> bool:
-    """Whether a CUDA GPU can run the Triton kernel; probed once per process, overridable by tests."""
-    return _cuda_probe() if _CUDA_OVERRIDE is None else _CUDA_OVERRIDE
-
-
-def set_cuda_override(value: bool | None) -> None:
-    """Pretend a GPU is (True) or is not (False) present; None restores the real probe."""
-    global _CUDA_OVERRIDE
-    _CUDA_OVERRIDE = value
-
-
-def set_path_override(path: str | None) -> None:
-    """Force the GPU branch's path: ``"triton"`` (the kernel, no self-check; recorded as ``"triton-unchecked"``) or
-    ``"torch-chunked"``; None restores the self-checked choice. The CPU branch always runs ``xent_chunked``."""
-    global _PATH_OVERRIDE
-    if path not in (None, PATH_TRITON, PATH_CHUNKED):
-        raise ValueError(f"set_path_override: path must be None, {PATH_TRITON!r} or {PATH_CHUNKED!r}, got {path!r}")
-    _PATH_OVERRIDE = path
+cuda_available = DISPATCH.cuda_available
+set_cuda_override = DISPATCH.set_cuda_override
+set_path_override = DISPATCH.set_path_override
+xent_paths_used = DISPATCH.paths_used  # device key -> path, e.g. "cuda:0 NVIDIA H200 bfloat16": "triton"
 
 
 def _no_gpu_error(what: str) -> RuntimeError:
-    return RuntimeError(
-        f"{what} needs a CUDA GPU, but torch.cuda.is_available() is False "
-        f"(torch {torch.__version__}, CUDA build: {torch.version.cuda}). Use device='auto' or device='cpu' "
-        "for the chunked CPU path, or install a CUDA build of torch on a machine with a GPU."
+    return Dispatch.no_gpu_error(
+        what,
+        "Use device='auto' or device='cpu' for the chunked CPU path, or install a CUDA build of torch on a "
+        "machine with a GPU.",
     )
 
 
@@ -524,7 +467,7 @@ def _triton_device(hidden: torch.Tensor) -> torch.device:
     ``set_cuda_override(True)`` the interpreter's host is the "GPU", so tests reach this branch with CPU tensors."""
     if hidden.is_cuda:
         return hidden.device
-    if _CUDA_OVERRIDE and _interpreting():
+    if DISPATCH.cuda_override and _interpreting():
         return torch.device("cpu")
     return torch.device("cuda")
 
@@ -532,23 +475,7 @@ def _triton_device(hidden: torch.Tensor) -> torch.device:
 def _gpu_branch_path(dev: torch.device, dtype: torch.dtype) -> tuple[str, str]:
     """(device key, path) for the GPU branch on ``dev``: the override, else the cached self-check verdict."""
     key = device_key(dev, dtype)
-    if _PATH_OVERRIDE is not None:
-        return key, PATH_UNCHECKED if _PATH_OVERRIDE == PATH_TRITON else PATH_CHUNKED
-    with _LOCK:
-        path = _VERDICTS.get(key)
-        if path is None:
-            check = check_triton(dev, xent_triton, dtype=dtype)
-            path = PATH_TRITON if check.ok else PATH_FALLBACK
-            if not check.ok:
-                warnings.warn(
-                    f"kernels.xent: the Triton kernel failed its self-check: {check.describe()}. Using "
-                    f"{PATH_CHUNKED} (xent_chunked on the same device) for {key} for the rest of this process; "
-                    f"xent_paths_used() records it as {PATH_FALLBACK!r}.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
-            _VERDICTS[key] = path
-    return key, path
+    return key, DISPATCH.gpu_branch_path(key, lambda: check_triton(dev, xent_triton, dtype=dtype), stacklevel=4)
 
 
 def xent_path(device: torch.device | str, dtype: torch.dtype = torch.float32) -> str:
@@ -563,13 +490,6 @@ def xent_path(device: torch.device | str, dtype: torch.dtype = torch.float32) ->
     if not cuda_available():
         raise _no_gpu_error(f"xent_path({str(dev)!r})")
     return _gpu_branch_path(dev, dtype)[1]
-
-
-def xent_paths_used() -> dict[str, str]:
-    """Device key -> path for every device ``xent`` ran on in this process (a copy), e.g.
-    ``{"cuda:0 NVIDIA H200 bfloat16": "triton", "cpu float32": "torch-chunked"}``."""
-    with _LOCK:
-        return dict(_USED)
 
 
 @torch.no_grad()
@@ -606,8 +526,7 @@ def xent(
         None if mask is None else mask.to(dev),
         ignore_index=ignore_index,
     )
-    with _LOCK:
-        _USED[key] = path
+    DISPATCH.record(key, path)
     nll = nll.to(home)
     if segment_ids is None:
         return nll

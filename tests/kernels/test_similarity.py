@@ -59,17 +59,17 @@ def assert_rowmax_ok(vals, idx, E, C, atol: float, what: str):
 @pytest.fixture
 def fresh_dispatch(monkeypatch):
     """Empty verdict and used-path caches, no overrides; restored afterwards."""
-    monkeypatch.setattr(S, "_VERDICTS", {})
-    monkeypatch.setattr(S, "_USED", {})
-    monkeypatch.setattr(S, "_CUDA_OVERRIDE", None)
-    monkeypatch.setattr(S, "_PATH_OVERRIDE", None)
+    monkeypatch.setattr(S.DISPATCH, "verdicts", {})
+    monkeypatch.setattr(S.DISPATCH, "used", {})
+    monkeypatch.setattr(S.DISPATCH, "cuda_override", None)
+    monkeypatch.setattr(S.DISPATCH, "path_override", None)
 
 
 @pytest.fixture
 def gpu_branch(fresh_dispatch, monkeypatch):
     """The GPU branch on CPU tensors: the interpreter is the "GPU" (conftest sets TRITON_INTERPRET=1)."""
     assert S._interpreting()
-    monkeypatch.setattr(S, "_CUDA_OVERRIDE", True)
+    monkeypatch.setattr(S.DISPATCH, "cuda_override", True)
 
 
 INTERP = "cpu:triton-interpreter"
@@ -269,7 +269,7 @@ def test_errors_say_what_to_do(fresh_dispatch, monkeypatch):
         S.rowmax_sim(E.astype(np.int64), C)
     with pytest.raises(ValueError, match="device must be one of"):
         S.rowmax_sim(E, C, device="gpu")
-    monkeypatch.setattr(S, "_CUDA_OVERRIDE", False)
+    monkeypatch.setattr(S.DISPATCH, "cuda_override", False)
     with pytest.raises(RuntimeError, match=r"rowmax_sim\(device='cuda'\) needs a CUDA GPU.*device='cpu'"):
         S.rowmax_sim(E, C, device="cuda")
     monkeypatch.setattr(S, "_interpreting", lambda: False)
@@ -317,7 +317,7 @@ def test_gpu_branch_self_checks_once_then_runs_triton(gpu_branch, monkeypatch):
 def test_self_check_passes_the_real_kernels(op, dtype):
     check = S.check_triton(op, "cpu", dtype=dtype)
     assert check.ok, check.describe()
-    assert check.key == f"{INTERP} {S._dtype_name(dtype)}" and check.max_abs_err < 1e-5
+    assert check.key == f"{INTERP} {str(dtype).removeprefix('torch.')}" and check.max_abs_err < 1e-5
 
 
 def _rowmax_drops_ragged_tile(e, c):

@@ -168,10 +168,10 @@ INTERP_KEY = "cpu:triton-interpreter float32"
 def gpu_branch(monkeypatch):
     """Fresh verdicts and used-path record; a pretend GPU, so that xent(device="cuda") on CPU tensors takes the
     Triton branch under TRITON_INTERPRET=1. monkeypatch restores all three afterwards."""
-    monkeypatch.setattr(X, "_VERDICTS", {})
-    monkeypatch.setattr(X, "_USED", {})
-    monkeypatch.setattr(X, "_CUDA_OVERRIDE", True)
-    monkeypatch.setattr(X, "_PATH_OVERRIDE", None)
+    monkeypatch.setattr(X.DISPATCH, "verdicts", {})
+    monkeypatch.setattr(X.DISPATCH, "used", {})
+    monkeypatch.setattr(X.DISPATCH, "cuda_override", True)
+    monkeypatch.setattr(X.DISPATCH, "path_override", None)
 
 
 def _counting(monkeypatch, name, fn=None):
@@ -321,7 +321,7 @@ def test_path_override_forces_a_path_without_a_check(gpu_branch, monkeypatch):
 
 def test_xent_path_names_the_path_and_needs_a_gpu_for_cuda(monkeypatch):
     assert X.xent_path("cpu", torch.bfloat16) == X.PATH_CHUNKED
-    monkeypatch.setattr(X, "_CUDA_OVERRIDE", False)
+    monkeypatch.setattr(X.DISPATCH, "cuda_override", False)
     with pytest.raises(RuntimeError, match=r"xent_path\('cuda:1'\) needs a CUDA GPU"):
         X.xent_path("cuda:1")
     with pytest.raises(ValueError, match="CPU or CUDA device"):
