@@ -158,7 +158,11 @@ def normalize_reference(text: str) -> str:
 
 
 def shingle_kind_reference(
-    text: str, ngram: int = 5, cjk_fraction: float = 0.3, short_words: int = 0, short_min_words: int = 10,
+    text: str,
+    ngram: int = 5,
+    cjk_fraction: float = 0.3,
+    short_words: int = 0,
+    short_min_words: int = 10,
     tiny_words: int = 0,
 ) -> int:
     """The ``KIND_*`` path MODE_AUTO takes for one text (see the module docstring)."""
@@ -283,8 +287,9 @@ def minhash_reference(
     b = [int(x) for x in b]
     out = np.full((len(texts), num_perm), empty_value(family, scheme), dtype=dtype)
     for i, t in enumerate(texts):
-        for sh in shingles_reference(t, ngram, char_ngram, cjk_fraction, MODE_AUTO, short_words, short_min_words,
-                                     short_ngram, tiny_words):
+        for sh in shingles_reference(
+            t, ngram, char_ngram, cjk_fraction, MODE_AUTO, short_words, short_min_words, short_ngram, tiny_words
+        ):
             h = hash_shingle_reference(sh, hash_seed)
             if family == "fast":
                 x = (h ^ (h >> 32)) & _MASK32
@@ -466,13 +471,21 @@ def _span_shingle_hash(norm, s, e, hseed):
 R_NGRAM, R_CHAR_NGRAM, R_SHORT_WORDS, R_SHORT_MIN_WORDS, R_SHORT_NGRAM, R_TINY_WORDS = 0, 1, 2, 3, 4, 5
 
 
-def shingle_rule(ngram: int = 5, char_ngram: int = 5, short_words: int = 0, short_min_words: int = 10,
-                 short_ngram: int = 1, tiny_words: int = 0) -> np.ndarray:
+def shingle_rule(
+    ngram: int = 5,
+    char_ngram: int = 5,
+    short_words: int = 0,
+    short_min_words: int = 10,
+    short_ngram: int = 1,
+    tiny_words: int = 0,
+) -> np.ndarray:
     if ngram < 1 or char_ngram < 1 or short_ngram < 1:
         raise ValueError(f"ngram, char_ngram and short_ngram must be >= 1, got {ngram}, {char_ngram}, {short_ngram}")
     if short_words < 0 or short_min_words < short_ngram:
-        raise ValueError(f"short_words must be >= 0 and short_min_words >= short_ngram, got {short_words}, "
-                         f"{short_min_words}, {short_ngram}")
+        raise ValueError(
+            f"short_words must be >= 0 and short_min_words >= short_ngram, got {short_words}, "
+            f"{short_min_words}, {short_ngram}"
+        )
     return np.array([ngram, char_ngram, short_words, short_min_words, short_ngram, tiny_words], np.int64)
 
 
@@ -584,6 +597,19 @@ def _max_row_bytes(offsets, lo, hi):
     return m
 
 
+@njit(cache=True)
+def _shingle_scratch(m):
+    """One thread's buffers for _row_shingle_hashes on rows of at most m - 2 bytes: normalised bytes, code points,
+    word starts and ends, shingle hashes."""
+    return (
+        np.empty(m, np.uint8),
+        np.empty(m, np.int64),
+        np.empty(m, np.int64),
+        np.empty(m, np.int64),
+        np.empty(m, np.uint64),
+    )
+
+
 @njit(parallel=True, cache=True)
 def minhash_numba(data, offsets, a, b, out, kinds, code, rule, cjk_fraction, hseed, empty, sets, set_cnt):
     """Fill ``out`` (n, num_perm) with signatures and ``kinds`` (n,) with each row's KIND_* shingling path; rows in
@@ -599,12 +625,7 @@ def minhash_numba(data, offsets, a, b, out, kinds, code, rule, cjk_fraction, hse
     for c in prange(n_chunks):
         lo = c * n // n_chunks
         hi = (c + 1) * n // n_chunks
-        m = _max_row_bytes(offsets, lo, hi) + 2
-        norm = np.empty(m, np.uint8)
-        cps = np.empty(m, np.int64)
-        ws = np.empty(m, np.int64)
-        we = np.empty(m, np.int64)
-        hs = np.empty(m, np.uint64)
+        norm, cps, ws, we, hs = _shingle_scratch(_max_row_bytes(offsets, lo, hi) + 2)
         acc = np.empty(P, out.dtype)
         for i in range(lo, hi):
             nh, kind = _row_shingle_hashes(
@@ -742,12 +763,7 @@ def _count_shingles_numba(data, offsets, rule, cjk_fraction, mode, hseed, counts
     for c in prange(n_chunks):
         lo = c * n // n_chunks
         hi = (c + 1) * n // n_chunks
-        m = _max_row_bytes(offsets, lo, hi) + 2
-        norm = np.empty(m, np.uint8)
-        cps = np.empty(m, np.int64)
-        ws = np.empty(m, np.int64)
-        we = np.empty(m, np.int64)
-        hs = np.empty(m, np.uint64)
+        norm, cps, ws, we, hs = _shingle_scratch(_max_row_bytes(offsets, lo, hi) + 2)
         for i in range(lo, hi):
             counts[i] = _row_shingle_hashes(
                 data, offsets[i], offsets[i + 1], norm, cps, ws, we, hs, rule, cjk_fraction, mode, hseed
@@ -761,12 +777,7 @@ def _fill_shingles_numba(data, offsets, rule, cjk_fraction, mode, hseed, out_off
     for c in prange(n_chunks):
         lo = c * n // n_chunks
         hi = (c + 1) * n // n_chunks
-        m = _max_row_bytes(offsets, lo, hi) + 2
-        norm = np.empty(m, np.uint8)
-        cps = np.empty(m, np.int64)
-        ws = np.empty(m, np.int64)
-        we = np.empty(m, np.int64)
-        hs = np.empty(m, np.uint64)
+        norm, cps, ws, we, hs = _shingle_scratch(_max_row_bytes(offsets, lo, hi) + 2)
         for i in range(lo, hi):
             nh = _row_shingle_hashes(
                 data, offsets[i], offsets[i + 1], norm, cps, ws, we, hs, rule, cjk_fraction, mode, hseed
@@ -843,8 +854,20 @@ def shingle_hashes(
     shingles then share a value by chance with probability ~165^2 / 2^32 = 6e-6, negligible for Jaccard.
     """
     if bits == 32:
-        v, off = shingle_hashes(texts, ngram, char_ngram, cjk_fraction, mode, hash_seed, False, 64, short_words,
-                                short_min_words, short_ngram, tiny_words)
+        v, off = shingle_hashes(
+            texts,
+            ngram,
+            char_ngram,
+            cjk_fraction,
+            mode,
+            hash_seed,
+            False,
+            64,
+            short_words,
+            short_min_words,
+            short_ngram,
+            tiny_words,
+        )
         v32 = (v & np.uint64(_MASK32)).astype(np.uint32)
         if not unique:
             return v32, off
