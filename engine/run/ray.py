@@ -30,14 +30,33 @@ folder and manifest as the local executor (``engine.run.local``).
 A shard of more than ``read.batch_rows`` rows therefore gives several parts (one per batch) where the local runner
 gives one: ``scores/`` holds the same rows and columns in more files.
 
-**Global phase and finalize.** Exact dedup's grouping runs on Ray Data: every map part's kept ``content_hash``
-values are grouped with ``groupby`` (a distributed shuffle) and the stage then runs on the driver over the rows of
-duplicate groups only (``ExactDedupOnRay``). The other global stages (identity, near dedup, semantic dedup, label
-noise, loss) run on the driver through the same ``PartsContext`` over ``work/map``, and ``finalize`` writes
-``scores/`` exactly as the local runner does (``engine.run.local.finish_run``). So verdicts, ``duplicate_of`` and
-scores are those of the local engine. Not distributed yet: MinHash band grouping (near dedup reads every signature,
-O(rows x num_perm x 4 bytes), on the driver; its union-find over candidate edges is O(rows) int64 plus the edges),
-the label-noise folds and the loss pass. The manifest says ``engine: ray``.
+**Global phase and finalize.** The global stages run in the local order, on the driver, through the same
+``PartsContext`` over ``work/map`` and ``engine.run.local.finish_run``, and ``finalize`` writes ``scores/`` exactly as
+the local runner does; so verdicts, ``duplicate_of`` and scores are those of the local engine. Three of them hand
+their heavy part to the cluster:
+
+- **exact dedup** (``ExactDedupOnRay``): every map part's kept ``content_hash`` values are grouped with Ray Data's
+  ``groupby`` (a distributed shuffle); the stage then runs on the driver over the rows of duplicate groups only.
+- **near dedup** (``NearDedupOnRay``), MinHash LSH without the signatures on the driver:
+  1. one task per map part memory-maps its work file and computes the band keys of the rows still kept
+     (``engine.stages.dedup.band_records``: the local stage's ``band_keys``), as records (group, band, key, row);
+  2. Ray Data ``groupby`` on ``key mod P`` (P = max(CPUs, records / 4M)) brings every record of a band bucket to one
+     ``map_groups`` call, which lists the bucket's candidate pairs in the local stage's order
+     (``bucket_pairs``: all pairs up to ``bucket_all_pairs`` rows, else star + chain, rows ascending) and counts
+     their equal signature values from the work files of just those rows (``pair_equal_counts``);
+  3. the driver sorts the pairs into the local order (group, band, key, position) and replays them through the local
+     union-find (``replay_candidates``): the same skips, the same undecided pairs for the hybrid check on the exact
+     shingle sets (text re-read for those rows only, as locally), survivors, star split and counters. The estimated
+     Jaccard of each near duplicate with its survivor comes from tasks as well.
+  Driver memory: the candidate pairs (about 40 bytes each, every pair the bands propose, rejected ones included) and
+  about 30 bytes per row (verdict store, union-find parent, group, kind, response length, shard/row); no signature
+  and no text besides the undecided pairs' rows. ``verify="exact"`` and ``previous`` runs fall back to the driver.
+- **label noise**: the embedding view's cross-validation folds run as parallel Ray tasks (``FoldMap``, through
+  ``engine.stages.labels.fold_runner``); the fold data go into the object store once. The text view's folds still
+  fit on the driver (its fit loop was being changed by another task).
+
+Not distributed: the union-find itself, semantic dedup, the loss pass and finalize. The manifest says
+``engine: ray``, what ran where (``ray.distributed``, ``ray.on_driver``) and ``ray.label_folds_ran_on_ray``.
 
 **Selection.** ``select --engine ray`` runs GreeDi's partitions (``engine/select/greedi.py``) as Ray tasks, one CPU
 each, the candidates put in the object store once; the final greedy over the union runs on the driver. The same
@@ -596,32 +615,39 @@ def _score(
             "nodes": len([n for n in ray.nodes() if n.get("Alive")]),
             "version": ray.__version__,
             "stages_on_actors": _on_actors(config, float(ray.cluster_resources().get("GPU", 0))),
-            "distributed": "map phase (read, map stages, part writes); exact-dedup hash grouping",
-            "on_driver": "global stages (exact dedup over its duplicate groups only), finalize",
+            "distributed": "map phase (read, map stages, part writes); exact-dedup hash grouping; MinHash band "
+            "keys, band buckets and candidate pairs; label-noise folds",
+            "on_driver": "exact dedup over its duplicate groups; near dedup's union-find over candidate pairs; "
+            "the other global stages; finalize",
+            "label_folds_ran_on_ray": 0,
         },
     }
     gstages = [
-        ExactDedupOnRay(st) if st.name in GROUPED_ON_RAY else st for st in registry.build(config, registry.GLOBAL)
+        ON_RAY[st.name](st, extra["ray"]) if st.name in ON_RAY else st
+        for st in registry.build(config, registry.GLOBAL)
     ]
-    return finish_run(
-        t_start,
-        shards,
-        warnings,
-        out,
-        config,
-        command,
-        results,
-        pending,
-        resolved,
-        {"map_s": round(map_seconds, 3), "warm_up_s": {}},
-        workers,
-        global_stages=gstages,
-        extra=extra,
-    )
+    from engine.stages.labels import fold_runner
+
+    folds = FoldMap(extra["ray"])
+    with fold_runner(folds):
+        return finish_run(
+            t_start,
+            shards,
+            warnings,
+            out,
+            config,
+            command,
+            results,
+            pending,
+            resolved,
+            {"map_s": round(map_seconds, 3), "warm_up_s": {}},
+            workers,
+            global_stages=gstages,
+            extra=extra,
+        )
 
 
 # ------------------------------------------------------------------------------------------------ exact dedup
-GROUPED_ON_RAY = ("exact_dedup",)
 
 
 def _part_hashes(batch: pa.Table) -> pa.Table:
@@ -662,9 +688,10 @@ class ExactDedupOnRay:
     its updates are the local engine's; the driver holds the duplicate groups instead of every kept row's hash.
     (Map-time ``kept`` is a superset of the rows still kept when the stage runs; the stage recounts its groups.)"""
 
-    def __init__(self, inner):
+    def __init__(self, inner, info: dict | None = None):
         self.inner = inner
         self.name = inner.name
+        self.info = info if info is not None else {}
 
     @property
     def stats(self):
@@ -680,8 +707,17 @@ class ExactDedupOnRay:
         files = [str(f) for fs in ctx.parts.values() for f in fs]
         if not files:
             return self.inner.run(ctx)
+        t0 = time.perf_counter()
         ds = rd.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-        counts = ds.map_batches(_part_hashes, batch_size=1, batch_format="pyarrow").groupby("content_hash").count()
+        import ray
+
+        # a few large partitions, not Ray Data's default 200 (whose tasks cost more than the rows here)
+        n_parts = max(1, int(ray.cluster_resources().get("CPU", 1)), -(-ctx.kept_count() // 4_000_000))
+        counts = (
+            ds.map_batches(_part_hashes, batch_size=1, batch_format="pyarrow")
+            .groupby("content_hash", num_partitions=n_parts)
+            .count()
+        )
         multi, single = [], []
         for b in counts.iter_batches(batch_size=None, batch_format="pyarrow"):
             n = b.column(b.column_names[-1]).to_numpy()
@@ -691,7 +727,14 @@ class ExactDedupOnRay:
                 single.append(h[n == 1][:1])
         keep = np.concatenate([*multi, *single]) if multi or single else np.zeros(0, np.uint64)
         where = pl.col("content_hash").is_in(pl.Series(keep.astype(np.uint64), dtype=pl.UInt64))
-        return self.inner.run(_Where(ctx, where))
+        t1 = time.perf_counter()
+        try:
+            return self.inner.run(_Where(ctx, where))
+        finally:
+            self.info.setdefault("global_split_s", {})[self.name] = {
+                "cluster": round(t1 - t0, 3),
+                "driver": round(time.perf_counter() - t1, 3),
+            }
 
 
 # ------------------------------------------------------------------------------------------------ selection
@@ -710,3 +753,273 @@ def partition_map(sel, cands, k: int, limits, parts: list[np.ndarray]) -> list:
 
 
 partition_map.where = "ray"  # the selection manifest's method_info.partitions_ran_on
+
+
+# ------------------------------------------------------------------------------------------------ near dedup
+def _pieces_of(ctx) -> list[dict]:
+    """The map parts of a PartsContext in its row order, each with its work file, where its rows start in that
+    file, its row count and its first row's index in the context's (shard, row) order."""
+    pieces, offset = [], 0
+    for s in ctx.parts:
+        work = ctx.work.get(s)
+        start = 0
+        for k, n in enumerate(ctx._part_rows[s]):
+            path = work[k] if isinstance(work, list) else work
+            pieces.append({"shard": s, "work": str(path) if path else None, "start": 0 if isinstance(work, list)
+                           else start, "n": int(n), "offset": offset})  # fmt: skip
+            start += n
+            offset += n
+    return pieces
+
+
+def _piece_signatures(piece: dict) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """(signatures (n, P) or None, valid mask, kind) of one piece, memory-mapped from its work file (zero copy: only
+    the pages touched are read)."""
+    from engine.stages.dedup import KIND, SIG
+
+    n = piece["n"]
+    if not piece["work"] or not Path(piece["work"]).exists():
+        return None, np.zeros(n, bool), np.zeros(n, np.uint8)
+    with pa.memory_map(piece["work"]) as src:
+        t = pa.ipc.open_file(src).read_all()
+    if SIG not in t.column_names:
+        return None, np.zeros(n, bool), np.zeros(n, np.uint8)
+    t = t.slice(piece["start"], n)
+    col = t.column(SIG).combine_chunks()
+    p = col.type.list_size
+    vals = col.values
+    if col.offset or len(vals) != len(col) * p:  # a slice of a larger array: copy this piece's values
+        vals = pc.list_flatten(pc.if_else(pc.is_valid(col), col, pa.scalar([0] * p, col.type)))
+    sig = vals.to_numpy(zero_copy_only=False).reshape(len(col), p)
+    valid = pc.is_valid(col).to_numpy(zero_copy_only=False)
+    kind = (pc.fill_null(t.column(KIND), 0).to_numpy(zero_copy_only=False).astype(np.uint8) if KIND in t.column_names
+            else np.zeros(n, np.uint8))  # fmt: skip
+    return sig, valid, kind
+
+
+def _gather_signatures(rows: np.ndarray, pieces: list[dict]) -> np.ndarray:
+    """Signatures of the sorted unique context rows ``rows``, read piece by piece from the work files."""
+    offsets = np.array([pc_["offset"] for pc_ in pieces], np.int64)
+    which = np.searchsorted(offsets, rows, side="right") - 1
+    out = None
+    for w in np.unique(which):
+        sel = np.flatnonzero(which == w)
+        sig, _valid, _kind = _piece_signatures(pieces[w])
+        if out is None:
+            out = np.zeros((len(rows), sig.shape[1]), sig.dtype)
+        out[sel] = sig[rows[sel] - pieces[w]["offset"]]
+    return out if out is not None else np.zeros((0, 1), np.uint32)
+
+
+def _equal_counts(a: np.ndarray, b: np.ndarray, pieces: list[dict]) -> np.ndarray:
+    from engine.stages.dedup import pair_equal_counts
+
+    if not len(a):
+        return np.zeros(0, np.int64)
+    rows = np.unique(np.concatenate([a, b]))
+    sig = _gather_signatures(rows, pieces)
+    return pair_equal_counts(sig, np.searchsorted(rows, a), np.searchsorted(rows, b))
+
+
+def _band_task(piece: dict, kept: np.ndarray, rules, empty: int, n_parts: int):
+    """Ray task, one per map part: which rows take part (kept, signed, not empty), and the part's band-key records
+    (``engine.stages.dedup.band_records``) with ``p``, the groupby partition of their key."""
+    from engine.stages.dedup import band_records
+
+    _threads()
+    sig, valid, kind = _piece_signatures(piece)
+    part = np.asarray(kept, bool) & valid
+    if sig is not None and len(sig):
+        part &= ~np.all(sig == sig.dtype.type(empty), axis=1)
+        rec = band_records(sig, part, kind, rules, piece["offset"])
+    else:
+        rec = band_records(np.zeros((0, 1), np.uint32), part[:0], kind[:0], [])
+    p = (rec["key"] % np.uint64(n_parts)).astype(np.int32)
+    table = pa.table({"p": p, **{k: v for k, v in rec.items()}})
+    return np.packbits(part), np.packbits(valid), kind, table
+
+
+def _bucket_edges(t: pa.Table, cap: int, pieces: list[dict]) -> pa.Table:
+    """Ray Data ``map_groups`` task: every band bucket of one partition (all its records are here), its candidate
+    pairs in the local order, and their equal signature values, read from the work files."""
+    from engine.stages.dedup import bucket_pairs
+
+    _threads()
+    col = {c: t.column(c).to_numpy() for c in ("g", "j", "key", "row")}
+    pairs = bucket_pairs(col["g"], col["j"], col["key"], col["row"], cap)
+    pairs["eq"] = _equal_counts(pairs["a"], pairs["b"], pieces).astype(np.int16)
+    return pa.table(pairs)
+
+
+def _eq_task(a: np.ndarray, b: np.ndarray, pieces: list[dict]) -> np.ndarray:
+    _threads()
+    return _equal_counts(a, b, pieces)
+
+
+class NearDedupOnRay:
+    """The near-dedup stage with its band passes on Ray (the module docstring, "near dedup"): band keys in one task
+    per map part, buckets grouped with Ray Data's ``groupby``, candidate pairs and their signature agreement per
+    group; the driver replays the pairs in the local order (``engine.stages.dedup.replay_candidates``) and runs the
+    local stage's second pass, survivors and star split. Falls back to the local stage for ``verify="exact"``,
+    ``previous`` runs and contexts that are not a run folder."""
+
+    def __init__(self, inner, info: dict | None = None):
+        self.inner = inner
+        self.name = inner.name
+        self.info = info if info is not None else {}
+
+    @property
+    def stats(self):
+        return self.inner.stats
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, ctx):
+        t0 = time.perf_counter()
+        split = {"cluster": 0.0}
+        try:
+            return self._run(ctx, split)
+        finally:
+            if split.get("ran"):
+                split.pop("ran")
+                split["driver"] = round(time.perf_counter() - t0 - split["cluster"], 3)
+                split["cluster"] = round(split["cluster"], 3)
+                self.info.setdefault("global_split_s", {})[self.name] = split
+
+    def _run(self, ctx, split: dict):
+        import ray
+        import ray.data as rd
+
+        from engine.run.context import PartsContext
+        from engine.stages.dedup import RESP_LEN, empty_value, replay_candidates
+
+        c = self.inner.cfg
+        if not isinstance(ctx, PartsContext) or c.verify == "exact" or c.previous:
+            return self.inner.run(ctx)
+        pieces = _pieces_of(ctx)
+        if not pieces:
+            return self.inner.run(ctx)
+        split["ran"] = True
+        t_cluster = time.perf_counter()
+        main, short = c.rules()
+        rules = [main] + ([short] if short is not None else [])
+        n = pieces[-1]["offset"] + pieces[-1]["n"]
+        kept = np.concatenate([ctx._codes[s] == 0 for s in ctx.parts])
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        approx = int(kept.sum()) * max(r.num_bands for r in rules)  # band records, at most
+        n_parts = max(1, cpus, -(-approx // 4_000_000))  # groups of up to ~4M records (~90 MB)
+        task = ray.remote(num_cpus=1, num_returns=4)(_band_task)
+        empty = empty_value(c.family, c.scheme)
+        refs = [task.remote(pc_, kept[pc_["offset"] : pc_["offset"] + pc_["n"]], rules, empty, n_parts)
+                for pc_ in pieces]  # fmt: skip
+        part = np.zeros(n, bool)
+        valid = np.zeros(n, bool)
+        kind = np.zeros(n, np.uint8)
+        for pc_, (bits, vbits, k, _t) in zip(pieces, refs):
+            o, m = pc_["offset"], pc_["n"]
+            part[o : o + m] = np.unpackbits(ray.get(bits), count=m).astype(bool)
+            valid[o : o + m] = np.unpackbits(ray.get(vbits), count=m).astype(bool)
+            kind[o : o + m] = ray.get(k)
+        edges = rd.from_arrow_refs([r[3] for r in refs])
+        grouped = edges.groupby("p", num_partitions=n_parts).map_groups(
+            _bucket_edges, fn_kwargs={"cap": int(c.bucket_all_pairs), "pieces": pieces}, batch_format="pyarrow"
+        )
+        got = [b for b in grouped.iter_batches(batch_size=None, batch_format="pyarrow") if b.num_rows]
+        del refs
+        cols = ("g", "j", "key", "t", "a", "b", "eq")
+        types = {"g": np.uint8, "j": np.uint8, "key": np.uint64, "t": np.int64, "a": np.int64, "b": np.int64,
+                 "eq": np.int16}  # fmt: skip
+        pairs = {k: (np.concatenate([b.column(k).to_numpy() for b in got]) if got else np.zeros(0, types[k]))
+                 for k in cols}  # fmt: skip
+        del got
+        split["cluster"] += time.perf_counter() - t_cluster  # band tasks, groupby, pairs (the driver waits)
+        # per-row arrays the survivor choice reads (no signature, no text)
+        shard = np.concatenate([np.full(len(ctx._rows[s]), s, np.int32) for s in ctx.parts])
+        row = np.concatenate([ctx._rows[s] for s in ctx.parts])
+        resp_len = np.zeros(n, np.int64)
+        viol = np.zeros(n, np.int64)
+        want = [RESP_LEN] + ([c.violations_column] if c.violations_column else [])
+        pos = 0
+        for t in ctx.iter_tables(want):
+            m = t.num_rows
+            resp_len[pos : pos + m] = pc.fill_null(t.column(RESP_LEN), 0).to_numpy(zero_copy_only=False)
+            if c.violations_column and c.violations_column in t.column_names:
+                viol[pos : pos + m] = pc.fill_null(t.column(c.violations_column), 0).to_numpy(zero_copy_only=False)
+            pos += m
+        hybrid = c.verify == "hybrid"
+        eq_task = ray.remote(num_cpus=1)(_eq_task)
+
+        def est_fn(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            out = np.ones(len(a), np.float32)  # a row with itself: every value equal
+            d = np.flatnonzero(a != b)
+            if d.size:
+                t_est = time.perf_counter()
+                chunks = np.array_split(d, max(1, min(cpus, d.size // 50_000)))
+                counts = ray.get([eq_task.remote(a[ch], b[ch], pieces) for ch in chunks])
+                split["cluster"] += time.perf_counter() - t_est
+                out[d] = (np.concatenate(counts) / c.num_perm).astype(np.float32)
+            return out
+
+        def exact_sets(rows):
+            return self.inner._text_sets([(ctx, (shard, row))], rows)
+
+        res = replay_candidates(n, pairs, part, kind, rules, c.num_perm, hybrid, np.zeros(n, np.int64), viol,
+                                resp_len, exact_sets, est_fn)  # fmt: skip
+        del pairs
+        st = self.inner.stats
+        for k, v in res.stats.items():
+            st[k] = st.get(k, 0) + v
+        st["num_bands"], st["rows_per_band"] = main.num_bands, main.rows_per_band
+        if short is not None:
+            st["short_num_bands"], st["short_rows_per_band"] = short.num_bands, short.rows_per_band
+
+        def take_ids(idx: np.ndarray) -> pa.Array:
+            import polars as pl
+
+            u, inv = np.unique(idx, return_inverse=True)
+            keys = pl.DataFrame({"_shard": shard[u], "row": row[u]})
+            t = ctx.table(["id"], keys=keys)
+            found = pl.from_arrow(t.select(["_shard", "row", "id"]))
+            ids = keys.join(found, on=["_shard", "row"], how="left", maintain_order="left")["id"].to_arrow()
+            return ids.cast(pa.large_string()).take(pa.array(inv))
+
+        upd = self.inner.updates(res, n, shard, row, take_ids)
+        if upd is not None and not valid.all():
+            import polars as pl
+
+            # the local stage numbers signed rows only: minhash_cluster is the survivor's rank among them
+            rank = np.cumsum(valid) - 1
+            upd = upd.with_columns(pl.Series("minhash_cluster", rank[upd["minhash_cluster"].to_numpy()]))
+        return upd
+
+
+ON_RAY = {"exact_dedup": ExactDedupOnRay, "near_dedup": NearDedupOnRay}  # global stages with their grouping on Ray
+
+
+# ------------------------------------------------------------------------------------------------ label noise
+def _fit_fold(fit, shared: dict, kw: dict):
+    from engine.run.pipeline import limit_threads
+
+    limit_threads(1)
+    return fit(**shared, **kw)
+
+
+class FoldMap:
+    """The label-noise folds as parallel Ray tasks, one CPU each (``engine.stages.labels.fold_runner``): the data
+    every fold shares (embeddings, labels, the text view's matrix) go into the object store once. The manifest's
+    ``ray.label_folds_ran_on_ray`` counts the folds."""
+
+    def __init__(self, info: dict):
+        self.info = info
+
+    def __call__(self, fit, shared: dict, per_fold: list[dict]) -> list:
+        ray = require()
+        task = ray.remote(num_cpus=1)(_fit_fold)
+        ref = ray.put(shared)
+        t0 = time.perf_counter()
+        out = ray.get([task.remote(fit, ref, kw) for kw in per_fold])
+        self.info["label_folds_ran_on_ray"] = self.info.get("label_folds_ran_on_ray", 0) + len(per_fold)
+        sp = self.info.setdefault("global_split_s", {}).setdefault("label_noise", {"cluster": 0.0})
+        sp["cluster"] = round(sp["cluster"] + time.perf_counter() - t0, 3)
+        return out

@@ -66,6 +66,8 @@ flips 0.638 either way). Hashing costs ~0.5 ms per row, so above ``text_view_max
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,21 +139,51 @@ def out_of_fold_probs(
     x: np.ndarray, y: np.ndarray, n_classes: int, n_folds: int = 5, C: float = 0.02, max_iter: int = 300, seed: int = 0
 ) -> np.ndarray:
     """(n, n_classes) probabilities; row i comes from a model fitted without row i's fold."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
-    from sklearn.preprocessing import StandardScaler
 
     x = np.asarray(x, np.float32)
     probs = np.zeros((len(y), n_classes), np.float64)
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for train, test in folds.split(x, y):
-        scaler = StandardScaler().fit(x[train])
-        clf = LogisticRegression(C=C, max_iter=max_iter)
-        clf.fit(scaler.transform(x[train]), y[train])
-        p = clf.predict_proba(scaler.transform(x[test]))
+    splits = list(folds.split(x, y))
+    fits = map_folds(_fit_embedding_fold, {"x": x, "y": y, "C": C, "max_iter": max_iter},
+                     [{"train": train, "test": test} for train, test in splits])  # fmt: skip
+    for (_train, test), (classes, p) in zip(splits, fits):
         # A class absent from this training fold gets probability 0 for the test rows.
-        probs[np.ix_(test, clf.classes_)] = p
+        probs[np.ix_(test, classes)] = p
     return probs
+
+
+def _fit_embedding_fold(x, y, train, test, C, max_iter):
+    """One fold of the embedding view: (the classes its model saw, their probabilities for the ``test`` rows)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(x[train])
+    clf = LogisticRegression(C=C, max_iter=max_iter)
+    clf.fit(scaler.transform(x[train]), y[train])
+    return clf.classes_, clf.predict_proba(scaler.transform(x[test]))
+
+
+_FOLD_RUNNER: Callable | None = None
+
+
+@contextlib.contextmanager
+def fold_runner(fn: Callable) -> Iterator[None]:
+    """Fit the folds with ``fn(fit, shared, per_fold)`` inside the block (the Ray executor's parallel tasks,
+    ``engine.run.ray.fold_map``): the same fits, so the same probabilities up to float rounding."""
+    global _FOLD_RUNNER
+    old, _FOLD_RUNNER = _FOLD_RUNNER, fn
+    try:
+        yield
+    finally:
+        _FOLD_RUNNER = old
+
+
+def map_folds(fit: Callable, shared: dict, per_fold: list[dict]) -> list:
+    """``[fit(**shared, **kw) for kw in per_fold]``, in this process or through the installed fold runner."""
+    if _FOLD_RUNNER is not None:
+        return _FOLD_RUNNER(fit, shared, per_fold)
+    return [fit(**shared, **kw) for kw in per_fold]
 
 
 def _char_ngrams(texts, n_features: int, idf: np.ndarray | None = None):
