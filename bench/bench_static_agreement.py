@@ -61,10 +61,13 @@ def knn_overlap(a: np.ndarray, b: np.ndarray, k: int = K) -> float:
     return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(na, nb, strict=True)]))
 
 
-def static_with(table: np.ndarray, weights: np.ndarray, s):
-    """The StaticEmbedder ``s`` with its table swapped (the encode path stays the inference path)."""
+def static_with(table: np.ndarray, weights: np.ndarray, s, bigram_keys: np.ndarray | None = None):
+    """The StaticEmbedder ``s`` with its table (and bigram keys: none by default) swapped (the encode path stays the
+    inference path)."""
     s.table = np.ascontiguousarray(table, dtype=np.float32)
     s.weights = np.ascontiguousarray(weights, dtype=np.float32)
+    s.bigram_keys = np.zeros(0, np.int64) if bigram_keys is None else np.asarray(bigram_keys, np.int64)
+    s.vocab = len(s.table) - len(s.bigram_keys)
     s.memo = None  # the per-word memo holds vectors of the previous table
     return s
 
@@ -152,22 +155,23 @@ def main(argv=None) -> dict:
     numba.set_num_threads(max(1, min(args.threads, numba.config.NUMBA_NUM_THREADS)))
     torch.set_num_threads(args.threads)
     from engine.models.encoder import EncoderEmbedder, default_model_path
-    from engine.models.static import StaticEmbedder, load_static_table, static_table_source
+    from engine.models.static import StaticEmbedder, load_static_table, read_bigram_keys, static_table_source
 
     model = default_model_path()
     minilm = EncoderEmbedder(model, num_threads=args.threads)
     sets = eval_sets(Path(args.cache), minilm.model_key, minilm.encode, args.cached_only)
-    tables = {"distilled": load_static_table(model, tuned=False)[:2]}
+    tables = {"distilled": load_static_table(model, tuned=False)[:2] + (None,)}
     key, trained = static_table_source(model, 256, 1e-4)
     if trained is not None:
-        tables["trained"] = load_static_table(model)[:2]
+        table, weights, folder = load_static_table(model)
+        tables["trained"] = (table, weights, read_bigram_keys(folder))
     s = StaticEmbedder(model, device="cpu")
     res: dict = {"op": "static_agreement", "trained_key": key if trained else None, "threads": args.threads}
 
     # Agreement per held-out set
     vecs: dict[str, dict[str, np.ndarray]] = {}
-    for tier, (table, weights) in tables.items():
-        static_with(table, weights, s)
+    for tier, (table, weights, keys) in tables.items():
+        static_with(table, weights, s, keys)
         vecs[tier] = {name: s.encode(texts) for name, (texts, _) in sets.items()}
     agreement = {}
     for name, (texts, ref) in sets.items():
@@ -189,8 +193,8 @@ def main(argv=None) -> dict:
     t_minilm = time.perf_counter() - c
     res["speed_rows"] = len(speed_texts)
     res["minilm_rows_s"] = round(len(speed_texts) / t_minilm, 2)
-    for tier, (table, weights) in tables.items():
-        static_with(table, weights, s)
+    for tier, (table, weights, keys) in tables.items():
+        static_with(table, weights, s, keys)
         best = np.inf
         for _ in range(args.repeats):
             s.memo = None  # the word memo's warm-up is in the time

@@ -402,6 +402,86 @@ def fit_table(
     return bag.weight.detach().numpy().copy()
 
 
+def top_bigrams(ids: np.ndarray, offsets: np.ndarray, k: int) -> np.ndarray:
+    """(k,) sorted keys ``a * 65536 + b`` of the k most frequent neighbouring token pairs within the texts (ties by
+    key), the bigrams the shipped table gets vectors for."""
+    counts = np.diff(np.append(offsets, len(ids)))
+    row = np.repeat(np.arange(len(offsets)), counts)
+    pair = ids[:-1].astype(np.int64) * 65536 + ids[1:].astype(np.int64)
+    uniq, n = np.unique(pair[row[:-1] == row[1:]], return_counts=True)
+    return np.sort(uniq[np.argsort(-n, kind="stable")[:k]])
+
+
+def bigram_bags(ids: np.ndarray, offsets: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(bigram indices into ``keys``, offsets) per text: the known pairs of each text, as the inference path finds
+    them (``engine.models.static.bigram_ids``)."""
+    from engine.models.static import bigram_ids
+
+    counts = np.diff(np.append(offsets, len(ids)))
+    rows, bid = bigram_ids(ids, counts, keys, 0)
+    per = np.bincount(rows, minlength=len(offsets))
+    boffs = np.zeros(len(offsets), np.int64)
+    np.cumsum(per[:-1], out=boffs[1:])
+    return bid, boffs
+
+
+def fit_bigrams(
+    table: np.ndarray,
+    ids: np.ndarray,
+    offsets: np.ndarray,
+    keys: np.ndarray,
+    targets: np.ndarray,
+    epochs: int,
+    batch: int,
+    lr: float,
+    reg: float,
+    seed: int = SEED,
+    log=print,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(table F (V, d), bigram vectors G (K, d)): G (from zero) and F fitted together on mean(1 - cos(sum_t F_t +
+    sum_pairs G_p, target)) plus ``reg`` x F's relative distance from its start. On 15,000 texts, after the table's own
+    fit: +0.005 held-out overlap (0.4172 -> 0.4220 with the 8,192 most frequent pairs, 3 epochs; same 3 epochs
+    without pairs: 0.4172); hashing all pairs into 65,536 buckets: 0.4223, too big to ship."""
+    import torch
+
+    torch.manual_seed(seed)
+    n, d = len(offsets), table.shape[1]
+    ends = np.append(offsets[1:], len(ids))
+    bids, boffs = bigram_bags(ids, offsets, keys)
+    bends = np.append(boffs[1:], len(bids))
+    bag = torch.nn.EmbeddingBag.from_pretrained(torch.from_numpy(table.astype(np.float32)), freeze=False, mode="sum",
+                                                sparse=True)  # fmt: skip
+    gbag = torch.nn.EmbeddingBag(max(1, len(keys)), d, mode="sum", sparse=True)
+    torch.nn.init.zeros_(gbag.weight)
+    opt = torch.optim.SparseAdam(list(bag.parameters()) + list(gbag.parameters()), lr=lr)
+    f0 = torch.from_numpy(table.astype(np.float32))
+    f0_sq = (f0 * f0).sum(1).clamp(min=1e-12)
+    y = torch.nn.functional.normalize(torch.from_numpy(targets.astype(np.float32)), dim=1)
+    rng = np.random.default_rng(seed)
+    for ep in range(epochs):
+        total, t0 = 0.0, time.perf_counter()
+        order = rng.permutation(n)
+        for b in range(0, n, batch):
+            rows = order[b : b + batch]
+            flat, offs = _batch(ids, offsets, ends, rows)
+            x = bag(torch.from_numpy(flat), torch.from_numpy(offs))
+            if len(keys):
+                bflat, boff = _batch(bids, boffs, bends, rows)
+                x = x + gbag(torch.from_numpy(bflat), torch.from_numpy(boff))
+            p = torch.nn.functional.normalize(x, dim=1)
+            loss = (1 - (p * y[torch.from_numpy(rows)]).sum(1)).mean()
+            if reg > 0:
+                uniq = torch.unique(torch.from_numpy(flat))
+                rows_now = torch.nn.functional.embedding(uniq, bag.weight, sparse=True)
+                loss = loss + reg * (((rows_now - f0[uniq]) ** 2).sum(1) / f0_sq[uniq]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(rows)
+        log(f"bigrams epoch {ep + 1}/{epochs}: loss {total / n:.4f} ({time.perf_counter() - t0:.1f} s)")
+    return bag.weight.detach().numpy().copy(), gbag.weight.detach().numpy()[: len(keys)].copy()
+
+
 def context_table(cache: Path, basis: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """(mean in-context MiniLM state per token projected on the target basis (V, d), counts (V,)) from
     ``embed``'s hook, or None when the cache has none."""
@@ -441,9 +521,9 @@ def cmd_train(args) -> None:
     report: dict = {"train_rows": len(texts)}
     report["ceiling"] = {k: round(knn_overlap(v @ basis, v), 4) for k, (_, _, v) in evals.items()}
 
-    def evaluate(name: str, f: np.ndarray) -> None:
+    def evaluate(name: str, f: np.ndarray, keys: np.ndarray | None = None) -> None:
         w = np.linalg.norm(f, axis=1)
-        static_with(f / np.maximum(w, 1e-30)[:, None], w, s)
+        static_with(f / np.maximum(w, 1e-30)[:, None], w, s, keys)
         got = {k: round(knn_overlap(s.encode(t), v), 4) for k, (t, _, v) in evals.items()}
         got["mean"] = round(float(np.mean(list(got.values()))), 4)
         report[name] = got
@@ -475,6 +555,13 @@ def cmd_train(args) -> None:
     if args.epochs:
         f = fit_table(f, ids, offsets, yp, args.epochs, args.batch, args.lr, args.reg, nbrs, args.rank, args.tau)
         evaluate("trained", f)
+    keys = None
+    if args.bigram_epochs:
+        keys = top_bigrams(ids, offsets, args.bigrams)
+        f, g = fit_bigrams(f, ids, offsets, keys, yp, args.bigram_epochs, args.batch, args.bigram_lr, args.reg)
+        report["bigrams"] = len(keys)
+        f = np.concatenate([f, g])
+        evaluate("with_bigrams", f, keys)
     if args.out:
         meta = {
             "method": "bench/train_static.py train: mapped distilled table, in-context token means, then the pooled "
@@ -490,9 +577,11 @@ def cmd_train(args) -> None:
             "map_lr": args.map_lr,
             "shrink": args.shrink,
             "max_tokens": args.max_tokens,
+            "bigram_epochs": args.bigram_epochs,
+            "bigram_lr": args.bigram_lr,
             "knn10_overlap_heldout": report,
         }
-        write_tuned_table(Path(args.out), f, model_fingerprint(model), args.sif, meta)
+        write_tuned_table(Path(args.out), f, model_fingerprint(model), args.sif, meta, keys)
         print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)", flush=True)
     print(json.dumps(report))
 
@@ -532,6 +621,9 @@ def _args(argv=None):
     t.add_argument("--rank", type=float, default=0.0, help="weight of the neighbour-ranking (KL) loss")
     t.add_argument("--tau", type=float, default=0.05, help="temperature of the ranking loss")
     t.add_argument("--neighbours", type=int, default=10, help="MiniLM neighbours per anchor in a ranking batch")
+    t.add_argument("--bigrams", type=int, default=6144, help="token bigrams given a vector (most frequent first)")
+    t.add_argument("--bigram-epochs", type=int, default=0, help="epochs of the last stage: bigrams + table")
+    t.add_argument("--bigram-lr", type=float, default=1e-2)
     return p.parse_args(argv)
 
 

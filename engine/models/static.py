@@ -5,8 +5,11 @@ Trained table (the default for the shipped MiniLM): ``engine/models/data/static_
 ``bench/train_static.py`` (model2vec's tokenlearn idea): MiniLM embeds a real corpus, each token starts from its mean
 in-context MiniLM state, then per-token weights, one linear map and finally every token row are fitted so that the
 pooled static vector of each text points where MiniLM's does (cosine loss, targets projected on their top 256
-singular directions). Stored as 4-bit codes of the unit rows (one 16-level Lloyd codebook) plus float32 weights
-(3.7 MB, under the project's 5 MiB limit per file; see ``write_tuned_table`` for what the packing costs), tied by
+singular directions); last, vectors for the 6,144 most frequent token bigrams of the corpus are fitted with the
+table (+0.005 held-out 10-NN overlap on 15,000 texts; a row then sums its tokens' and its known bigrams' vectors,
+``StaticEmbedder.encode_reference``, about half the fused unigram path's speed, still >1,000x MiniLM). Stored as
+4-bit codes of the unit rows (one 16-level Lloyd codebook) plus float32 weights (4.5 MB with the bigrams, under the
+project's 5 MiB limit per file; see ``write_tuned_table`` for what the packing costs), tied by
 ``model_fingerprint`` to the MiniLM weights it was trained against: another encoder (a user's ``static:PATH``),
 another ``static_dim`` or ``static_sif`` gets the plain distillation below (``static_table_source``). Its key (folder
 name and the tier's model key) carries a digest of the file, so a retrained table changes every cache and resume
@@ -172,7 +175,9 @@ def _lloyd_codebook(x: np.ndarray, levels: int = CODE_LEVELS, iters: int = 30, s
     return np.sort(c).astype(np.float32)
 
 
-def write_tuned_table(path: Path, vectors: np.ndarray, fingerprint: str, sif: float, meta: dict) -> None:
+def write_tuned_table(
+    path: Path, vectors: np.ndarray, fingerprint: str, sif: float, meta: dict, bigram_keys: np.ndarray | None = None
+) -> None:
     """Save a trained table ``F`` (V, d): pooling is ``normalize(sum_t F_t)``, stored as weights ``|F_t|`` (float32)
     and unit rows in 4 bits per entry (two per byte), with the fingerprint of the encoder the targets came from.
 
@@ -181,8 +186,14 @@ def write_tuned_table(path: Path, vectors: np.ndarray, fingerprint: str, sif: fl
     decoded row and the weight carries its length). Measured on the 15,000-text table (held-out 10-NN overlap with
     MiniLM, mean of 8 sets): int8 + per-row scale 0.4176 (7.0 MB), this 0.4168 (3.7 MB), uniform 4-bit absmax
     0.4160, 3-bit Lloyd 0.4145. ``sif`` is the setting the table answers to (the default's: a user who asks for
-    another SIF or dim gets a plain distillation)."""
+    another SIF or dim gets a plain distillation).
+
+    ``bigram_keys`` (K,) sorted int64 ``first_id * 65536 + second_id``: the last K rows of ``vectors`` are the vectors
+    of these token bigrams, added to a row's sum wherever the pair occurs (see ``StaticEmbedder.encode``)."""
     f = np.asarray(vectors, np.float32)
+    keys = np.zeros(0, np.int64) if bigram_keys is None else np.asarray(bigram_keys, np.int64)
+    if len(keys) and (len(keys) >= len(f) or np.any(np.diff(keys) <= 0)):
+        raise ValueError("bigram_keys must be sorted, distinct, and fewer than the table's rows")
     d = f.shape[1]
     if d % 2:
         raise ValueError(f"a trained table needs an even dim to pack 4-bit codes, got {d}")
@@ -194,7 +205,7 @@ def write_tuned_table(path: Path, vectors: np.ndarray, fingerprint: str, sif: fl
     meta = {**meta, "fingerprint": fingerprint, "dim": int(d), "sif": float(sif), "format": "4bit-lloyd"}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.npz")
-    np.savez_compressed(tmp, codes=packed, codebook=codebook, weights=weights.astype(np.float32),
+    np.savez_compressed(tmp, codes=packed, codebook=codebook, weights=weights.astype(np.float32), bigram_keys=keys,
                         meta=np.array(json.dumps(meta, sort_keys=True)))  # fmt: skip
     os.replace(tmp, path)
 
@@ -213,16 +224,18 @@ def tuned_table_meta(path: Path) -> dict | None:
         return None
 
 
-def read_tuned_table(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(table float16 (V, d) unit rows, weights float32 (V,)) of a trained table file (``write_tuned_table``)."""
+def read_tuned_table(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(table float16 (V + K, d) unit rows, weights float32 (V + K,), bigram keys int64 (K,)) of a trained table
+    file (``write_tuned_table``); K = 0 for a table without bigrams."""
     with np.load(path) as z:
         packed, codebook, weights = z["codes"], z["codebook"], z["weights"].astype(np.float32)
+        keys = z["bigram_keys"].astype(np.int64) if "bigram_keys" in z.files else np.zeros(0, np.int64)
     codes = np.empty((len(packed), packed.shape[1] * 2), np.uint8)
     codes[:, 0::2] = packed & 0x0F
     codes[:, 1::2] = packed >> 4
     table = codebook[codes]
     table /= np.maximum(np.linalg.norm(table, axis=1, keepdims=True), 1e-30)
-    return table.astype(np.float16), weights
+    return table.astype(np.float16), weights, keys
 
 
 def static_table_source(model_path: str, dim: int, sif: float, tuned: bool = True) -> tuple[str, Path | None]:
@@ -247,26 +260,49 @@ def load_static_table(
 ) -> tuple[np.ndarray, np.ndarray, Path]:
     """(table float16, weights float32, folder) from the installed share folder or the user cache, built on first
     use (once, under a lock: see ``build_once``): decoded from the trained table when it fits the encoder (see
-    ``static_table_source``; ``tuned=False``: always the plain distillation), else distilled."""
+    ``static_table_source``; ``tuned=False``: always the plain distillation), else distilled. A trained table's
+    folder also holds ``bigrams.npy`` (its bigram keys, ``read_bigram_keys``); its table then has V + K rows."""
     key, trained = static_table_source(model_path, dim, sif, tuned)
+    names = ("table.npy", "weights.npy") + (("bigrams.npy",) if trained is not None else ())
     shipped = shipped_static_dir() / key  # built by `make install` (python -m engine.run.warmup --ship)
-    if (shipped / "table.npy").exists() and (shipped / "weights.npy").exists():
+    if all((shipped / n).exists() for n in names):
         return np.load(shipped / "table.npy"), np.load(shipped / "weights.npy"), shipped
     folder = user_cache_dir(cache_dir) / "static" / key
-    tf, wf = folder / "table.npy", folder / "weights.npy"
 
-    def build() -> tuple[np.ndarray, np.ndarray]:
+    def build() -> tuple[np.ndarray, ...]:
         t0 = time.perf_counter()
         if trained is not None:
-            table, weights = read_tuned_table(trained)
+            table, weights, keys = read_tuned_table(trained)
             log.info("decoded the trained static table %s from %s", folder, trained)
-            return table, weights
+            return table, weights, keys
         table, weights = distill_static(model_path, dim, sif, device)
         log.info("distilled static table %s in %.1f s", folder, time.perf_counter() - t0)
         return table.astype(np.float16), weights
 
-    build_once((tf, wf), build)
-    return np.load(tf), np.load(wf), folder
+    build_once(tuple(folder / n for n in names), build)
+    return np.load(folder / "table.npy"), np.load(folder / "weights.npy"), folder
+
+
+def read_bigram_keys(folder: Path) -> np.ndarray:
+    """The sorted bigram keys of a static table folder (empty: unigrams only, as every distilled table)."""
+    path = folder / "bigrams.npy"
+    return np.load(path).astype(np.int64) if path.exists() else np.zeros(0, np.int64)
+
+
+def bigram_ids(ids: np.ndarray, counts: np.ndarray, keys: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row ids (M,), table ids (M,)) of the known bigrams in dense token ids (rows back to back, ``counts`` each):
+    the pair (a, b) of neighbouring tokens of one row is key ``a * 65536 + b``, table row ``vocab + its index in
+    keys``. Rows in order, pairs in text order within a row."""
+    n_tok = len(ids)
+    if not len(keys) or n_tok < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    row = np.repeat(np.arange(len(counts)), counts)
+    first = ids[:-1].astype(np.int64)
+    pair = first * 65536 + ids[1:].astype(np.int64)
+    same_row = row[:-1] == row[1:]
+    pos = np.searchsorted(keys, pair).clip(0, len(keys) - 1)
+    hit = np.flatnonzero(same_row & (keys[pos] == pair))
+    return row[hit], vocab + pos[hit]
 
 
 class StaticEmbedder:
@@ -287,6 +323,8 @@ class StaticEmbedder:
         self.model_path = model_path or default_model_path()
         self.device = resolve_device(device)
         table, weights, self.folder = load_static_table(self.model_path, dim, sif, cache_dir, device)
+        self.bigram_keys = read_bigram_keys(self.folder)
+        self.vocab = len(table) - len(self.bigram_keys)
         # float32 in memory: 31 MB for BERT's vocab, and the pooling loop avoids a float16 convert per element.
         self.table = np.ascontiguousarray(table, dtype=np.float32)
         self.weights = np.ascontiguousarray(weights, dtype=np.float32)
@@ -361,7 +399,7 @@ class StaticEmbedder:
         from kernels.embed_pool import WordVectorMemo, embed_pool, embed_pool_text
 
         texts = self._as_array(texts)
-        if self.wordpiece is None:
+        if self.wordpiece is None or len(self.bigram_keys):
             return self.encode_reference(texts)
         import numba
 
@@ -379,8 +417,32 @@ class StaticEmbedder:
         return out
 
     def encode_reference(self, texts: list[str] | pa.Array) -> np.ndarray:
-        """``encode`` as two passes: ``tokenize`` (every token id of every row), then ``embed_pool`` per token."""
+        """``encode`` as two passes: ``tokenize`` (every token id of every row), then ``embed_pool`` per token.
+
+        With bigram keys (a trained table's ``bigrams.npy``), each row's known token bigrams join its tokens in the
+        sum: ``normalize(sum_t F_t + sum_(a,b) G_ab)`` with F and G the table's rows times their weights (the
+        bigram rows sit after the vocabulary). The fused per-word kernel cannot see pairs across words, so this path
+        serves every row then (speed: bench/bench_static_agreement.py)."""
         from kernels.embed_pool import embed_pool
 
         ids, starts, counts = self.tokenize(self._as_array(texts))
+        if len(self.bigram_keys):
+            ids, starts, counts = self._with_bigrams(ids, starts, counts)
         return embed_pool(self.table, self.weights, ids, starts, counts, device="cpu")
+
+    def _with_bigrams(self, ids, starts, counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, starts, counts), each row's segment its token ids then its known bigrams' table ids, dense."""
+        n = len(counts)
+        dense_starts = np.zeros(n, np.int64)
+        np.cumsum(counts[:-1], out=dense_starts[1:])
+        total = int(counts.sum())
+        pos = np.arange(total, dtype=np.int64) + np.repeat(starts - dense_starts, counts)
+        uni = ids[pos].astype(np.int64)
+        brow, bid = bigram_ids(uni, counts, self.bigram_keys, self.vocab)
+        rows = np.concatenate([np.repeat(np.arange(n), counts), brow])
+        order = np.argsort(rows, kind="stable")
+        combined = np.concatenate([uni, bid])[order].astype(np.int32)
+        new_counts = counts + np.bincount(brow, minlength=n)
+        new_starts = np.zeros(n, np.int64)
+        np.cumsum(new_counts[:-1], out=new_starts[1:])
+        return combined, new_starts, new_counts

