@@ -51,9 +51,11 @@ their heavy part to the cluster:
   Driver memory: the candidate pairs (about 40 bytes each, every pair the bands propose, rejected ones included) and
   about 30 bytes per row (verdict store, union-find parent, group, kind, response length, shard/row); no signature
   and no text besides the undecided pairs' rows. ``verify="exact"`` and ``previous`` runs fall back to the driver.
-- **label noise**: the embedding view's cross-validation folds run as parallel Ray tasks (``FoldMap``, through
-  ``engine.stages.labels.fold_runner``); the fold data go into the object store once. The text view's folds still
-  fit on the driver (its fit loop was being changed by another task).
+- **label noise**: the cross-validation folds of both views (embeddings; hashed character n-grams) fit as parallel
+  Ray tasks, one CPU each (``FoldMap``, through ``engine.stages.labels.fold_runner``); what the folds share (the
+  embeddings, the labels, the text view's sparse matrix) goes into the object store once. The same fits as the
+  local engine's, so the same out-of-fold probabilities up to float rounding and the same ``label_issue`` flags.
+  The text view's scoring pass and confident learning stay on the driver.
 
 Not distributed: the union-find itself, semantic dedup, the loss pass and finalize. The manifest says
 ``engine: ray``, what ran where (``ray.distributed``, ``ray.on_driver``) and ``ray.label_folds_ran_on_ray``.

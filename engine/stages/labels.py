@@ -226,7 +226,6 @@ def text_view_probs(
     ``max_rows`` of its training rows (a seeded sample); all rows are then scored in blocks of ``block`` rows, each
     by its own fold's model, so the sparse matrices in memory are O(max_rows + block) rows, never O(n).
     """  # fmt: skip
-    from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold
 
     texts = np.asarray(texts, dtype=object)
@@ -243,21 +242,16 @@ def text_view_probs(
     # a fold's fit at 4,000 rows); above it each fold hashes its sample and the scoring pass streams in blocks.
     whole = _char_ngrams(texts, n_features, idf) if n <= max_rows else None
     fold_of = np.zeros(n, np.int64)
-    models = []
+    trains = []
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for f, (train, test) in enumerate(folds.split(np.zeros(n), y)):
         fold_of[test] = f
         if len(train) > max_rows:
             train = np.sort(rng.choice(train, max_rows, replace=False))
-        xt = whole[train] if whole is not None else _char_ngrams(texts[train], n_features, idf)
-        # Only the hashed columns this fold's rows use: an L2-penalised coefficient of a column that is zero in
-        # every training row has zero gradient and stays 0, so the fit and its predictions are the same, while
-        # L-BFGS's own vector work shrinks from n_features x classes to the used columns (of 262,144: 57,315 on all
-        # 4,846 phrasebank rows, 2,941 on the demo's 1,000 templated ones; CPU figures in the module docstring).
-        cols = np.unique(xt.indices)
-        clf = LogisticRegression(C=C, max_iter=max_iter)
-        clf.fit(xt[:, cols], y[train])
-        models.append((clf, cols))
+        trains.append({"train": train})
+    shared = {"whole": whole, "texts": texts if whole is None else None, "idf": idf, "y": y, "C": C,
+              "max_iter": max_iter, "n_features": n_features}  # fmt: skip
+    models = map_folds(_fit_text_fold, shared, trains)  # [(model, the hashed columns it uses)] per fold
     probs = np.zeros((n, n_classes), np.float64)
     for s in range(0, n, block):
         m = whole[s : s + block] if whole is not None else _char_ngrams(texts[s : s + block], n_features, idf)
@@ -267,6 +261,22 @@ def text_view_probs(
                 # A class absent from this training fold gets probability 0 for the test rows.
                 probs[np.ix_(s + rows, clf.classes_)] = clf.predict_proba(m[rows][:, cols])
     return probs
+
+
+def _fit_text_fold(whole, texts, idf, y, train, C, max_iter, n_features):
+    """One fold of the text view: its model on rows ``train`` of ``whole`` (or of ``texts``, hashed here), and the
+    hashed columns it was fitted on."""
+    from sklearn.linear_model import LogisticRegression
+
+    xt = whole[train] if whole is not None else _char_ngrams(texts[train], n_features, idf)
+    # Only the hashed columns this fold's rows use: an L2-penalised coefficient of a column that is zero in
+    # every training row has zero gradient and stays 0, so the fit and its predictions are the same, while
+    # L-BFGS's own vector work shrinks from n_features x classes to the used columns (of 262,144: 57,315 on all
+    # 4,846 phrasebank rows, 2,941 on the demo's 1,000 templated ones; CPU figures in the module docstring).
+    cols = np.unique(xt.indices)
+    clf = LogisticRegression(C=C, max_iter=max_iter)
+    clf.fit(xt[:, cols], y[train])
+    return clf, cols
 
 
 # ---------------------------------------------------------------------------------------------------------------
