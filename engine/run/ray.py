@@ -767,8 +767,8 @@ def _pieces_of(ctx) -> list[dict]:
         start = 0
         for k, n in enumerate(ctx._part_rows[s]):
             path = work[k] if isinstance(work, list) else work
-            pieces.append({"shard": s, "work": str(path) if path else None, "start": 0 if isinstance(work, list)
-                           else start, "n": int(n), "offset": offset})  # fmt: skip
+            pieces.append({"shard": s, "part": str(ctx.parts[s][k]), "work": str(path) if path else None,
+                           "start": 0 if isinstance(work, list) else start, "n": int(n), "offset": offset})  # fmt: skip
             start += n
             offset += n
     return pieces
@@ -851,6 +851,20 @@ def _bucket_edges(t: pa.Table, cap: int, pieces: list[dict]) -> pa.Table:
     pairs = bucket_pairs(col["g"], col["j"], col["key"], col["row"], cap)
     pairs["eq"] = _equal_counts(pairs["a"], pairs["b"], pieces).astype(np.int16)
     return pa.table(pairs)
+
+
+def _sets_task(part: str, local: np.ndarray, which: str, shingle_kw: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Ray task: the exact shingle sets (the map phase's rule) of rows ``local`` of one map part, from its text."""
+    from engine.io.writers import read_part
+    from engine.stages.dedup import dedup_text
+    from kernels.minhash import shingle_sets
+
+    _threads()
+    t = read_part(part, columns=["prompt", "response"]).take(pa.array(local))
+    for c in ("prompt", "response"):
+        if c not in t.column_names:
+            t = t.append_column(c, pa.nulls(t.num_rows, pa.large_string()))
+    return shingle_sets(dedup_text(t, which), **shingle_kw)
 
 
 def _eq_task(a: np.ndarray, b: np.ndarray, pieces: list[dict]) -> np.ndarray:
@@ -963,11 +977,27 @@ class NearDedupOnRay:
                 out[d] = (np.concatenate(counts) / c.num_perm).astype(np.float32)
             return out
 
-        def exact_sets(rows):
-            return self.inner._text_sets([(ctx, (shard, row))], rows)
+        sets_task = ray.remote(num_cpus=1)(_sets_task)
+        offsets = np.array([pc_["offset"] for pc_ in pieces], np.int64)
+
+        def exact_sets(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            # the hybrid check's sets of the undecided pairs' rows, from their text, in one task per map part: the
+            # driver never reads the corpus text (the local stage re-reads it through the context)
+            t_sets = time.perf_counter()
+            which = np.searchsorted(offsets, rows, side="right") - 1
+            todo = [(w, rows[which == w] - offsets[w]) for w in np.unique(which)]
+            got = ray.get([sets_task.remote(pieces[w]["part"], loc, c.text, c.shingle_kwargs()) for w, loc in todo])
+            vals = np.concatenate([v for v, _o in got]) if got else np.zeros(0, np.uint32)
+            off = np.zeros(len(rows) + 1, np.int64)
+            np.cumsum(np.concatenate([np.diff(o) for _v, o in got]) if got else [], out=off[1:])
+            st = self.inner.stats
+            st["rows_reread"] = st.get("rows_reread", 0) + int(rows.size)
+            split["cluster"] += time.perf_counter() - t_sets
+            return vals, off
 
         res = replay_candidates(n, pairs, part, kind, rules, c.num_perm, hybrid, np.zeros(n, np.int64), viol,
                                 resp_len, exact_sets, est_fn)  # fmt: skip
+        split["pairs"] = len(pairs["a"])
         del pairs
         st = self.inner.stats
         for k, v in res.stats.items():
