@@ -390,7 +390,7 @@ def cmd_finetune(args) -> None:
 
     cfg = config_from_args(args)
     _check_out("--out", args.out)
-    m = finetune(args.selection, args.out, cfg, val=args.val, test=args.test)
+    m = finetune(args.selection, args.out, cfg, val=args.val, test=args.test, progress=not args.quiet)
     if not args.quiet:
         print(json.dumps({k: m[k] for k in ("task", "rows", "val", "test") if k in m}, default=str))
         print(f"model and metrics.json in {args.out}")

@@ -354,9 +354,12 @@ def compare(
         plot(report, out / "compare.png")
         return report
 
-    report = evaluate(ft, out)
-    for rname, rft in (recipes or {}).items():
-        evaluate(rft, out / rname)
+    from engine.train.finetune import quiet_libraries
+
+    with quiet_libraries():  # the arms' own log lines say what runs; no weight-loading bars between them
+        report = evaluate(ft, out)
+        for rname, rft in (recipes or {}).items():
+            evaluate(rft, out / rname)
     return report
 
 

@@ -26,6 +26,7 @@ the train split is dropped too (a selection made over the whole run would otherw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, fields
@@ -291,10 +292,54 @@ def drop_leaks(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def quiet_libraries(quiet: bool = True):
+    """Inside the block, with ``quiet``: no progress bars nor warnings from transformers (weight loading and saving
+    bars), datasets (TRL's map passes) or huggingface_hub; the trainers switch off their own bars and log printing
+    (``progress=False``). Restored afterwards."""
+    if not quiet:
+        yield
+        return
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    restore = []
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    restore.append(lambda: hf_logging.set_verbosity(level))
+    restore.append(lambda: hf_logging.enable_progress_bar() if bars else None)
+    try:
+        from datasets.utils import logging as ds_logging
+
+        ds_bars = ds_logging.is_progress_bar_enabled()
+        ds_logging.disable_progress_bar()
+        restore.append(lambda: ds_logging.enable_progress_bar() if ds_bars else None)
+    except ImportError:  # datasets comes with trl; a classification-only install may lack it
+        pass
+    old = {name: logging.getLogger(name).level for name in ("trl", "peft", "datasets", "huggingface_hub")}
+    for name in old:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    restore.append(lambda: [logging.getLogger(n).setLevel(lv) for n, lv in old.items()])
+    try:
+        yield
+    finally:
+        for f in reversed(restore):
+            f()
+
+
 def finetune(
-    selection: str | Path, out: str | Path, config: FinetuneConfig, val: str | None = None, test: str | None = None
+    selection: str | Path,
+    out: str | Path,
+    config: FinetuneConfig,
+    val: str | None = None,
+    test: str | None = None,
+    progress: bool = True,
 ) -> dict:
-    """Train ``config.task`` on the rows of ``selection``, evaluate on val/test, write ``out`` (module docstring)."""
+    """Train ``config.task`` on the rows of ``selection``, evaluate on val/test, write ``out`` (module docstring).
+    ``progress`` False (``--quiet``): no progress bar, log line or library warning is printed (quiet_libraries)."""
     check_config(config)
     sel = Path(selection)
     train = load_rows(sel, "SEL")
@@ -332,14 +377,15 @@ def finetune(
         raise UserError(f"--out {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if config.task == "classification":
-        from engine.train.classify import train_classifier
+    with quiet_libraries(not progress):
+        if config.task == "classification":
+            from engine.train.classify import train_classifier
 
-        metrics = train_classifier(train, val_df, test_df, config, out)
-    else:
-        from engine.train.sft import train_sft
+            metrics = train_classifier(train, val_df, test_df, config, out, progress=progress)
+        else:
+            from engine.train.sft import train_sft
 
-        metrics = train_sft(train, val_df, test_df, config, out)
+            metrics = train_sft(train, val_df, test_df, config, out, progress=progress)
     envelope = {
         "task": config.task,
         "selection": str(selection),

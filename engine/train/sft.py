@@ -303,8 +303,16 @@ def _dataset(ids: list[list[int]], masks: list[list[int]]):
     return Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
 
 
-def train_sft(train: pl.DataFrame, val: pl.DataFrame, test: pl.DataFrame, config: FinetuneConfig, out: Path) -> dict:
-    """Fine-tune a causal LM on ``train`` (module docstring); writes the model into ``out``, returns the metrics."""
+def train_sft(
+    train: pl.DataFrame,
+    val: pl.DataFrame,
+    test: pl.DataFrame,
+    config: FinetuneConfig,
+    out: Path,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune a causal LM on ``train`` (module docstring); writes the model into ``out``, returns the metrics.
+    ``progress`` False: TRL's progress bar and its printed log dicts are off (``cli.py finetune --quiet``)."""
     import torch
 
     out = Path(out)
@@ -358,6 +366,7 @@ def train_sft(train: pl.DataFrame, val: pl.DataFrame, test: pl.DataFrame, config
         recipe,
         work,
         [log_cb],
+        progress=progress,
     )
     t1 = time.perf_counter()
     result = trainer.train()
@@ -419,7 +428,9 @@ def train_sft(train: pl.DataFrame, val: pl.DataFrame, test: pl.DataFrame, config
     }
 
 
-def make_trainer(model, tokenizer, train_ds, eval_ds, config: FinetuneConfig, recipe: dict, work: Path, callbacks=()):
+def make_trainer(
+    model, tokenizer, train_ds, eval_ds, config: FinetuneConfig, recipe: dict, work: Path, callbacks=(), progress=True
+):
     """TRL's ``SFTTrainer`` over pre-tokenised rows (``input_ids``, ``completion_mask``) with winnow's recipe: LoRA
     (peft, every linear layer) or full, completion-only loss, no packing, length-grouped batches (module docstring).
     ``recipe`` holds the resolved lr, batch_size, max_length, planned_steps and epoch_evals."""
@@ -459,10 +470,16 @@ def make_trainer(model, tokenizer, train_ds, eval_ds, config: FinetuneConfig, re
         save_strategy="no",
         report_to="none",
         dataloader_num_workers=0,
-        disable_tqdm=False,
+        disable_tqdm=not progress,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))  # fmt: skip
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=list(callbacks))  # fmt: skip
+    if not progress:
+        # With the bar off, Trainer prints every log dict instead (PrinterCallback); the train log has them.
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _grouped_by_length(cls) -> dict:

@@ -194,6 +194,8 @@ def test_cli_finetune_end_to_end(tiny, data, tmp_path, capsys):
         ]
     )
     assert code == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() == "" and "%|" not in printed.err and "Loading weights" not in printed.err, printed
     m = json.loads((out / "metrics.json").read_text())
     assert m["task"] == "classification" and m["rows"]["train"] == 120
     assert m["test"]["accuracy"] >= 0.9

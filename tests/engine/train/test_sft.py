@@ -182,6 +182,10 @@ def test_cli_end_to_end_and_errors(tiny, tmp_path):
     r = cli("--out", out, "--model", folder, "--max-steps", 2, "--batch-size", 4, "--adapter", "full", "--device",
             "cpu", "--quiet")  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
+    # --quiet: nothing printed, neither TRL's progress bar and log dicts nor transformers' loading / saving bars.
+    assert r.stdout.strip() == "", r.stdout[-2000:]
+    for noise in ("it/s]", "s/it]", "'loss'", "Loading weights", "Writing model", "%|"):
+        assert noise not in r.stderr, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     # Planted rows repeat, so some training rows are exact copies of val/test rows: finetune drops them first.
     assert m["task"] == "sft" and m["steps"] == 2 and m["rows"]["train"] + m["rows"]["leak_dropped"] == 24
