@@ -320,29 +320,44 @@ def cls_features(
         pad = int(tok.pad_token_id or 0)
         budget = 8192  # padded tokens per batch
         bar = _bar(len(rows), "encoding (cached for the next run)", progress)
-        i = 0
-        with torch.inference_mode():
-            while i < len(order):
-                width = int(lens[order[i]])
-                take = order[i : i + max(1, min(256, budget // max(1, width)))]
-                i += len(take)
-                ids = np.full((len(take), width), pad, np.int64)
-                mask = np.zeros((len(take), width), np.int64)
-                for r, j in enumerate(take):
-                    ids[r, : lens[j]] = enc[j]
-                    mask[r, : lens[j]] = 1
-                h = base(
-                    input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device)
-                ).last_hidden_state[:, 0]
-                vec[take] = h.float().cpu().numpy()
-                if bar is not None:
-                    bar.update(len(take))
+        # One intra-op thread, as for the head's loop: on the shared 2-core machine (load 6-7) two OpenMP threads
+        # spin-waited for each other in every attention call (cold demo compare: 59 CPU s + 9 s sys, most of it in
+        # scaled_dot_product_attention, for ~700 rows of 18 tokens; one thread encodes them in ~6 s).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _encode_rows(base, enc, lens, order, vec, pad, budget, device, bar)
+        finally:
+            torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
         out[todo] = vec[inv]
         if store is not None:
             store.add(ukeys, vec)
     return out
+
+
+def _encode_rows(base, enc, lens, order, vec, pad, budget, device, bar) -> None:
+    """The [CLS] states of the rows in ``order`` (longest first) into ``vec``, batches of <= ``budget`` tokens."""
+    import torch
+
+    i = 0
+    with torch.inference_mode():
+        while i < len(order):
+            width = int(lens[order[i]])
+            take = order[i : i + max(1, min(256, budget // max(1, width)))]
+            i += len(take)
+            ids = np.full((len(take), width), pad, np.int64)
+            mask = np.zeros((len(take), width), np.int64)
+            for r, j in enumerate(take):
+                ids[r, : lens[j]] = enc[j]
+                mask[r, : lens[j]] = 1
+            h = base(
+                input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device)
+            ).last_hidden_state[:, 0]
+            vec[take] = h.float().cpu().numpy()
+            if bar is not None:
+                bar.update(len(take))
 
 
 def _bar(total: int, desc: str, progress: bool):
