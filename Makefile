@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml Makefile
 # --label-folds 2: the label-noise proxy (its character n-gram view most of all) was the demo's largest cost, and it
 # runs three times (run, compare's split and pool): 13.3 -> 3.8 CPU s per run on the demo's 1,000 labelled rows, with
 # the planted flips found at precision 1.000 and recall 0.949 (0.898 at 5 folds). The whole demo: 137 -> 92 CPU s.
+# Then the text view fitted on its used columns only and the [CLS] features encoded on one thread: 56 CPU s and
+# 92 s wall cold (empty user cache), 44 CPU s and 54 s wall warm, at load average 5-7 (bench/RESULTS.md).
 # A rerun resumes the scored shards.
 DEMO ?= runs/demo
 demo: install
