@@ -9,7 +9,10 @@ leak-free stratified 70/15/15) and tweeteval_emotion (its own train / val / test
 - ``corrupt``: ``--corrupt labels=0.2,dups=0.1,junk=0.05``, class-weighted and unweighted loss: winnow's default
   and the candidate defaults (``VARIANTS``) vs random, oracle and all kept rows;
 - ``clean``: the same without damage;
-- ``curve``: budgets 10/20/30/50% with damage, class-weighted: winnow's candidates and random, one plot.
+- ``curve``: budgets 10/20/30/50% with damage, class-weighted: winnow's default, random and the oracle, one plot
+  (``--budgets``; 30% is read from the corrupt part's compare.json).
+Options: ``--strategy last-k`` (OUT gets ``-last-k``), ``--embedder static`` (selection on the static tier; the head
+still trains on MiniLM's [CLS]; OUT gets ``-static``), ``--no-variants`` / ``--no-full`` (fewer arms on a busy CPU).
 Each comparison writes its compare.json under ``--out``; this script prints one JSON summary per comparison, a final
 JSON object, and appends the gains to bench/results.csv. The scoring embeddings are cached per set
 (``--out/<set>/embed_cache``) and the head's features under the user cache dir, so a rerun trains only.
@@ -72,14 +75,22 @@ def summary(r: dict) -> dict:
     }
 
 
-def run_one(name: str, part: str, imbalances: list[str], budget: str, corrupt: str, args, variants) -> list[dict]:
-    """One scoring of the pool, the arms trained once per imbalance mode (the first in OUT, the others in OUT/<mode>)."""
+def run_one(
+    name: str, part: str, imbalances: list[str], budget: str, corrupt: str, args, variants, full: bool = True
+) -> list[dict]:
+    """One scoring of the pool, the arms trained once per imbalance mode (the first in OUT, the others in OUT/<mode>).
+    ``--embedder static`` scores and selects on the static tier (OUT gets a ``-static`` suffix); the classifier
+    always trains on MiniLM's [CLS] features (the recipe), so only the selection changes."""
     spec = SETS[name]
     d = SHARED_DATA / name
-    out = Path(args.out) / name / f"{part}-b{budget}"
-    cfg = load_config(None, {"tokens": {"enabled": False}, "select": {"budget": budget}})
+    tag = ("" if args.strategy == "head" else f"-{args.strategy}") + ("-static" if args.embedder == "static" else "")
+    out = Path(args.out) / name / f"{part}{tag}-b{budget}"
+    over = {"tokens": {"enabled": False}, "select": {"budget": budget}}
+    if args.embedder:
+        over["embed"] = {"embedder": args.embedder}
+    cfg = load_config(None, over)
     fts = {imb: FinetuneConfig(task="classification", strategy=args.strategy, imbalance=imb) for imb in imbalances}
-    cc = CompareConfig(seeds=args.seeds, full=True, corrupt=corrupt, seed=0)
+    cc = CompareConfig(seeds=args.seeds, full=full, corrupt=corrupt, seed=0)
     t0 = time.perf_counter()
     compare(
         [str(d / f) for f in spec["inputs"]],
@@ -89,9 +100,9 @@ def run_one(name: str, part: str, imbalances: list[str], budget: str, corrupt: s
         cc,
         val=str(d / spec["val"]) if "val" in spec else None,
         test=str(d / spec["test"]) if "test" in spec else None,
-        command=f"bench/bench_compare.py {name} {part} {budget}",
+        command=f"bench/bench_compare.py {name} {part} {budget} {args.strategy} {args.embedder or 'minilm'}",
         log=lambda *a: None,
-        cache_dir=Path(args.out) / name / "embed_cache",
+        cache_dir=Path(args.out) / name / ("embed_cache" + ("-static" if args.embedder == "static" else "")),
         variants=variants,
         recipes={imb: fts[imb] for imb in imbalances[1:]},
     )
@@ -106,6 +117,7 @@ def run_one(name: str, part: str, imbalances: list[str], budget: str, corrupt: s
             "budget": budget,
             "corrupt": corrupt or None,
             "strategy": args.strategy,
+            "embedder": args.embedder or "minilm",
             "wall_s": round(time.perf_counter() - t0, 1),
             **summary(r),
             "compare_json": str(path),
@@ -114,7 +126,7 @@ def run_one(name: str, part: str, imbalances: list[str], budget: str, corrupt: s
         for arm, a in s["arms"].items():
             if "gain" in a:
                 append_result(
-                    f"compare_{name}_{part}_{imb}_b{budget}", arm, s["budget_rows"], "gain_macro_f1", a["gain"]
+                    f"compare_{name}_{part}{tag}_{imb}_b{budget}", arm, s["budget_rows"], "gain_macro_f1", a["gain"]
                 )
         rows.append(s)
     return rows
@@ -199,6 +211,10 @@ def main() -> None:
     ap.add_argument("--imbalance", default="weight,none")
     ap.add_argument("--strategy", default="head")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--budgets", default="0.1,0.2,0.5", help="curve part: budgets besides the corrupt part's 0.3")
+    ap.add_argument("--embedder", default="", help="static: score and select on the static tier (default MiniLM)")
+    ap.add_argument("--no-variants", dest="variants", action="store_false", help="corrupt/clean: winnow arm only")
+    ap.add_argument("--no-full", dest="full", action="store_false", help="corrupt/clean: without the all-kept arm")
     ap.add_argument("--out", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "winnow_bench_compare"))
     args = ap.parse_args()
     rows = []
@@ -210,9 +226,9 @@ def main() -> None:
             if part == "heads":
                 heads(name, args)
                 continue
-            if part == "curve":
-                for b in ("0.1", "0.2", "0.5"):  # 0.3 is the corrupt part's
-                    rows += run_one(name, "curve", ["weight"], b, CORRUPT, args, VARIANTS)
+            if part == "curve":  # winnow's default, random and the oracle only (no variants, no full)
+                for b in args.budgets.split(","):  # 0.3 is the corrupt part's
+                    rows += run_one(name, "curve", ["weight"], b, CORRUPT, args, {}, full=False)
                 at30 = Path(args.out) / name / "corrupt-b0.3" / "compare.json"
                 if "corrupt" not in args.parts and at30.exists():
                     rows.append(
@@ -227,7 +243,14 @@ def main() -> None:
                     )
                 continue
             rows += run_one(
-                name, part, args.imbalance.split(","), "0.3", CORRUPT if part == "corrupt" else "", args, VARIANTS
+                name,
+                part,
+                args.imbalance.split(","),
+                "0.3",
+                CORRUPT if part == "corrupt" else "",
+                args,
+                VARIANTS if args.variants else {},
+                full=args.full,
             )
     curve = [r for r in rows if r["part"] == "curve" or (r["part"] == "corrupt" and r["imbalance"] == "weight")]
     if any(r["part"] == "curve" for r in curve):
