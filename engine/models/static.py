@@ -7,7 +7,7 @@ in-context MiniLM state, then per-token weights, one linear map and finally ever
 pooled static vector of each text points where MiniLM's does (cosine loss, targets projected on their top 256
 singular directions); last, vectors for the 6,144 most frequent token bigrams of the corpus are fitted with the
 table (+0.005 held-out 10-NN overlap on 15,000 texts; a row then sums its tokens' and its known bigrams' vectors,
-``StaticEmbedder.encode_reference``, about half the fused unigram path's speed, still >1,000x MiniLM). Stored as
+``StaticEmbedder.encode_reference``, about half the fused unigram path's speed, 650x MiniLM measured). Stored as
 4-bit codes of the unit rows (one 16-level Lloyd codebook) plus float32 weights (4.5 MB with the bigrams, under the
 project's 5 MiB limit per file; see ``write_tuned_table`` for what the packing costs), tied by
 ``model_fingerprint`` to the MiniLM weights it was trained against: another encoder (a user's ``static:PATH``),
