@@ -181,6 +181,10 @@ def _quiet_data() -> None:
     for name in ("print_on_execution_start", "enable_operator_progress_bars"):
         if hasattr(ctx, name):
             setattr(ctx, name, False)
+    import warnings
+
+    # Ray Data warns on the user's terminal when a run has fewer shards than --workers (read/write concurrency)
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
 
 
 # ------------------------------------------------------------------------------------------------ worker side
