@@ -89,17 +89,30 @@ def run_one(
     if args.embedder:
         over["embed"] = {"embedder": args.embedder}
     cfg = load_config(None, over)
-    fts = {imb: FinetuneConfig(task="classification", strategy=args.strategy, imbalance=imb) for imb in imbalances}
+    fts = {
+        imb: FinetuneConfig(task="classification", strategy=args.strategy, imbalance=imb, epochs=args.epochs)
+        for imb in imbalances
+    }
     cc = CompareConfig(seeds=args.seeds, full=full, corrupt=corrupt, seed=0)
     t0 = time.perf_counter()
+    inputs = [str(d / f) for f in spec["inputs"]]
+    val = str(d / spec["val"]) if "val" in spec else None
+    test = str(d / spec["test"]) if "test" in spec else None
+    if args.split_from and val is None:
+        # the held-out rows and pool of another comparison (its base/splits), so that two selections (MiniLM vs
+        # static) are measured on the same pool, validation and test rows: the split's neighbourhoods depend on the
+        # embedder, so a split of its own would change all three.
+        sp = Path(args.split_from) / "base" / "splits"
+        inputs, val, test = [str(sp / "train.parquet")], str(sp / "val.parquet"), str(sp / "test.parquet")
+        out = out.with_name(out.name + "-samesplit")
     compare(
-        [str(d / f) for f in spec["inputs"]],
+        inputs,
         out,
         cfg,
         fts[imbalances[0]],
         cc,
-        val=str(d / spec["val"]) if "val" in spec else None,
-        test=str(d / spec["test"]) if "test" in spec else None,
+        val=val,
+        test=test,
         command=f"bench/bench_compare.py {name} {part} {budget} {args.strategy} {args.embedder or 'minilm'}",
         log=lambda *a: None,
         cache_dir=Path(args.out) / name / ("embed_cache" + ("-static" if args.embedder == "static" else "")),
@@ -214,6 +227,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.1,0.2,0.5", help="curve part: budgets besides the corrupt part's 0.3")
     ap.add_argument("--embedder", default="", help="static: score and select on the static tier (default MiniLM)")
     ap.add_argument("--no-variants", dest="variants", action="store_false", help="corrupt/clean: winnow arm only")
+    ap.add_argument("--epochs", type=int, default=3, help="encoder strategies: passes (the head runs >= 100)")
+    ap.add_argument("--split-from", default="", help="a compare OUT whose base/splits give pool, val and test")
     ap.add_argument("--no-full", dest="full", action="store_false", help="corrupt/clean: without the all-kept arm")
     ap.add_argument("--out", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "winnow_bench_compare"))
     args = ap.parse_args()

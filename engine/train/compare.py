@@ -69,9 +69,11 @@ def _rows_frame(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def _read_inputs(inputs: list[str]) -> pl.DataFrame:
-    from engine.train.finetune import _read_input_rows
+    """The pool's rows: a user's files through winnow's readers, winnow's own Parquet (a run's ``splits/train.parquet``,
+    ``scores/``, a selection) as it is, kept rows only (finetune.load_rows)."""
+    from engine.train.finetune import load_rows
 
-    return pl.concat([_read_input_rows(p, "INPUT") for p in inputs], how="diagonal_relaxed")
+    return pl.concat([load_rows(p, "INPUT") for p in inputs], how="diagonal_relaxed")
 
 
 def _score(inputs: list[str], out: Path, config, cache: Path) -> dict:
