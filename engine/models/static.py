@@ -305,6 +305,62 @@ def bigram_ids(ids: np.ndarray, counts: np.ndarray, keys: np.ndarray, vocab: int
     return row[hit], vocab + pos[hit]
 
 
+def pool_with_bigrams(table, weights, ids, starts, counts, keys, vocab) -> np.ndarray:
+    """(n, d) float32 ``normalize(sum_t w_t table_t + sum_pairs w_p table_p)`` per row: the row's tokens (ids[starts[i]
+    : starts[i] + counts[i]]) and each neighbouring pair found in ``keys`` (table row ``vocab`` + its index), one
+    Numba pass (``bigram_ids`` is the same lookup in numpy, for training). Zero rows stay zero."""
+    return _pool_with_bigrams(
+        np.ascontiguousarray(table, np.float32), np.ascontiguousarray(weights, np.float32), ids,
+        np.asarray(starts, np.int64), np.asarray(counts, np.int64), np.asarray(keys, np.int64), int(vocab),
+    )  # fmt: skip
+
+
+def _numba_pool_with_bigrams():
+    from numba import njit, prange
+
+    @njit(parallel=True, cache=True, fastmath=True)
+    def pool(table, weights, ids, starts, counts, keys, vocab):
+        n, d, k = starts.shape[0], table.shape[1], keys.shape[0]
+        out = np.zeros((n, d), np.float32)
+        for i in prange(n):
+            acc = np.zeros(d, np.float32)
+            s, e = starts[i], starts[i] + counts[i]
+            for t in range(s, e):
+                tok = ids[t]
+                w = weights[tok]
+                if w != 0.0:
+                    for c in range(d):
+                        acc[c] += w * table[tok, c]
+                if t + 1 < e and k > 0:
+                    key = np.int64(tok) * 65536 + np.int64(ids[t + 1])
+                    j = np.searchsorted(keys, key)
+                    if j < k and keys[j] == key:
+                        r = vocab + j
+                        w = weights[r]
+                        for c in range(d):
+                            acc[c] += w * table[r, c]
+            ss = np.float32(0.0)
+            for c in range(d):
+                ss += acc[c] * acc[c]
+            if ss > 0:
+                inv = np.float32(1.0) / np.sqrt(ss)
+                for c in range(d):
+                    out[i, c] = acc[c] * inv
+        return out
+
+    return pool
+
+
+_POOL = None
+
+
+def _pool_with_bigrams(*args):
+    global _POOL
+    if _POOL is None:  # compiled (or loaded from Numba's cache) on first use only
+        _POOL = _numba_pool_with_bigrams()
+    return _POOL(*args)
+
+
 class StaticEmbedder:
     """Weighted mean of distilled token vectors: tokenise (Numba WordPiece or HF fast tokenizer), gather, pool."""
 
@@ -427,22 +483,5 @@ class StaticEmbedder:
 
         ids, starts, counts = self.tokenize(self._as_array(texts))
         if len(self.bigram_keys):
-            ids, starts, counts = self._with_bigrams(ids, starts, counts)
+            return pool_with_bigrams(self.table, self.weights, ids, starts, counts, self.bigram_keys, self.vocab)
         return embed_pool(self.table, self.weights, ids, starts, counts, device="cpu")
-
-    def _with_bigrams(self, ids, starts, counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids, starts, counts), each row's segment its token ids then its known bigrams' table ids, dense."""
-        n = len(counts)
-        dense_starts = np.zeros(n, np.int64)
-        np.cumsum(counts[:-1], out=dense_starts[1:])
-        total = int(counts.sum())
-        pos = np.arange(total, dtype=np.int64) + np.repeat(starts - dense_starts, counts)
-        uni = ids[pos].astype(np.int64)
-        brow, bid = bigram_ids(uni, counts, self.bigram_keys, self.vocab)
-        rows = np.concatenate([np.repeat(np.arange(n), counts), brow])
-        order = np.argsort(rows, kind="stable")
-        combined = np.concatenate([uni, bid])[order].astype(np.int32)
-        new_counts = counts + np.bincount(brow, minlength=n)
-        new_starts = np.zeros(n, np.int64)
-        np.cumsum(new_counts[:-1], out=new_starts[1:])
-        return combined, new_starts, new_counts
