@@ -662,6 +662,11 @@ def _train_encoder(
         data_collator=DataCollatorWithPadding(tok),
         callbacks=callbacks,
     )
+    if not progress:
+        # With the bar off, Trainer prints every log dict instead (PrinterCallback); train_log.jsonl has the epochs.
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     out = trainer.train()
     model.eval()
     best = trainer.state.best_metric

@@ -201,6 +201,15 @@ def test_cli_finetune_end_to_end(tiny, data, tmp_path, capsys):
     assert m["test"]["accuracy"] >= 0.9
 
 
+def test_cli_finetune_quiet_encoder_strategy_prints_nothing(tiny, data, tmp_path, capsys):
+    # Trainer prints its log dicts when its bar is off; -q must silence those too.
+    args = ["finetune", str(data["train"]), "--out", str(tmp_path / "m"), "--val", str(data["val"]), "--test",
+            str(data["test"]), "--model", tiny, "--strategy", "last-k", "--epochs", "1", "--max-steps", "12", "-q"]  # fmt: skip
+    assert cli.main(args) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() == "" and "'loss'" not in printed.err and "%|" not in printed.err, printed
+
+
 @pytest.mark.parametrize(
     "args, want",
     [
