@@ -6,8 +6,8 @@ Trained table (the default for the shipped MiniLM): ``engine/models/data/static_
 in-context MiniLM state, then per-token weights, one linear map and finally every token row are fitted so that the
 pooled static vector of each text points where MiniLM's does (cosine loss, targets projected on their top 256
 singular directions); last, vectors for the 6,144 most frequent token bigrams of the corpus are fitted with the
-table (+0.005 held-out 10-NN overlap on 15,000 texts, +0.012 on 56,000; a row then sums its tokens' and its known
-bigrams' vectors, ``pool_with_bigrams``: 0.85x the fused unigram path's speed on alpaca rows, 650x MiniLM). Stored as
+table (+0.005 held-out 10-NN overlap on 15,000 texts, +0.014 on 84,000; a row then sums its tokens' and its known
+bigrams' vectors, ``pool_with_bigrams``: 0.85x the fused unigram path's speed on alpaca rows, 774x MiniLM). Stored as
 4-bit codes of the unit rows (one 16-level Lloyd codebook) plus float32 weights (4.5 MB with the bigrams, under the
 project's 5 MiB limit per file; see ``write_tuned_table`` for what the packing costs), tied by
 ``model_fingerprint`` to the MiniLM weights it was trained against: another encoder (a user's ``static:PATH``),
