@@ -14,6 +14,7 @@ from engine.models import lm_scorer as S
 from engine.run.context import MemoryContext
 from engine.stages import loss as L
 from kernels import xent as X
+from tests.tiny_chat_lm import CHATML, build_tiny_chat_llama
 
 WORDS = str.split(
     "give three tips for staying healthy eat well sleep enough exercise daily what is two plus four the answer "
@@ -21,55 +22,16 @@ WORDS = str.split(
     "was long short name colors red green yellow explain why sky sunlight scatters more than other wavelengths "
     "you are helpful assistant thanks ok sure here list of numbers one five six seven eight nine ten"
 )
-TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nyou are a helpful assistant<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+TEMPLATE = CHATML
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        LlamaConfig,
-        LlamaForCausalLM,
-        PreTrainedTokenizerFast,
-    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = tmp_path_factory.mktemp("tiny_llama")
-    specials = ["<|im_start|>", "<|im_end|>", "[UNK]", "system", "user", "assistant"]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS + [f"w{i}" for i in range(200)]))}
-    vocab = dict(list(vocab.items())[:211])  # a prime vocabulary size: no power-of-two shortcut in the head
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="[UNK]"
-    )
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=vocab["<|im_end|>"],
-        eos_token_id=vocab["<|im_end|>"],
-    )
-    model = LlamaForCausalLM(cfg)
     # Larger head weights than the 0.02 init spread the losses (~2-9 nats), so the ratio test has teeth.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(40)
-    model.save_pretrained(folder)
+    build_tiny_chat_llama(folder, WORDS, fillers=200, vocab_size=211, hidden=64, max_positions=256, head_scale=40)
     tok = AutoTokenizer.from_pretrained(folder)
     m = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return str(folder), m, tok

@@ -17,46 +17,22 @@ import torch
 from engine.errors import UserError
 from engine.train import sft as S
 from engine.train.finetune import FinetuneConfig, finetune
+from tests.tiny_chat_lm import CHATML, build_tiny_chat_llama
 
 ROOT = Path(__file__).resolve().parents[3]
 WORDS = str.split(
     "you are a helpful assistant what is two plus four six count to five one three name colors red green blue "
     "say hello bonjour the sky answer yes no repeat after me cat dog"
 )
-TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nyou are a helpful assistant<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+TEMPLATE = CHATML
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     folder = tmp_path_factory.mktemp("tiny_sft_llama")
-    specials = ["<|im_start|>", "<|im_end|>", "[UNK]", "system", "user", "assistant"]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + WORDS + [f"w{i}" for i in range(80)]))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="[UNK]"
-    )
-    fast.chat_template = TEMPLATE
-    fast.save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                      tie_word_embeddings=False, pad_token_id=vocab["<|im_end|>"], eos_token_id=vocab["<|im_end|>"])  # fmt: skip
-    model = LlamaForCausalLM(cfg)
     # A 0.02-init head caps every logit near 0.6 whatever the hidden state: LoRA (which leaves the head alone) could
     # barely move the loss. A larger head lets a few steps show learning, as on a real model.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    model.save_pretrained(folder)
+    vocab = build_tiny_chat_llama(folder, WORDS, fillers=80, hidden=32, max_positions=128, head_scale=20)
     return str(folder), vocab
 
 
