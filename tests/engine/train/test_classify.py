@@ -174,25 +174,15 @@ def test_metrics_on_a_hand_checked_confusion():
     assert never["per_class"]["b"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
 
 
+def _finetune_args(train, data, out, *extra) -> list[str]:
+    """``cli.py finetune TRAIN --out OUT --val VAL --test TEST -q EXTRA...`` on the module's split."""
+    return ["finetune", str(train), "--out", str(out), "--val", str(data["val"]), "--test", str(data["test"]), "-q",
+            *extra]  # fmt: skip
+
+
 def test_cli_finetune_end_to_end(tiny, data, tmp_path, capsys):
     out = tmp_path / "m"
-    code = cli.main(
-        [
-            "finetune",
-            str(data["train"]),
-            "--out",
-            str(out),
-            "--val",
-            str(data["val"]),
-            "--test",
-            str(data["test"]),
-            "--model",
-            tiny,
-            "--strategy",
-            "head",
-            "-q",
-        ]
-    )
+    code = cli.main(_finetune_args(data["train"], data, out, "--model", tiny, "--strategy", "head"))
     assert code == 0
     printed = capsys.readouterr()
     assert printed.out.strip() == "" and "%|" not in printed.err and "Loading weights" not in printed.err, printed
@@ -203,8 +193,8 @@ def test_cli_finetune_end_to_end(tiny, data, tmp_path, capsys):
 
 def test_cli_finetune_quiet_encoder_strategy_prints_nothing(tiny, data, tmp_path, capsys):
     # Trainer prints its log dicts when its bar is off; -q must silence those too.
-    args = ["finetune", str(data["train"]), "--out", str(tmp_path / "m"), "--val", str(data["val"]), "--test",
-            str(data["test"]), "--model", tiny, "--strategy", "last-k", "--epochs", "1", "--max-steps", "12", "-q"]  # fmt: skip
+    args = _finetune_args(data["train"], data, tmp_path / "m", "--model", tiny, "--strategy", "last-k", "--epochs", "1",
+                          "--max-steps", "12")  # fmt: skip
     assert cli.main(args) == 0
     printed = capsys.readouterr()
     assert printed.out.strip() == "" and "'loss'" not in printed.err and "%|" not in printed.err, printed
@@ -224,20 +214,7 @@ def test_bad_flags_are_one_line(args, want, data, tmp_path, capsys):
     out = tmp_path / "m"
     args = [a.replace("{nope}", str(tmp_path / "nope")) for a in args]
     try:
-        code = cli.main(
-            [
-                "finetune",
-                str(data["train"]),
-                "--out",
-                str(out),
-                "--val",
-                str(data["val"]),
-                "--test",
-                str(data["test"]),
-                "-q",
-                *args,
-            ]
-        )
+        code = cli.main(_finetune_args(data["train"], data, out, *args))
     except SystemExit as e:
         code = e.code
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
@@ -248,20 +225,6 @@ def test_unlabelled_rows_are_a_user_error(tiny, data, tmp_path, capsys):
     train = pl.read_parquet(data["train"]).with_columns(pl.lit(None, pl.String).alias("label"))
     p = tmp_path / "nolabel.parquet"
     train.write_parquet(p)
-    code = cli.main(
-        [
-            "finetune",
-            str(p),
-            "--out",
-            str(tmp_path / "m"),
-            "--val",
-            str(data["val"]),
-            "--test",
-            str(data["test"]),
-            "--model",
-            tiny,
-            "-q",
-        ]
-    )
+    code = cli.main(_finetune_args(p, data, tmp_path / "m", "--model", tiny))
     err = capsys.readouterr().err
     assert code == 2 and "no row has a label" in err
