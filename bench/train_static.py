@@ -346,6 +346,15 @@ def fit_weights_map(
         return (torch.exp(logw)[:, None] * (torch.from_numpy(table.astype(np.float32)) @ w)).numpy()
 
 
+def _anchor_penalty(bag, flat, f0, f0_sq):
+    """Mean squared pull of the batch's token rows back to their starting vectors ``f0``, relative to |f0|^2."""
+    import torch
+
+    uniq = torch.unique(torch.from_numpy(flat))
+    rows_now = torch.nn.functional.embedding(uniq, bag.weight, sparse=True)
+    return (((rows_now - f0[uniq]) ** 2).sum(1) / f0_sq[uniq]).mean()
+
+
 def fit_table(
     init: np.ndarray,
     ids: np.ndarray,
@@ -390,9 +399,7 @@ def fit_table(
             pooled = bag(torch.from_numpy(flat), torch.from_numpy(offs))
             loss = batch_loss(pooled, y[torch.from_numpy(rows)], anchors, rank, tau)
             if reg > 0:
-                uniq = torch.unique(torch.from_numpy(flat))
-                rows_now = torch.nn.functional.embedding(uniq, bag.weight, sparse=True)
-                loss = loss + reg * (((rows_now - f0[uniq]) ** 2).sum(1) / f0_sq[uniq]).mean()
+                loss = loss + reg * _anchor_penalty(bag, flat, f0, f0_sq)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -471,9 +478,7 @@ def fit_bigrams(
             p = torch.nn.functional.normalize(x, dim=1)
             loss = (1 - (p * y[torch.from_numpy(rows)]).sum(1)).mean()
             if reg > 0:
-                uniq = torch.unique(torch.from_numpy(flat))
-                rows_now = torch.nn.functional.embedding(uniq, bag.weight, sparse=True)
-                loss = loss + reg * (((rows_now - f0[uniq]) ** 2).sum(1) / f0_sq[uniq]).mean()
+                loss = loss + reg * _anchor_penalty(bag, flat, f0, f0_sq)
             opt.zero_grad()
             loss.backward()
             opt.step()

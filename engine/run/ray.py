@@ -689,13 +689,9 @@ class _Where:
     iter_frames = GlobalContext.iter_frames
 
 
-class ExactDedupOnRay:
-    """The exact-dedup stage with its grouping on Ray Data: the map parts' ``content_hash`` values are grouped with
-    Ray Data's ``groupby`` (a distributed shuffle), and the stage itself then runs on the driver over the rows of
-    the hash groups with two or more copies only, plus one single-copy row, so that its counters read as on a corpus
-    without duplicates. A row alone in its group never changes verdict and the stage orders rows by (shard, row), so
-    its updates are the local engine's; the driver holds the duplicate groups instead of every kept row's hash.
-    (Map-time ``kept`` is a superset of the rows still kept when the stage runs; the stage recounts its groups.)"""
+class _StageOnRay:
+    """A global stage with part of its work on Ray: it wraps the registry's stage (``inner``), whose name, stats and
+    other attributes it shows as its own; ``info`` collects where each part ran, for the manifest."""
 
     def __init__(self, inner, info: dict | None = None):
         self.inner = inner
@@ -708,6 +704,15 @@ class ExactDedupOnRay:
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
+
+
+class ExactDedupOnRay(_StageOnRay):
+    """The exact-dedup stage with its grouping on Ray Data: the map parts' ``content_hash`` values are grouped with
+    Ray Data's ``groupby`` (a distributed shuffle), and the stage itself then runs on the driver over the rows of
+    the hash groups with two or more copies only, plus one single-copy row, so that its counters read as on a corpus
+    without duplicates. A row alone in its group never changes verdict and the stage orders rows by (shard, row), so
+    its updates are the local engine's; the driver holds the duplicate groups instead of every kept row's hash.
+    (Map-time ``kept`` is a superset of the rows still kept when the stage runs; the stage recounts its groups.)"""
 
     def run(self, ctx):
         import polars as pl
@@ -879,24 +884,12 @@ def _eq_task(a: np.ndarray, b: np.ndarray, pieces: list[dict]) -> np.ndarray:
     return _equal_counts(a, b, pieces)
 
 
-class NearDedupOnRay:
+class NearDedupOnRay(_StageOnRay):
     """The near-dedup stage with its band passes on Ray (the module docstring, "near dedup"): band keys in one task
     per map part, buckets grouped with Ray Data's ``groupby``, candidate pairs and their signature agreement per
     group; the driver replays the pairs in the local order (``engine.stages.dedup.replay_candidates``) and runs the
     local stage's second pass, survivors and star split. Falls back to the local stage for ``verify="exact"``,
     ``previous`` runs and contexts that are not a run folder."""
-
-    def __init__(self, inner, info: dict | None = None):
-        self.inner = inner
-        self.name = inner.name
-        self.info = info if info is not None else {}
-
-    @property
-    def stats(self):
-        return self.inner.stats
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
 
     def run(self, ctx):
         t0 = time.perf_counter()

@@ -657,19 +657,6 @@ def _star_split(order, bounds, surv, loc, sh, sh_off, kind, threshold, prm, prio
             first = False
 
 
-@njit(cache=True)
-def _est_jaccard(sig, a, b):
-    out = np.empty(a.shape[0], np.float32)
-    p = sig.shape[1]
-    for t in range(a.shape[0]):
-        eq = 0
-        for k in range(p):
-            if sig[a[t], k] == sig[b[t], k]:
-                eq += 1
-        out[t] = eq / p
-    return out
-
-
 @dataclass(frozen=True)
 class PairRule:
     """When two rows of one shingling path are near duplicates, and how their candidates are found."""
@@ -782,7 +769,7 @@ def near_duplicate_clusters(
         del keys
     return finish_clusters(parent, stats, bl, nbl, part, members, group, kind, prms, thresholds, priority, violations,
                            resp_len, sh, sh_off, exact, short is not None, exact_sets, star_cap,
-                           lambda a, b: _est_jaccard(sig, a, b))
+                           lambda a, b: (pair_equal_counts(sig, a, b) / sig.shape[1]).astype(np.float32))
 
 
 def finish_clusters(parent, stats, bl, nbl, part, members, group, kind, prms, thresholds, priority, violations,
