@@ -34,11 +34,10 @@ from engine.config import load_config
 from engine.train.compare import CompareConfig, compare
 from engine.train.finetune import FinetuneConfig
 
-# Candidate defaults for labelled data (the winnow arm itself is --method auto as it stands).
-# (Two candidates only: on the shared 2-core machine an arm x 3 seeds took minutes.)
-# The winnow arm is --method auto: on labelled data, drop label issues + proportional quotas + facility.
+# Candidate defaults for labelled data (two only: on the shared 2-core machine an arm x 3 seeds took minutes).
+# The winnow arm is --method auto: on labelled data, drop label issues + proportional quotas + stratified.
 VARIANTS = {
-    "facility": {"method": "facility", "label_issues": "keep", "balance": "none"},  # the previous default
+    "drop+facility+prop": {"method": "facility", "label_issues": "drop", "balance": "proportional"},  # the previous
     "drop+random+prop": {"method": "random", "label_issues": "drop", "balance": "proportional"},
 }
 SETS = {

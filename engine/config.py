@@ -87,7 +87,7 @@ class RunConfig:
 
 @dataclass
 class SelectConfig:
-    method: str = "auto"  # auto | facility | kcenter | deita | topk | random (engine/select/)
+    method: str = "auto"  # auto | facility | stratified | kcenter | deita | topk | random (engine/select/)
     score: str = ""  # topk's ranking column (higher is better unless ascending); "" = quality
     ascending: bool = False  # topk: take the lowest scores instead (e.g. a loss)
     budget: str = "0.2"  # a count ("5000"), a fraction ("0.2" or "20%"), or tokens ("tokens:2e6")
@@ -95,6 +95,7 @@ class SelectConfig:
     quality_weight: float = 1.0  # facility: lambda on quality; kcenter: weight of quality in [0, 1]
     neighbours: int = 16  # k of the kNN similarity graph (facility, deita, kcenter's graph path)
     epsilon: float = 0.0  # facility: 0 = lazy greedy; > 0 = stochastic greedy with this epsilon
+    strata_rows: int = 10  # stratified: about this many picks per k-means stratum
     tau: float = 0.9  # deita: cosine at or above which a row counts as too close to an accepted one
     kcenter: str = "auto"  # auto | exact | graph (engine/select/kcenter.py)
     balance: str = "none"  # none | equal | proportional | min:N (per-label quotas)
@@ -167,10 +168,10 @@ CORE_OPTIONS = [
 
 # Flags of selection (`select` and `run`); engine.select.selection.check_options checks what needs the columns.
 SELECT_OPTIONS = [
-    Option("--method", "method", "auto | facility | kcenter | deita | topk | random (default: auto = topk if --score "
-           "is given; on labelled rows scored for label noise, facility after dropping label issues, with "
-           "proportional label quotas; else facility)", section="select",
-           allowed=("auto", "facility", "kcenter", "deita", "topk", "random")),
+    Option("--method", "method", "auto | facility | stratified | kcenter | deita | topk | random (default: auto = "
+           "topk if --score is given; on labelled rows scored for label noise, stratified after dropping label "
+           "issues, with proportional label quotas; else facility)", section="select",
+           allowed=("auto", "facility", "stratified", "kcenter", "deita", "topk", "random")),
     Option("--score", "score", "topk's ranking column, higher is better (see --ascending); default: quality",
            section="select"),
     Option("--budget", "budget", "how much to select: a count (5000), a fraction of kept rows (0.2 or 20%), or tokens "
@@ -187,6 +188,8 @@ SELECT_OPTIONS = [
            allowed=Range(2, 1024)),
     Option("--epsilon", "epsilon", "facility: 0 = lazy greedy (exact greedy); in (0, 1) = stochastic greedy "
            "(default: 0)", float, section="select", allowed=Range(0, 1, hi_open=True)),
+    Option("--strata-rows", "strata_rows", "stratified: about this many picks per k-means stratum of the "
+           "embeddings (default: 10)", int, section="select", allowed=Range(1)),
     Option("--tau", "tau", "deita: cosine at or above which a row is too close to an accepted one (default: 0.9)",
            float, section="select", allowed=Range(-1, 1, lo_open=True)),
     Option("--kcenter", "kcenter", "kcenter path: auto | exact | graph (default: auto, by n x k)", section="select",

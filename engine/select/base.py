@@ -59,6 +59,7 @@ class Selector(ABC):
     name: ClassVar[str] = ""
     needs_embeddings: ClassVar[bool] = False
     params: ClassVar[tuple[str, ...]] = ()
+    partitioned: ClassVar[bool] = True  # past --partitions' size the selection runs as GreeDi rounds
 
     def __init__(self, config, seed: int = 0):
         self.config = config
@@ -91,4 +92,4 @@ def get(name: str) -> type[Selector]:
 
 def load_all() -> None:
     """Import every selector file (each registers itself)."""
-    from engine.select import deita, facility, kcenter, random_pick, topk  # noqa: F401
+    from engine.select import deita, facility, kcenter, random_pick, stratified, topk  # noqa: F401

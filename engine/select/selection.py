@@ -13,8 +13,9 @@ engine/select/greedi.py), oversamples labels below their quota, and writes:
 - ``SEL/manifest.json``: method, parameters, objective, quality formula, per-label and per-source counts before and
   after, the token count's source, seed, timings.
 The same inputs and seed give identical output. ``auto`` is ``topk`` when ``--score`` is given (or when the run
-has no embeddings: by quality), else ``facility``
-(the method with the evidence behind it: bench/RESULTS.md and the compare issue).
+has no embeddings: by quality); on labelled rows scored for label noise, ``stratified`` after dropping the rows
+flagged ``label_issue``, with proportional label quotas (``random`` within the quotas without embeddings); else
+``facility`` (the methods with the evidence behind them: bench/RESULTS.md and the compare issue).
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def label_issue_policy(config: SelectConfig, method: str, columns: set[str]) -> 
 
 
 # Measured with cli.py compare (bench/bench_compare.py): see the README's selection paragraph. ``auto`` on a run with
-# labels and the labels stage's scores: drop the rows flagged label_issue, keep the label mix of the kept rows
-# (proportional quotas), then this method within the quotas. {} = facility as for unlabelled rows.
+# labels and the labels stage's scores: drop the rows flagged label_issue, keep the label mix of the remaining rows
+# (proportional quotas), then this method within the quotas (stratified beat facility location on both sets and both
+# losses: engine/select/stratified.py). {} = facility as for unlabelled rows.
 AUTO_DROPS_LABEL_ISSUES = True
-AUTO_LABELLED: dict[str, str] = {"method": "facility", "balance": "proportional"}
+AUTO_LABELLED: dict[str, str] = {"method": "stratified", "balance": "proportional"}
 
 
 def _replace(config: SelectConfig, **changes) -> SelectConfig:
@@ -170,6 +172,8 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
             config = _replace(config, balance=AUTO_LABELLED["balance"])
     if config.method == "auto" and method == "facility" and "embedding" not in all_cols:
         method = "topk"  # no embeddings (scored with --embedder none): rank by quality instead
+    if config.method == "auto" and method == "stratified" and "embedding" not in all_cols:
+        method = "random"  # labelled rows without embeddings: a uniform draw within the quotas
     balance = B.Balance.parse(config.balance)
     cap = B.parse_cap(config.source_cap)
     sel = base.get(method)(config, seed)
@@ -188,9 +192,13 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
     kept, emb, rows_total, verdicts = _read_kept(files, cols, sel.needs_embeddings)
     read_s = time.perf_counter() - t_read
     if labelled_auto and AUTO_LABELLED and balance_given == "none" and kept["label"].null_count():
-        # a mixed corpus (instruction rows beside labelled ones): no quotas over the unlabelled rows
+        # a mixed corpus (instruction rows beside labelled ones): no quotas over the unlabelled rows, and facility
+        # location as for unlabelled rows (the stratified evidence is on classification sets)
         config = _replace(config, balance="none")
         balance = B.Balance.parse("none")
+        if method == "stratified":
+            method = "facility"
+            sel = base.get(method)(config, seed)
     rows_kept = kept.height
     issues_dropped = None
     if drop_issues:
@@ -359,7 +367,7 @@ def _with_repeats(order: np.ndarray, lab_codes: np.ndarray, caps: np.ndarray) ->
 def _run(sel, cands, k: int, limits, parts: int):
     from engine.select.greedi import greedi
 
-    if parts > 1 and len(cands) > k:
+    if parts > 1 and len(cands) > k and sel.partitioned:
         return greedi(sel, cands, k, limits, parts)
     return sel.select(cands, k, limits)
 

@@ -10,7 +10,9 @@
    (``OUT/pool``; one embedding cache, ``OUT/embed_cache``, serves both runs), so dedup, rules and label noise see
    the damage. ``pool_injected`` in compare.json says which verdicts the planted rows got.
 4. **Arms**, each a list of training rows, every arm the same count k = the budget (a fraction is of the pool's rows):
-   - ``winnow``: ``select`` with the given method and options (``--method``, ``--balance``, ...: the same flags);
+   - ``winnow``: ``select`` with the given method and options (``--method``, ``--balance``, ...: the same flags),
+     once per seed with that seed (``OUT/arms/winnow/seed<s>/selected``): a method that draws (the labelled
+     default, stratified) is measured over its draws, as random is; a deterministic one selects the same rows;
    - ``random``: k rows drawn uniformly from the whole pool, damage included (what a user without winnow trains on),
      one draw per seed;
    - ``oracle`` (with ``--corrupt``): k rows drawn from the undamaged rows, per seed;
@@ -198,16 +200,24 @@ def compare(
     sel_cfg = copy.deepcopy(config.select)
     sel_cfg.budget = str(k)
     log(f"selecting {k:,} of {scores.height:,} pool rows ({kept.height:,} kept) with winnow")
-    sel_man = select(out / "pool", out / "arms" / "winnow" / "selected", sel_cfg, seed=cc.seed)
-    chosen = pl.read_parquet(
-        out / "arms" / "winnow" / "selected" / "selected.parquet", columns=["id", "selection_repeats"]
-    )
-    winnow_rows = _with_repeats(chosen.join(scores, on="id", how="left"))
+
+    def selections(cfg, arm: str) -> tuple[dict, list[pl.DataFrame]]:
+        """One selection per seed (``select``'s seed = the run's seed): a method that draws (stratified, random,
+        stochastic greedy) is measured over its draws as random is over its own; a deterministic one repeats."""
+        mans, frames = [], []
+        for s in seeds:
+            d = out / "arms" / arm / f"seed{s}" / "selected"
+            mans.append(select(out / "pool", d, cfg, seed=s))
+            chosen = pl.read_parquet(d / "selected.parquet", columns=["id", "selection_repeats"])
+            frames.append(_with_repeats(chosen.join(scores, on="id", how="left")))
+        return mans[0], frames
+
+    sel_man, winnow_frames = selections(sel_cfg, "winnow")
     arms: dict[str, tuple[str, list[pl.DataFrame]]] = {
         "winnow": (
             sel_man["method"]
             + (f", balance {sel_man['balance']}" if sel_man.get("balance") not in (None, "none") else ""),
-            [winnow_rows] * len(seeds),
+            winnow_frames,
         ),
         "random": (
             "uniform over the pool",
@@ -225,14 +235,8 @@ def compare(
         for f, v in over.items():
             setattr(vcfg, f, v)
         vcfg.budget = str(k)
-        vdir = out / "arms" / f"winnow-{vname}" / "selected"
-        vman = select(out / "pool", vdir, vcfg, seed=cc.seed)
-        vrows = _with_repeats(
-            pl.read_parquet(vdir / "selected.parquet", columns=["id", "selection_repeats"]).join(
-                scores, on="id", how="left"
-            )
-        )
-        arms[f"winnow:{vname}"] = (f"{vman['method']} {json.dumps(over)}", [vrows] * len(seeds))
+        vman, vframes = selections(vcfg, f"winnow-{vname}")
+        arms[f"winnow:{vname}"] = (f"{vman['method']} {json.dumps(over)}", vframes)
     if cc.full:
         arms["full"] = ("every kept row", [kept] * len(seeds))
     if cc.raw:

@@ -25,7 +25,8 @@ from kernels.farthest_point import farthest_point_reference
 
 
 def _cfg(**kw):
-    d = dict(quality_weight=0.0, neighbours=8, epsilon=0.0, tau=0.9, kcenter="auto", score="", ascending=False)
+    d = dict(quality_weight=0.0, neighbours=8, epsilon=0.0, tau=0.9, kcenter="auto", score="", ascending=False,
+             strata_rows=10)
     d.update(kw)
     return SimpleNamespace(**d)
 
@@ -184,7 +185,7 @@ def test_label_quotas():
     assert Budget.parse("20%").rows(50) == 10 and Budget.parse("tokens:5").rows(50) == 50
 
 
-METHODS = ["facility", "kcenter", "deita", "topk", "random"]
+METHODS = ["facility", "stratified", "kcenter", "deita", "topk", "random"]
 X_PROP, LAB_PROP = _clusters(8, 25, spread=0.2, seed=9)
 
 
@@ -228,3 +229,44 @@ def test_deita_on_the_graph_equals_the_dense_scan_when_no_row_is_dense():
     xr = _unit(np.asarray(_cands(x).emb, np.float32))
     ref = diversity_scan_reference(np.argsort(-q, kind="stable"), xr, 0.6, 80)
     assert got.order.tolist() == ref.tolist()
+
+
+def test_stratified_takes_each_planted_region_in_proportion_where_random_strays():
+    # one label, regions of 600 / 300 / 100 rows far apart: a 50-row sample should hold 30 / 15 / 5 of them
+    rng = np.random.default_rng(3)
+    centres = _unit(rng.normal(size=(3, 32)))
+    region = np.repeat([0, 1, 2], [600, 300, 100])
+    x = _unit(centres[region] + rng.normal(size=(1000, 32)) * 0.05)
+    c = _cands(x)
+    dev = {"stratified": [], "random": []}
+    for seed in range(20):
+        for method, devs in dev.items():
+            got = base.get(method)(_cfg(strata_rows=10), seed=seed).select(c, 50, Limits.none(1000))
+            counts = np.bincount(region[got.order], minlength=3)
+            devs.append(int(np.abs(counts - [30, 15, 5]).max()))
+    # proportional allocation: each k-means stratum within one row of its share, a region (one or two strata) within
+    # two; a uniform draw strays by 3.5 rows on average here (the variance stratification removes)
+    assert max(dev["stratified"]) <= 2 and np.mean(dev["stratified"]) <= 1
+    assert np.mean(dev["random"]) >= 2.5
+    a = base.get("stratified")(_cfg(), seed=0).select(c, 50, Limits.none(1000)).order
+    b = base.get("stratified")(_cfg(), seed=1).select(c, 50, Limits.none(1000)).order
+    assert set(a.tolist()) != set(b.tolist())  # the rows within a region are a seeded draw
+
+
+def test_stratified_order_keeps_every_prefix_proportional():
+    from engine.select.stratified import stratified_order
+
+    strata = np.repeat(np.arange(4), [400, 300, 200, 100])
+    order = stratified_order(strata, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(1000))
+    for k in (1, 7, 10, 55, 333, 999):
+        counts = np.bincount(strata[order[:k]], minlength=4)
+        assert np.all(np.abs(counts - k * np.array([0.4, 0.3, 0.2, 0.1])) <= 1.0), (k, counts)
+
+
+def test_stratified_strata_stay_inside_each_label():
+    x, _ = _clusters(4, 50, spread=0.3, seed=5)
+    labels = np.array([f"L{v % 2}" for v in range(len(x))], dtype=object)  # labels cut across the regions
+    got = base.get("stratified")(_cfg(strata_rows=5), seed=0).select(_cands(x, labels=labels), 40, Limits.none(200))
+    assert len(got.order) == 40 and got.info["strata"] >= 8
+    assert abs(int((labels[got.order] == "L1").sum()) - 20) <= 2  # each label's strata take its share

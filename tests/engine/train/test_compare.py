@@ -155,6 +155,17 @@ def test_compare_json_has_every_arm(report):
     assert sum(v["rows"] for v in r["pool_injected"].values()) == sum(r["pool"]["planted"].values())
 
 
+def test_winnow_selects_once_per_seed_with_that_seed(report):
+    out, r = report
+    assert r["recipe"]["selection"]["method"] == "stratified"  # the labelled default: a seeded stratified draw
+    ids = []
+    for s in r["recipe"]["seeds"]:
+        man = json.loads((out / "arms" / "winnow" / f"seed{s}" / "selected" / "manifest.json").read_text())
+        assert man["seed"] == s and man["label_issues_dropped"] is not None
+        ids.append(set(pl.read_parquet(out / "arms" / "winnow" / f"seed{s}" / "selected" / "selected.parquet")["id"]))
+    assert ids[0] != ids[1]  # two draws of the method, measured as random's draws are
+
+
 def test_oracle_never_selects_an_injected_row(report):
     _, r = report
     oracle = next(a for a in r["arms"] if a["name"] == "oracle")
