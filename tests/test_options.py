@@ -159,6 +159,7 @@ CASES = [
     (SELECTING, "--neighbours 1", "--neighbours 1"),
     (SELECTING, "--epsilon 1", "--epsilon 1"),
     (SELECTING, "--tau 2", "--tau 2"),
+    (SELECTING, "--strata-rows 0", "--strata-rows 0"),
     (SELECTING, "--kcenter fast", "--kcenter fast"),
     (SELECTING, "--balance some", "--balance some"),
     (SELECTING, "--balance min:0", "--balance min:0"),
