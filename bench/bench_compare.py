@@ -48,7 +48,7 @@ CORRUPT = "labels=0.2,dups=0.1,junk=0.05"
 
 
 def summary(r: dict) -> dict:
-    gains = {g["arm"]: g for g in r["gains"] if g["metric"] == "macro_f1"}
+    gains = {g["arm"]: g for g in r["gains"] if g["metric"] == "macro_f1" and g["vs"] == "random"}
     arms = {}
     for a in r["arms"]:
         g = gains.get(a["name"])
@@ -69,6 +69,11 @@ def summary(r: dict) -> dict:
         "pool": r["pool"]["rows"],
         "test_rows": r["pool"]["test_rows"],
         "recovered": r.get("oracle_gap_recovered"),
+        "winnow_vs_full": next(
+            ({"gain": round(g["mean"], 4), "ci95": [round(x, 4) for x in g["ci95"]]}
+             for g in r["gains"] if g["metric"] == "macro_f1" and g["vs"] == "full"),
+            None,
+        ),
         "arms": arms,
         "seconds": r["seconds"],
     }

@@ -22,12 +22,13 @@
    ``--seed`` .. ``--seed`` + N - 1: training seed, and the draw for random and oracle) and is evaluated on the same
    test rows.
 5. **Evidence**: per arm the mean and std of test macro-F1 and accuracy over seeds; per arm the gain over random with
-   a paired bootstrap 95% interval over test rows (engine/train/bootstrap.py); how many rows of each planted kind
+   a paired bootstrap 95% interval over test rows (engine/train/bootstrap.py), and with ``--full`` winnow's gain over
+   all kept rows (``vs: "full"``); how many rows of each planted kind
    each run trained on. Printed as a table, written to ``OUT/compare.json`` and drawn in ``OUT/compare.png``.
 
 compare.json: ``{"command", "task", "metric": "macro_f1", "budget", "recipe", "pool", "pool_injected", "arms":
 [{"name", "method", "runs": [{"seed", "n", "macro_f1", "accuracy", "injected": {kind: k}, "labels": {label: k}}],
-"mean": {...}, "std": {...}}], "gains": [{"arm", "vs": "random", "metric", "mean", "ci95": [lo, hi]}], "plot"}``.
+"mean": {...}, "std": {...}}], "gains": [{"arm", "vs": "random"|"full", "metric", "mean", "ci95": [lo, hi]}], "plot"}``.
 """
 
 from __future__ import annotations
@@ -298,15 +299,18 @@ def compare(
         from engine.train.bootstrap import paired_bootstrap
 
         gains = []
-        for name, runs_preds in preds.items():
-            if name == "random":
-                continue
+        # every arm against random; then winnow against all kept rows, the question a user asks next ("would
+        # training on everything have been better?"): the same paired bootstrap, vs "full"
+        pairs = [(name, "random") for name in preds if name != "random"]
+        if "winnow" in preds and "full" in preds:
+            pairs.append(("winnow", "full"))
+        for name, vs in pairs:
             for metric in ("macro_f1", "accuracy"):
-                g = paired_bootstrap(y_test, runs_preds, preds["random"], len(labels_all), metric, cc.n_boot, cc.seed)
+                g = paired_bootstrap(y_test, preds[name], preds[vs], len(labels_all), metric, cc.n_boot, cc.seed)
                 gains.append(
                     {
                         "arm": name,
-                        "vs": "random",
+                        "vs": vs,
                         "metric": metric,
                         "mean": g["mean"],
                         "ci95": g["ci95"],
@@ -371,7 +375,7 @@ def compare(
 
 def _recovered(results: list[dict], gains: list[dict]) -> float | None:
     """winnow's gain over random as a share of the oracle's (macro-F1), when there is an oracle with a gain."""
-    g = {x["arm"]: x["mean"] for x in gains if x["metric"] == "macro_f1"}
+    g = {x["arm"]: x["mean"] for x in gains if x["metric"] == "macro_f1" and x["vs"] == "random"}
     if "oracle" not in g or "winnow" not in g or g["oracle"] <= 0:
         return None
     return round(g["winnow"] / g["oracle"], 4)
@@ -393,10 +397,14 @@ def table(report: dict) -> str:
             continue
         lo, hi = g["ci95"]
         verdict = "better" if lo > 0 else ("worse" if hi < 0 else "no clear difference")
-        lines.append(
-            f"gain of {g['arm']} over random: {100 * g['mean']:+.2f} macro-F1 points, 95% interval "
+        vs = "all kept rows (full)" if g["vs"] == "full" else g["vs"]
+        line = (
+            f"gain of {g['arm']} over {vs}: {100 * g['mean']:+.2f} macro-F1 points, 95% interval "
             f"[{100 * lo:+.2f}, {100 * hi:+.2f}] ({verdict})"
         )
+        if g["vs"] == "full" and hi < 0:
+            line += ": at this budget, training on every kept row is better than the selection"
+        lines.append(line)
     if report.get("oracle_gap_recovered") is not None:
         lines.append(f"winnow recovers {100 * report['oracle_gap_recovered']:.0f}% of the oracle's gain over random")
     return "\n".join(lines)
@@ -410,7 +418,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     arms = report["arms"]
-    gains = {g["arm"]: g for g in report["gains"] if g["metric"] == "macro_f1"}
+    gains = {g["arm"]: g for g in report["gains"] if g["metric"] == "macro_f1" and g["vs"] == "random"}
     fig, ax = plt.subplots(figsize=(1.6 * len(arms) + 2, 4))
     x = np.arange(len(arms))
     means = [a["mean"]["macro_f1"] for a in arms]

@@ -14,6 +14,7 @@ import cli
 from engine.errors import UserError
 from engine.train.bootstrap import batched_metric, paired_bootstrap
 from engine.train.classify import metrics_of
+from engine.train.compare import table as compare_table
 from engine.train.corrupt import corrupt, parse_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -147,10 +148,17 @@ def test_compare_json_has_every_arm(report):
     raw = next(a for a in r["arms"] if a["name"] == "raw")
     assert raw["runs"][0]["n"] == pool_rows
     assert raw["runs"][0]["injected"] == r["pool"]["planted"]  # every planted row is in the raw pool
-    arms_with_gain = {g["arm"] for g in r["gains"]}
-    assert arms_with_gain == {"winnow", "oracle", "full", "raw"}
+    arms_with_gain = {(g["arm"], g["vs"]) for g in r["gains"]}
+    assert arms_with_gain == {("winnow", "random"), ("oracle", "random"), ("full", "random"), ("raw", "random"),
+                              ("winnow", "full")}
     for g in r["gains"]:
-        assert g["vs"] == "random" and g["ci95"][0] <= g["mean"] <= g["ci95"][1]
+        assert g["ci95"][0] <= g["mean"] <= g["ci95"][1]
+    # winnow vs all kept rows is its own paired bootstrap: its mean is the difference of the two gains over random
+    # (the same test rows and resamples, macro-F1 being a function of the predictions only)
+    by = {(g["arm"], g["vs"], g["metric"]): g["mean"] for g in r["gains"]}
+    mean_f1 = {a["name"]: a["mean"]["macro_f1"] for a in r["arms"]}
+    assert by[("winnow", "full", "macro_f1")] == pytest.approx(mean_f1["winnow"] - mean_f1["full"], abs=1e-9)
+    assert "over all kept rows (full)" in compare_table(r)
     assert (out / "compare.png").stat().st_size > 1000
     assert sum(v["rows"] for v in r["pool_injected"].values()) == sum(r["pool"]["planted"].values())
 
