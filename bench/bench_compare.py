@@ -69,9 +69,13 @@ def summary(r: dict) -> dict:
         "pool": r["pool"]["rows"],
         "test_rows": r["pool"]["test_rows"],
         "recovered": r.get("oracle_gap_recovered"),
+        "recovered_ci95": r.get("oracle_gap_recovered_ci95"),
         "winnow_vs_full": next(
-            ({"gain": round(g["mean"], 4), "ci95": [round(x, 4) for x in g["ci95"]]}
-             for g in r["gains"] if g["metric"] == "macro_f1" and g["vs"] == "full"),
+            (
+                {"gain": round(g["mean"], 4), "ci95": [round(x, 4) for x in g["ci95"]]}
+                for g in r["gains"]
+                if g["metric"] == "macro_f1" and g["vs"] == "full"
+            ),
             None,
         ),
         "arms": arms,

@@ -1,7 +1,7 @@
 """Selection at scale, side by side with the anchors in one run.
 
     python bench/bench_select.py --part anchors   # n = 10k, 50k, k = 1,000: winnow vs apricot, submodlib, SemHash
-    python bench/bench_select.py --part scale     # n = 1M, 384-d float16, k = 100k: facility and kcenter
+    python bench/bench_select.py --part scale     # n = 1M, 384-d float16, k = 100k: facility, kcenter, stratified
     python bench/bench_select.py --part greedi    # n = 10M (memory-mapped) via GreeDi partitions vs 1M centralised
 
 Embeddings: bench/select_data.py's Gaussian mixture on the sphere (uneven cluster sizes, intra-cluster cosine about
@@ -52,7 +52,7 @@ def _winnow_child(emb_path: str, k: int, method: str, parts: int, epsilon: float
     if parts <= 1:
         emb = np.ascontiguousarray(emb)
     cfg = SimpleNamespace(quality_weight=0.0, neighbours=16, epsilon=epsilon, tau=0.9, kcenter="auto", score="",
-                          ascending=False)
+                          ascending=False, strata_rows=10)
     sel = base.get(method)(cfg, seed=0)
     sel.select(warm, 30, Limits.none(300))
     cands = Candidates(np.arange(n), np.full(n, 0.5, np.float32), np.ones(n), emb=emb)
@@ -130,13 +130,13 @@ def part_anchors(sizes=(10_000, 50_000), k=1000, semhash_k=(1000, 10_000)) -> No
                 append_result(f"select_semhash_k{ks}", "winnow", n, "seconds", w2["seconds"])
 
 
-def part_scale(n=1_000_000, k=100_000) -> None:
+def part_scale(n=1_000_000, k=100_000, methods=("facility", "kcenter", "stratified")) -> None:
     emb = clustered_embeddings(n, 384, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "emb.npy")
         np.save(path, emb)
         del emb
-        for method in ("facility", "kcenter"):
+        for method in methods:
             w = run_winnow(path, k, method)
             print(f"n={n:,} k={k:,} {method}: {w['seconds']:.1f} s, peak {w['peak_rss_mib'] / 1024:.2f} GiB, "
                   f"{w['info']}")
@@ -176,11 +176,12 @@ def main() -> None:
     ap.add_argument("--part", choices=["anchors", "scale", "greedi"], default="anchors")
     ap.add_argument("--n", type=int, default=0)
     ap.add_argument("--k", type=int, default=0)
+    ap.add_argument("--methods", default="facility,kcenter,stratified", help="--part scale: the selectors to time")
     a = ap.parse_args()
     if a.part == "anchors":
         part_anchors()
     elif a.part == "scale":
-        part_scale(a.n or 1_000_000, a.k or 100_000)
+        part_scale(a.n or 1_000_000, a.k or 100_000, tuple(a.methods.split(",")))
     else:
         part_greedi(a.n or 10_000_000, a.k or 100_000)
 

@@ -1042,6 +1042,9 @@ def _compare(r: _Run) -> str:
         for k in ("budget", "pool"):  # small records: their scalar fields on one line
             if isinstance(c.get(k), dict):
                 facts[k] = ", ".join(f"{kk}={vv}" for kk, vv in c[k].items() if isinstance(vv, (int, float, str)))
+        share_ci = c.get("oracle_gap_recovered_ci95")
+        if isinstance(share_ci, list) and len(share_ci) == 2 and all(isinstance(v, (int, float)) for v in share_ci):
+            facts["oracle_gap_recovered_ci95"] = f"[{share_ci[0]:.3f}, {share_ci[1]:.3f}]"
         body = _metric_table(facts)
         recipe = _dict(c.get("recipe"))
         if recipe:

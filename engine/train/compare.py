@@ -319,6 +319,12 @@ def compare(
                     }
                 )
         oracle_gap = _recovered(results, gains)
+        oracle_gap_ci = None
+        if oracle_gap is not None and "oracle" in preds:
+            from engine.train.bootstrap import share_bootstrap
+
+            oracle_gap_ci = share_bootstrap(y_test, preds["winnow"], preds["random"], preds["oracle"],
+                                            len(labels_all), "macro_f1", cc.n_boot, cc.seed)["ci95"]  # fmt: skip
         report = {
             "command": command,
             "task": "classification",
@@ -355,6 +361,7 @@ def compare(
             "arms": results,
             "gains": gains,
             "oracle_gap_recovered": oracle_gap,
+            "oracle_gap_recovered_ci95": None if oracle_gap_ci is None else [round(x, 4) for x in oracle_gap_ci],
             "plot": "compare.png",
             "seconds": round(time.perf_counter() - t_start, 1),
         }
@@ -406,7 +413,11 @@ def table(report: dict) -> str:
             line += ": at this budget, training on every kept row is better than the selection"
         lines.append(line)
     if report.get("oracle_gap_recovered") is not None:
-        lines.append(f"winnow recovers {100 * report['oracle_gap_recovered']:.0f}% of the oracle's gain over random")
+        ci = report.get("oracle_gap_recovered_ci95")
+        span = f", 95% interval [{100 * ci[0]:.0f}%, {100 * ci[1]:.0f}%] over test rows" if ci else ""
+        lines.append(
+            f"winnow recovers {100 * report['oracle_gap_recovered']:.0f}% of the oracle's gain over random{span}"
+        )
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import cli
 from engine.errors import UserError
-from engine.train.bootstrap import batched_metric, paired_bootstrap
+from engine.train.bootstrap import batched_metric, paired_bootstrap, share_bootstrap
 from engine.train.classify import metrics_of
 from engine.train.compare import table as compare_table
 from engine.train.corrupt import corrupt, parse_spec
@@ -78,6 +78,24 @@ def test_bootstrap_covers_a_known_difference_and_is_deterministic():
     assert f["ci95"][0] < full < f["ci95"][1]
     same = paired_bootstrap(y, [a], [a], 3, "macro_f1", n_boot=100, seed=0)
     assert same["mean"] == 0 and same["ci95"] == [0.0, 0.0]
+
+
+def test_share_of_the_oracle_gain_covers_a_planted_share():
+    # planted accuracies: random 0.60, oracle 0.80, arm 0.75 -> the arm recovers (0.75 - 0.60) / (0.80 - 0.60) = 75%
+    rng = np.random.default_rng(3)
+    n = 6000
+    y = rng.integers(0, 3, n)
+    u = rng.random(n)  # one uniform per row: the arms err on nested row sets, so the accuracies are exact in-sample
+    arm, base, best = (np.where(u < acc, y, (y + 1) % 3) for acc in (0.75, 0.60, 0.80))
+    r = share_bootstrap(y, [arm], [base], [best], 3, "accuracy", n_boot=400, seed=0)
+    want = ((arm == y).mean() - (base == y).mean()) / ((best == y).mean() - (base == y).mean())
+    assert r["share"] == pytest.approx(want) and abs(want - 0.75) < 0.03
+    assert r["ci95"][0] < want < r["ci95"][1] and r["ci95"][1] - r["ci95"][0] < 0.1
+    assert share_bootstrap(y, [best], [base], [best], 3, "accuracy", n_boot=50)["ci95"] == [1.0, 1.0]
+    assert share_bootstrap(y, [base], [base], [best], 3, "accuracy", n_boot=50)["ci95"] == [0.0, 0.0]
+    # an oracle that does not beat random: no share, no interval
+    nothing = share_bootstrap(y, [arm], [best], [base], 3, "accuracy", n_boot=50)
+    assert nothing["share"] is None and nothing["ci95"] is None
 
 
 def test_batched_macro_f1_equals_metrics_of():
@@ -149,8 +167,13 @@ def test_compare_json_has_every_arm(report):
     assert raw["runs"][0]["n"] == pool_rows
     assert raw["runs"][0]["injected"] == r["pool"]["planted"]  # every planted row is in the raw pool
     arms_with_gain = {(g["arm"], g["vs"]) for g in r["gains"]}
-    assert arms_with_gain == {("winnow", "random"), ("oracle", "random"), ("full", "random"), ("raw", "random"),
-                              ("winnow", "full")}
+    assert arms_with_gain == {
+        ("winnow", "random"),
+        ("oracle", "random"),
+        ("full", "random"),
+        ("raw", "random"),
+        ("winnow", "full"),
+    }
     for g in r["gains"]:
         assert g["ci95"][0] <= g["mean"] <= g["ci95"][1]
     # winnow vs all kept rows is its own paired bootstrap: its mean is the difference of the two gains over random
@@ -159,6 +182,8 @@ def test_compare_json_has_every_arm(report):
     mean_f1 = {a["name"]: a["mean"]["macro_f1"] for a in r["arms"]}
     assert by[("winnow", "full", "macro_f1")] == pytest.approx(mean_f1["winnow"] - mean_f1["full"], abs=1e-9)
     assert "over all kept rows (full)" in compare_table(r)
+    ci = r["oracle_gap_recovered_ci95"]  # None only when the tiny oracle's gain is not clearly above zero
+    assert ci is None or ci[0] <= r["oracle_gap_recovered"] <= ci[1]
     assert (out / "compare.png").stat().st_size > 1000
     assert sum(v["rows"] for v in r["pool_injected"].values()) == sum(r["pool"]["planted"].values())
 
