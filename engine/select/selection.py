@@ -263,6 +263,8 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
         cap_codes, _ = B.codes(pool.sources)
         cap_n = int(cap) if cap >= 1 else max(1, math.floor(cap * k))
     parts = config.partitions or max(1, math.ceil(m / PARTITION_ROWS))
+    if not sel.partitioned:
+        parts = 1  # a method that is linear in the rows (stratified): no GreeDi rounds, and the manifest says 1
     t_sel = time.perf_counter()
     repeats = None
     if balance.kind in ("equal", "proportional"):

@@ -55,7 +55,7 @@ def _sel(out, tmp, name, **kw):
     return m, pl.read_parquet(tmp / name / "selected.parquet")
 
 
-@pytest.mark.parametrize("method", ["facility", "kcenter", "deita", "topk", "random"])
+@pytest.mark.parametrize("method", ["facility", "kcenter", "deita", "topk", "random", "stratified"])
 def test_only_kept_rows_with_selection_columns(run, method):
     tmp, out = run
     m, df = _sel(out, tmp, f"s_{method}", method=method, budget="50")
@@ -70,6 +70,15 @@ def test_only_kept_rows_with_selection_columns(run, method):
     assert len(lines) == n  # the input's own rows, once each
     again, df2 = _sel(out, tmp, f"s2_{method}", method=method, budget="50")
     assert df2.sort("selection_rank")["id"].to_list() == df.sort("selection_rank")["id"].to_list()
+
+
+def test_partitions_are_recorded_as_run(run):
+    # --partitions 3 runs facility as GreeDi rounds; stratified is linear in the rows and ignores them, and says so
+    tmp, out = run
+    m, df = _sel(out, tmp, "parts_facility", method="facility", budget="30", partitions=3)
+    assert m["partitions"] == 3 and df.height == 30
+    m, df = _sel(out, tmp, "parts_stratified", method="stratified", budget="30", partitions=3)
+    assert m["partitions"] == 1 and df.height == 30 and m["method_info"]["strata"] >= 3
 
 
 def test_auto_is_facility_and_topk_with_a_score(run):
