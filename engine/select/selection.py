@@ -196,8 +196,8 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
         # location as for unlabelled rows (the stratified evidence is on classification sets)
         config = _replace(config, balance="none")
         balance = B.Balance.parse("none")
-        if method == "stratified":
-            method = "facility"
+        if config.method == "auto" and method in ("stratified", "random"):
+            method = "facility" if "embedding" in all_cols else "topk"  # as for unlabelled rows (above)
             sel = base.get(method)(config, seed)
     rows_kept = kept.height
     issues_dropped = None

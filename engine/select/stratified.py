@@ -31,7 +31,8 @@ from engine.select.base import Candidates, Picked, Selector, selector
 from engine.select.budget import Limits
 from kernels.quota import take_in_order
 
-MAX_STRATA = 2048  # k-means centroids over all labels together: past this, strata hold more than --strata-rows picks
+MAX_STRATA = 2048  # k-means centroids over all labels together (each label has at least one, so more labels than
+# this give one stratum per label): past it, strata hold more than --strata-rows picks
 ASSIGN_BLOCK = 65_536  # rows per assignment block (float32 copies of the float16 embeddings)
 
 
@@ -44,7 +45,7 @@ def strata_of(emb: np.ndarray, m: int, seed: int) -> np.ndarray:
 
     rng = np.random.default_rng(seed)
     fit = emb[np.sort(rng.choice(n, min(n, 64 * m), replace=False))].astype(np.float32)
-    km = faiss.Kmeans(emb.shape[1], m, niter=10, seed=seed, spherical=True, max_points_per_centroid=64,
+    km = faiss.Kmeans(emb.shape[1], m, niter=10, seed=seed % 2**31,  # faiss takes a C int spherical=True, max_points_per_centroid=64,
                      min_points_per_centroid=1)
     km.train(fit)
     out = np.empty(n, np.int64)
@@ -78,7 +79,8 @@ class Stratified(Selector):
     params = ("strata_rows",)
     partitioned = False  # linear in the rows: no GreeDi rounds
 
-    def select(self, cands: Candidates, k: int, limits: Limits, init: np.ndarray | None = None) -> Picked:
+    def strata(self, cands: Candidates, k: int) -> np.ndarray:
+        """(n,) int64 stratum of each candidate: k-means within each label, never across two."""
         n = len(cands)
         if cands.labels is not None:
             _, group = np.unique(np.asarray(cands.labels).astype(str), return_inverse=True)
@@ -92,6 +94,10 @@ class Stratified(Selector):
             m = max(1, min(len(idx), round(total * len(idx) / max(n, 1))))
             strata[idx] = base + strata_of(cands.emb[idx], m, self.seed)
             base += m
+        return strata
+
+    def select(self, cands: Candidates, k: int, limits: Limits, init: np.ndarray | None = None) -> Picked:
+        strata = self.strata(cands, k)
         order = stratified_order(strata, np.random.default_rng(self.seed))
         if init is not None and len(init):
             order = order[~np.isin(order, init)]

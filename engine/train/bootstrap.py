@@ -88,7 +88,7 @@ def share_bootstrap(
     the share of ``best``'s gain over ``base`` that ``a`` recovers, with the three arms' metrics taken on the same
     resamples of the test rows (the seed and resamples of :func:`paired_bootstrap`). ``share`` is None when ``best``
     does not beat ``base``; ``ci95`` is None unless best's gain is above zero in at least 97.5% of the resamples
-    (otherwise a near-zero denominator makes the percentiles meaningless)."""
+    and both percentiles are finite (a near-zero denominator makes them meaningless)."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     y = np.asarray(y, np.int64)
@@ -112,7 +112,9 @@ def share_bootstrap(
     if share is not None and dens:
         u, v = np.concatenate(nums), np.concatenate(dens)
         if (v > 0).mean() >= 0.975:
-            r = np.where(v > 0, u / np.where(v > 0, v, 1), np.nan)
-            lo, hi = np.nanpercentile(r, [2.5, 97.5])
-            ci = [float(lo), float(hi)]
+            # a resample where best does not beat base has no share: it counts as -inf or +inf (the sign of a's
+            # gain), so it widens the interval instead of being dropped from its tail
+            r = np.where(v > 0, u / np.where(v > 0, v, 1), np.where(u > 0, np.inf, -np.inf))
+            lo, hi = np.percentile(r, [2.5, 97.5], method="nearest")
+            ci = [float(lo), float(hi)] if np.isfinite([lo, hi]).all() else None
     return {"share": share, "ci95": ci, "n_boot": int(n_boot), "rows": int(n)}

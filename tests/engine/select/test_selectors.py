@@ -267,6 +267,11 @@ def test_stratified_order_keeps_every_prefix_proportional():
 def test_stratified_strata_stay_inside_each_label():
     x, _ = _clusters(4, 50, spread=0.3, seed=5)
     labels = np.array([f"L{v % 2}" for v in range(len(x))], dtype=object)  # labels cut across the regions
-    got = base.get("stratified")(_cfg(strata_rows=5), seed=0).select(_cands(x, labels=labels), 40, Limits.none(200))
-    assert len(got.order) == 40 and got.info["strata"] >= 8
+    sel = base.get("stratified")(_cfg(strata_rows=5), seed=0)
+    strata = sel.strata(_cands(x, labels=labels), 40)
+    # every stratum holds one label, and each label gets strata in proportion to its rows (4 + 4 of 8)
+    assert all(len(set(labels[strata == s])) == 1 for s in np.unique(strata))
+    assert [len(np.unique(strata[labels == lab])) for lab in ("L0", "L1")] == [4, 4]
+    got = sel.select(_cands(x, labels=labels), 40, Limits.none(200))
+    assert len(got.order) == 40 and got.info["strata"] == 8
     assert abs(int((labels[got.order] == "L1").sum()) - 20) <= 2  # each label's strata take its share
