@@ -43,7 +43,7 @@ def cells(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndar
     n, d = x.shape
     nc = int(min(max(1, round(math.sqrt(n))), 4096, max(1, n // 8)))
     if nc > 1:
-        km = faiss.Kmeans(d, nc, niter=10, seed=seed, spherical=False, max_points_per_centroid=64)
+        km = faiss.Kmeans(d, nc, niter=10, seed=seed % 2**31, spherical=False, max_points_per_centroid=64)
         rng = np.random.default_rng(seed)
         km.train(x[np.sort(rng.choice(n, size=min(n, 64 * nc), replace=False))])
         dist, assign = km.index.search(x, 1)

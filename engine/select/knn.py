@@ -52,7 +52,7 @@ def build_index(x: np.ndarray, exact_max: int = 50_000, nprobe: int = 12, seed: 
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
     rng = np.random.default_rng(seed)
     sample = x[np.sort(rng.choice(n, size=min(n, 40 * nlist), replace=False))]
-    index.cp.seed = seed
+    index.cp.seed = seed % 2**31  # faiss takes a C int
     index.train(sample)
     index.add(x)
     index.nprobe = min(nprobe, nlist)
@@ -69,7 +69,7 @@ def _cells(x: np.ndarray, probes: int, seed: int):
 
     n, d = x.shape
     nc = int(min(4096, max(16, n // ROWS_PER_CELL)))
-    km = faiss.Kmeans(d, nc, niter=10, seed=seed, spherical=True, max_points_per_centroid=64)
+    km = faiss.Kmeans(d, nc, niter=10, seed=seed % 2**31, spherical=True, max_points_per_centroid=64)
     rng = np.random.default_rng(seed)
     km.train(x[np.sort(rng.choice(n, size=min(n, 64 * nc), replace=False))])
     _, assign = km.index.search(x, 1)
@@ -81,7 +81,7 @@ def _cells(x: np.ndarray, probes: int, seed: int):
     for c in np.flatnonzero(sizes > 4 * ROWS_PER_CELL):
         members = np.flatnonzero(assign == c)
         parts = int(np.ceil(len(members) / ROWS_PER_CELL))
-        sub = faiss.Kmeans(d, parts, niter=8, seed=seed, spherical=True, max_points_per_centroid=64)
+        sub = faiss.Kmeans(d, parts, niter=8, seed=seed % 2**31, spherical=True, max_points_per_centroid=64)
         sub.train(x[members[rng.choice(len(members), size=min(len(members), 64 * parts), replace=False)]])
         _, a = sub.index.search(x[members], 1)
         assign[members] = np.where(a[:, 0] == 0, c, nc + a[:, 0] - 1)

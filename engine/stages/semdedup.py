@@ -117,7 +117,7 @@ def kmeans_assign(
         import faiss
 
         km = faiss.Kmeans(
-            xf.shape[1], k, niter=niter, seed=seed, spherical=True, verbose=False, max_points_per_centroid=256
+            xf.shape[1], k, niter=niter, seed=seed % 2**31, spherical=True, verbose=False, max_points_per_centroid=256
         )
         km.train(xf)
         sims, assign = km.index.search(xf, 2)
@@ -126,7 +126,7 @@ def kmeans_assign(
     except ImportError:
         from sklearn.cluster import MiniBatchKMeans
 
-        km = MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=1, max_iter=niter, batch_size=4096).fit(xf)
+        km = MiniBatchKMeans(n_clusters=k, random_state=seed % 2**31, n_init=1, max_iter=niter, batch_size=4096).fit(xf)
         cent = km.cluster_centers_ / np.maximum(np.linalg.norm(km.cluster_centers_, axis=1, keepdims=True), 1e-12)
         s = xf @ cent.T
         top = np.argsort(-s, axis=1)[:, :2]

@@ -275,3 +275,12 @@ def test_stratified_strata_stay_inside_each_label():
     got = sel.select(_cands(x, labels=labels), 40, Limits.none(200))
     assert len(got.order) == 40 and got.info["strata"] == 8
     assert abs(int((labels[got.order] == "L1").sum()) - 20) <= 2  # each label's strata take its share
+
+
+@pytest.mark.parametrize("method", ["facility", "kcenter", "stratified"])
+def test_a_seed_past_a_c_int_reaches_faiss_safely(method):
+    # --seed is any int >= 0; faiss's clustering seed is a C int (2**31 raised OverflowError). 6,000 rows: facility's
+    # kNN graph goes through faiss IVF above 5,000.
+    x = _unit(np.random.default_rng(0).normal(size=(6000, 8)))
+    got = base.get(method)(_cfg(), seed=2**31 + 7).select(_cands(x), 20, Limits.none(6000))
+    assert len(got.order) == 20 and len(set(got.order.tolist())) == 20
