@@ -1044,7 +1044,13 @@ def _compare(r: _Run) -> str:
                 facts[k] = ", ".join(f"{kk}={vv}" for kk, vv in c[k].items() if isinstance(vv, (int, float, str)))
         share_ci = c.get("oracle_gap_recovered_ci95")
         if isinstance(share_ci, list) and len(share_ci) == 2 and all(isinstance(v, (int, float)) for v in share_ci):
-            facts["oracle_gap_recovered_ci95"] = f"[{share_ci[0]:.3f}, {share_ci[1]:.3f}]"
+            # next to the share it bounds
+            ordered: dict = {}
+            for k, v in facts.items():
+                ordered[k] = v
+                if k == "oracle_gap_recovered":
+                    ordered["oracle_gap_recovered_ci95"] = f"[{share_ci[0]:.3f}, {share_ci[1]:.3f}]"
+            facts = ordered
         body = _metric_table(facts)
         recipe = _dict(c.get("recipe"))
         if recipe:

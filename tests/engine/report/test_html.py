@@ -185,6 +185,8 @@ def test_finetune_and_compare_render_when_present(run, tmp_path):
                     "gains": [
                         {"arm": "winnow", "vs": "random", "metric": "macro_f1", "mean": 0.058, "ci95": [0.012, 0.101]}
                     ],
+                    "oracle_gap_recovered": 0.7847,
+                    "oracle_gap_recovered_ci95": [0.5044, 1.1185],
                 }
             )
         )
@@ -194,6 +196,7 @@ def test_finetune_and_compare_render_when_present(run, tmp_path):
         assert "0.7123 ± 0.0123" in s["compare"] and "0.6543" in s["compare"]
         assert "[0.0120, 0.1010]" in s["compare"] and "<td>yes</td>" in s["compare"]  # the interval excludes 0
         assert "junk 2.0" in s["compare"]
+        assert "0.7847" in s["compare"] and "[0.504, 1.119]" in s["compare"]  # the share and its interval
         assert "src='data:image/png;base64," in s["compare"]
         # an unexpected shape shows what is there, never an error
         (run / "model" / "metrics.json").write_text(
