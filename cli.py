@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scores", metavar="DIR", help="run folder (or its scores/ folder) written by `score`")
     p.add_argument("--out", required=True, help="folder for selected.parquet, selected.jsonl, manifest.json")
     _add_select_options(p)
-    p.add_argument("--seed", dest="opt_seed", type=int, default=None, help="seed for --method random (default: 0)")
+    p.add_argument("--seed", dest="opt_seed", type=int, default=None,
+                   help="seed of the seeded methods (random, stratified) and of faiss clustering (default: 0)")
     _add_options(p.add_argument_group("engine"), _engine_options())
     _common(p)
 
