@@ -318,13 +318,15 @@ def compare(
                         "test_rows": g["rows"],
                     }
                 )
-        oracle_gap = _recovered(results, gains)
-        oracle_gap_ci = None
-        if oracle_gap is not None and "oracle" in preds:
+        # winnow's gain over random as a share of the oracle's (macro-F1), when there is an oracle with a gain
+        oracle_gap = oracle_gap_ci = None
+        if "oracle" in preds and "winnow" in preds:
             from engine.train.bootstrap import share_bootstrap
 
-            oracle_gap_ci = share_bootstrap(y_test, preds["winnow"], preds["random"], preds["oracle"],
-                                            len(labels_all), "macro_f1", cc.n_boot, cc.seed)["ci95"]  # fmt: skip
+            sh = share_bootstrap(y_test, preds["winnow"], preds["random"], preds["oracle"], len(labels_all),
+                                 "macro_f1", cc.n_boot, cc.seed)  # fmt: skip
+            oracle_gap = None if sh["share"] is None else round(sh["share"], 4)
+            oracle_gap_ci = sh["ci95"]
         report = {
             "command": command,
             "task": "classification",
@@ -378,14 +380,6 @@ def compare(
         for rname, rft in (recipes or {}).items():
             evaluate(rft, out / rname)
     return report
-
-
-def _recovered(results: list[dict], gains: list[dict]) -> float | None:
-    """winnow's gain over random as a share of the oracle's (macro-F1), when there is an oracle with a gain."""
-    g = {x["arm"]: x["mean"] for x in gains if x["metric"] == "macro_f1" and x["vs"] == "random"}
-    if "oracle" not in g or "winnow" not in g or g["oracle"] <= 0:
-        return None
-    return round(g["winnow"] / g["oracle"], 4)
 
 
 def table(report: dict) -> str:
