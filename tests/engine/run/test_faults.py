@@ -320,3 +320,25 @@ def test_a_real_full_tmpfs(small, tmp_path):
     assert r.stdout.strip() == "rc=2", (r.stdout, r.stderr)  # exit 2 and no temp file left (find printed nothing)
     lines = _said(r.stderr)
     assert len(lines) == 1 and lines[0].startswith(f"winnow: error: no space left on device writing {mnt}/out"), lines
+
+
+def _nap(i: int) -> int:
+    time.sleep(0.2 * (i % 3))
+    return i
+
+
+def test_stop_pool_leaves_no_manager_thread_for_the_exit_hook():
+    # A stopped pool's manager thread must be finished (and its wake-up pipe closed) when stop_pool returns:
+    # otherwise CPython 3.11's exit hook can write to that pipe as it closes and print an OSError traceback after
+    # the one-line error (seen in CI after "no space left on device" in a worker).
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    from engine.run.pipeline import stop_pool
+
+    ex = cf.ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("fork"))
+    futs = [ex.submit(_nap, i) for i in range(8)]
+    next(cf.as_completed(futs)).result()
+    manager, wakeup = ex._executor_manager_thread, ex._executor_manager_thread_wakeup
+    stop_pool(ex, futs)
+    assert not manager.is_alive() and wakeup._closed
