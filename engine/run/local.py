@@ -30,7 +30,7 @@ from engine.run import manifest as mf
 from engine.run.context import PartsContext
 from engine.run.finalize import finalize, run_global
 from engine.run.lock import RunLock, pause_point, start_forkserver
-from engine.run.pipeline import init_worker, limit_threads, process_shard, run_in_worker, stop_pool
+from engine.run.pipeline import completed, init_worker, limit_threads, process_shard, run_in_worker, stop_pool
 from engine.run.shards import clean_map_dir, reusable, with_identity
 from engine.run.warmup import warm
 from engine.stage import GlobalStage, Stage
@@ -125,7 +125,7 @@ def _score(t_start: float, shards, warnings: list[str], out: Path, config: Confi
         futs: dict[cf.Future, int] = {}
         try:
             futs = {ex.submit(run_in_worker, i, shards[i], str(map_dir)): i for i in pending}
-            for done_n, fut in enumerate(cf.as_completed(futs), 1):
+            for done_n, fut in enumerate(completed(futs), 1):
                 i = futs[fut]
                 results[i] = fut.result()
                 if progress:
