@@ -59,6 +59,20 @@ def load_labelled(name: str) -> tuple[pa.RecordBatch, np.ndarray]:
     return batch, np.asarray(t["label"].to_numpy())
 
 
+def flip_labels(labels: np.ndarray, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy labels, flipped mask): ``rate`` of the rows (seeded) moved to another class, uniform over the others."""
+    classes = np.unique(labels)
+    rng = np.random.default_rng(seed)
+    noisy = labels.copy()
+    flipped = rng.choice(len(labels), round(rate * len(labels)), replace=False)
+    for i in flipped:
+        others = classes[classes != labels[i]]
+        noisy[i] = others[rng.integers(len(others))]
+    truth = np.zeros(len(labels), bool)
+    truth[flipped] = True
+    return noisy, truth
+
+
 def measure(issue: np.ndarray, quality: np.ndarray, truth: np.ndarray) -> dict:
     tp = int((issue & truth).sum())
     out = {
@@ -107,14 +121,7 @@ def main() -> None:
         classes = np.unique(labels)
         out[name] = {"rows": len(labels), "classes": len(classes), "embed_s": round(t_embed, 1)}
         for rate in (float(r) for r in args.rates.split(",")):
-            rng = np.random.default_rng(args.seed)
-            noisy = labels.copy()
-            flipped = rng.choice(len(labels), round(rate * len(labels)), replace=False)
-            for i in flipped:
-                others = classes[classes != labels[i]]
-                noisy[i] = others[rng.integers(len(others))]
-            truth = np.zeros(len(labels), bool)
-            truth[flipped] = True
+            noisy, truth = flip_labels(labels, rate, args.seed)
             key = f"flip{int(rate * 100)}"
             res: dict = {}
             t0 = time.perf_counter()
