@@ -71,16 +71,27 @@ def _add_options(g, options) -> None:
         if o.type is None:
             g.add_argument(o.flag, dest=_dest(o.flag), action="store_true", help=o.help.replace("%", "%%"))
         else:
-            g.add_argument(o.flag, dest=_dest(o.flag), type=o.type, default=None, nargs=o.nargs,
-                           metavar=o.metavar or o.field.upper(), help=o.help.replace("%", "%%"))
+            g.add_argument(
+                o.flag,
+                dest=_dest(o.flag),
+                type=o.type,
+                default=None,
+                nargs=o.nargs,
+                metavar=o.metavar or o.field.upper(),
+                help=o.help.replace("%", "%%"),
+            )
 
 
 def _add_score_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("scoring")
     _add_options(g, [o for o in _score_options() if o.flag != "--seed"])  # --seed: added per command
-    g.add_argument("--map", default=None, metavar="CANON=COL,...",
-                   help="map input columns onto canonical ones, e.g. prompt=question,response=answer,label=y "
-                        "(id=COL: COL is the row id)")
+    g.add_argument(
+        "--map",
+        default=None,
+        metavar="CANON=COL,...",
+        help="map input columns onto canonical ones, e.g. prompt=question,response=answer,label=y "
+        "(id=COL: COL is the row id)",
+    )
     g.add_argument("--seed", dest="opt_seed", type=int, default=None, help="seed for every random choice (default: 0)")
 
 
@@ -94,8 +105,9 @@ def _add_finetune_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("recipe")
     for o in FINETUNE_OPTIONS:
-        g.add_argument(o.flag, dest=o.field, type=o.type, default=None, metavar=o.field.upper(),
-                       help=o.help.replace("%", "%%"))
+        g.add_argument(
+            o.flag, dest=o.field, type=o.type, default=None, metavar=o.field.upper(), help=o.help.replace("%", "%%")
+        )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -108,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("score", help="score every row of INPUT into OUT/scores/ with a verdict per row")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders or globs (.parquet .arrow .jsonl "
-                   ".jsonl.gz .json)")
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="files, folders or globs (.parquet .arrow .jsonl .jsonl.gz .json)"
+    )
     p.add_argument("--out", required=True, help="run folder to write (manifest.json, scores/, work/)")
     _add_score_options(p)
     _common(p)
@@ -118,8 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scores", metavar="DIR", help="run folder (or its scores/ folder) written by `score`")
     p.add_argument("--out", required=True, help="folder for selected.parquet, selected.jsonl, manifest.json")
     _add_select_options(p)
-    p.add_argument("--seed", dest="opt_seed", type=int, default=None,
-                   help="seed of the seeded methods (random, stratified) and of faiss clustering (default: 0)")
+    p.add_argument(
+        "--seed",
+        dest="opt_seed",
+        type=int,
+        default=None,
+        help="seed of the seeded methods (random, stratified) and of faiss clustering (default: 0)",
+    )
     _add_options(p.add_argument_group("engine"), _engine_options())
     _common(p)
 
@@ -130,50 +148,92 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select_options(p)
     _common(p)
 
-    p = sub.add_parser("split", help="train/val/test splits of the kept rows; no group of embedding neighbours "
-                       "(cosine >= threshold), near duplicates or repeated prompts crosses splits")
+    p = sub.add_parser(
+        "split",
+        help="train/val/test splits of the kept rows; no group of embedding neighbours "
+        "(cosine >= threshold), near duplicates or repeated prompts crosses splits",
+    )
     p.add_argument("run", metavar="DIR", help="run folder written by `score` (with embeddings, for semantic groups)")
     p.add_argument("--to", default=None, help="output folder (default: DIR/splits)")
     p.add_argument("--fractions", default="0.8,0.1,0.1", help="train,val,test fractions (default: 0.8,0.1,0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    p.add_argument("--threshold", type=float, default=-1.0,
-                   help="cosine at or above which two rows share a group and so a split (default: -1 = the run's "
-                        "embedder tier's: 0.85 encoder, 0.90 static)")
-    p.add_argument("--max-group", type=float, default=0.01,
-                   help="largest group as a fraction of the kept rows (at least 32 rows); a bigger component "
-                        "(chaining) is broken up by raising the threshold for its rows (default: 0.01; 1 = never)")
-    p.add_argument("--search", default="auto",
-                   help="auto | exact | ivf: the pair search (default: auto = exact up to 50,000 kept rows)")
-    p.add_argument("--check-sample", type=int, default=10000,
-                   help="rows whose nearest neighbour in the other splits is measured (default: 10000; 0 = none)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=-1.0,
+        help="cosine at or above which two rows share a group and so a split (default: -1 = the run's "
+        "embedder tier's: 0.85 encoder, 0.90 static)",
+    )
+    p.add_argument(
+        "--max-group",
+        type=float,
+        default=0.01,
+        help="largest group as a fraction of the kept rows (at least 32 rows); a bigger component "
+        "(chaining) is broken up by raising the threshold for its rows (default: 0.01; 1 = never)",
+    )
+    p.add_argument(
+        "--search",
+        default="auto",
+        help="auto | exact | ivf: the pair search (default: auto = exact up to 50,000 kept rows)",
+    )
+    p.add_argument(
+        "--check-sample",
+        type=int,
+        default=10000,
+        help="rows whose nearest neighbour in the other splits is measured (default: 10000; 0 = none)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
 
-    p = sub.add_parser("finetune", help="fine-tune a model on a selection: classification (an encoder) or sft (a "
-                       "causal LM); writes a save_pretrained folder and metrics.json")
-    p.add_argument("selection", metavar="SEL", help="selection folder (selected.parquet), run folder, or a file or "
-                   "folder of rows")
-    p.add_argument("--out", required=True, help="model folder to write (save_pretrained, metrics.json, train_log.jsonl)")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a model on a selection: classification (an encoder) or sft (a "
+        "causal LM); writes a save_pretrained folder and metrics.json",
+    )
+    p.add_argument(
+        "selection", metavar="SEL", help="selection folder (selected.parquet), run folder, or a file or folder of rows"
+    )
+    p.add_argument(
+        "--out", required=True, help="model folder to write (save_pretrained, metrics.json, train_log.jsonl)"
+    )
     p.add_argument("--val", default=None, metavar="FILE", help="validation rows (default: RUN/splits/val.parquet)")
     p.add_argument("--test", default=None, metavar="FILE", help="test rows (default: RUN/splits/test.parquet)")
     _add_finetune_options(p)
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("compare", help="winnow's selection vs random rows of the same count (several seeds), each "
-                       "fine-tuned with the same recipe and tested on the same held-out rows; writes compare.json "
-                       "and compare.png")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="labelled rows (files, folders or globs): the pool, "
-                   "split 70/15/15 by winnow unless --val and --test are given")
+    p = sub.add_parser(
+        "compare",
+        help="winnow's selection vs random rows of the same count (several seeds), each "
+        "fine-tuned with the same recipe and tested on the same held-out rows; writes compare.json "
+        "and compare.png",
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="labelled rows (files, folders or globs): the pool, "
+        "split 70/15/15 by winnow unless --val and --test are given",
+    )
     p.add_argument("--out", required=True, help="folder for compare.json, compare.png, base/, pool/, arms/")
     p.add_argument("--val", default=None, metavar="FILE", help="validation rows (default: a leak-free split)")
     p.add_argument("--test", default=None, metavar="FILE", help="test rows (default: a leak-free split)")
-    p.add_argument("--seeds", type=int, default=None, help="runs per arm: training seeds and random draws (default: 3)")
+    p.add_argument(
+        "--seeds", type=int, default=None, help="runs per arm: training seeds and random draws (default: 3)"
+    )
     p.add_argument("--full", action="store_true", help="add the arm 'full': every kept row")
     p.add_argument("--raw", action="store_true", help="add the arm 'raw': every pool row, unscored")
-    p.add_argument("--corrupt", default=None, metavar="KIND=F,...", help="plant damage in the pool first: "
-                   "labels=F (flips), dups=F (near-duplicate copies), junk=F (junk rows), fractions of the pool, "
-                   "e.g. labels=0.2,dups=0.1,junk=0.05; adds the arm 'oracle'")
-    p.add_argument("--fractions", default=None, help="train,val,test of the split made without --val/--test "
-                   "(default: 0.7,0.15,0.15)")
+    p.add_argument(
+        "--corrupt",
+        default=None,
+        metavar="KIND=F,...",
+        help="plant damage in the pool first: "
+        "labels=F (flips), dups=F (near-duplicate copies), junk=F (junk rows), fractions of the pool, "
+        "e.g. labels=0.2,dups=0.1,junk=0.05; adds the arm 'oracle'",
+    )
+    p.add_argument(
+        "--fractions",
+        default=None,
+        help="train,val,test of the split made without --val/--test (default: 0.7,0.15,0.15)",
+    )
     p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples of the test rows (default: 1000)")
     _add_score_options(p)
     _add_select_options(p)
@@ -182,16 +242,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("recipe")
     for o in FINETUNE_OPTIONS:
         if o.flag != "--seed":  # --seed (scoring's) seeds everything
-            g.add_argument(o.flag, dest=o.field, type=o.type, default=None, metavar=o.field.upper(),
-                           help=o.help.replace("%", "%%"))
+            g.add_argument(
+                o.flag,
+                dest=o.field,
+                type=o.type,
+                default=None,
+                metavar=o.field.upper(),
+                help=o.help.replace("%", "%%"),
+            )
     _common(p)
 
     p = sub.add_parser("inspect", help="summary of a run folder: rows, verdicts, columns, score ranges")
     p.add_argument("run", metavar="DIR", help="run folder written by `score` or `run`")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    p = sub.add_parser("report", help="one self-contained HTML page over a run folder: verdicts, score distributions, "
-                       "samples, duplicates, selection, embedding map, fine-tune and compare results")
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML page over a run folder: verdicts, score distributions, "
+        "samples, duplicates, selection, embedding map, fine-tune and compare results",
+    )
     p.add_argument("run", metavar="DIR", help="run folder written by `run` or `score`")
     p.add_argument("--out", default=None, metavar="FILE", help="HTML file to write (default: DIR/report.html)")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
@@ -248,8 +317,13 @@ def _progress(quiet: bool):
         return None
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                    TimeElapsedColumn(), transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        transient=True,
+    )
 
 
 def _summary(manifest: dict, title: str) -> None:
@@ -284,8 +358,11 @@ def cmd_score(args, with_select=False, cfg=None) -> dict:
         m = score(args.inputs, args.out, cfg, command=args.command)
     if not args.quiet:
         t = m["timings"]
-        _summary(m, f"{args.out}: {m['rows_in']:,} rows in {t['total_s']:.1f}s "
-                    f"({t['shards_done']} shard(s) scored, {t['shards_reused']} reused)")
+        _summary(
+            m,
+            f"{args.out}: {m['rows_in']:,} rows in {t['total_s']:.1f}s "
+            f"({t['shards_done']} shard(s) scored, {t['shards_reused']} reused)",
+        )
     return m
 
 
@@ -309,9 +386,11 @@ def cmd_select(args, scores_dir=None, cfg=None) -> dict:
     else:
         m = select(scores_dir or args.scores, out, sc, seed=seed)
     if not args.quiet:
-        print(f"selected {m['selected']:,} of {m['rows_kept']:,} kept rows ({m['method']}"
-              f"{' on ' + m['score'] if m['score'] else ''}, budget {m['budget']}, ~{m['tokens_selected']:,.0f} "
-              f"tokens) -> {out}/selected.jsonl")
+        print(
+            f"selected {m['selected']:,} of {m['rows_kept']:,} kept rows ({m['method']}"
+            f"{' on ' + m['score'] if m['score'] else ''}, budget {m['budget']}, ~{m['tokens_selected']:,.0f} "
+            f"tokens) -> {out}/selected.jsonl"
+        )
     return m
 
 
@@ -330,8 +409,10 @@ def cmd_run(args) -> None:
         if not args.opt_against:  # the demo ships an evaluation prompt set, some of it planted in the training rows
             args.opt_against = [str(demo / "eval")]
         if not args.quiet:
-            print(f"no INPUT given: running on the generated demo corpus in {demo}/input "
-                  f"(contamination checked against {args.opt_against[0]})")
+            print(
+                f"no INPUT given: running on the generated demo corpus in {demo}/input "
+                f"(contamination checked against {args.opt_against[0]})"
+            )
     cfg = _checked_config(args, with_select=True)
     with _ray(cfg):
         cmd_score(args, with_select=True, cfg=cfg)
@@ -341,8 +422,11 @@ def cmd_run(args) -> None:
     try:  # the run's outputs are complete by now: a report that fails to render must not fail the run
         path = write_report(args.out)
     except Exception as e:  # noqa: BLE001
-        print(f"warning: the report could not be written ({type(e).__name__}: {e}); retry with "
-              f"`cli.py report {args.out}`", file=sys.stderr)
+        print(
+            f"warning: the report could not be written ({type(e).__name__}: {e}); retry with "
+            f"`cli.py report {args.out}`",
+            file=sys.stderr,
+        )
     else:
         if not args.quiet:
             print(f"report: {path}")
@@ -362,10 +446,15 @@ def cmd_split(args) -> None:
         raise UserError(f"--fractions {args.fractions}: three non-negative fractions summing to 1")
     if (want := expected(SEED, args.seed)) is not None:
         raise UserError(f"--seed {args.seed}: expected {want}")
-    config = SplitConfig(threshold=args.threshold, max_group=args.max_group, search=args.search,
-                         check_sample=args.check_sample)
-    for flag, field in (("--threshold", "threshold"), ("--max-group", "max_group"), ("--search", "search"),
-                        ("--check-sample", "check_sample")):
+    config = SplitConfig(
+        threshold=args.threshold, max_group=args.max_group, search=args.search, check_sample=args.check_sample
+    )
+    for flag, field in (
+        ("--threshold", "threshold"),
+        ("--max-group", "max_group"),
+        ("--search", "search"),
+        ("--check-sample", "check_sample"),
+    ):
         if (want := expected(SPLIT_ALLOWED[field], getattr(config, field))) is not None:
             raise UserError(f"{flag} {getattr(config, field)}: expected {want}")
     scores = Path(args.run) / "scores"
@@ -379,8 +468,10 @@ def cmd_split(args) -> None:
         g, grouping = m["groups"], m["grouping"]
         how = f"cosine >= {grouping['threshold']:g}" if "threshold" in grouping else "MinHash + exact, no embeddings"
         print(f"splits in {to}: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-        print(f"groups: {g['count']:,} ({how}), largest {g['largest']:,} rows"
-              + (f", {g['capped_count']} giant component(s) broken up" if g["capped_count"] else ""))
+        print(
+            f"groups: {g['count']:,} ({how}), largest {g['largest']:,} rows"
+            + (f", {g['capped_count']} giant component(s) broken up" if g["capped_count"] else "")
+        )
         if "cross_split" in m:
             c = m["cross_split"]
             print(f"largest cross-split cosine over {c['sample_rows']:,} sampled rows: {c['max_cosine']:.3f}")
@@ -441,8 +532,17 @@ def cmd_compare(args) -> None:
         raise UserError(f"--budget {cfg.select.budget}: compare needs a count or a fraction of the pool, not tokens")
     cc.seed = cfg.run.seed
     command = "python cli.py " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["compare"] else "compare"
-    report = compare(args.inputs, args.out, cfg, ft, cc, val=args.val, test=args.test, command=command,
-                     log=(lambda *a, **k: None) if args.quiet else print)
+    report = compare(
+        args.inputs,
+        args.out,
+        cfg,
+        ft,
+        cc,
+        val=args.val,
+        test=args.test,
+        command=command,
+        log=(lambda *a, **k: None) if args.quiet else print,
+    )
     print(table(report))
     print(f"compare.json and compare.png in {args.out}")
 

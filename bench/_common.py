@@ -27,9 +27,17 @@ def machine() -> str:
 
 def git_sha() -> str:
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5, check=False
-        ).stdout.strip() or "uncommitted"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            ).stdout.strip()
+            or "uncommitted"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

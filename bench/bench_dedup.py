@@ -81,8 +81,9 @@ def _vocab(rng, size=30000):
     pos = np.arange(total) - off0  # position of each letter inside its word
     start_vowel = np.repeat(rng.random(size) < 0.3, lens)
     is_vowel = (pos % 2 == 1) ^ start_vowel
-    letters = np.where(is_vowel, vows[rng.integers(0, vows.size, total)],
-                       cons[rng.integers(0, cons.size, total)]).astype(np.uint8)
+    letters = np.where(
+        is_vowel, vows[rng.integers(0, vows.size, total)], cons[rng.integers(0, cons.size, total)]
+    ).astype(np.uint8)
     off = np.zeros(size + 1, np.int64)
     np.cumsum(lens, out=off[1:])
     return letters, off
@@ -109,8 +110,9 @@ def _render(word_ids, doc_off, letters, voff):
     )
 
 
-def generate(n_docs: int, out_dir: Path, seed: int = 0, shard_docs: int = 50000, id_prefix: str = "d",
-             shard_offset: int = 0):
+def generate(
+    n_docs: int, out_dir: Path, seed: int = 0, shard_docs: int = 50000, id_prefix: str = "d", shard_offset: int = 0
+):
     """Parquet shards of ~1 KB documents: 80% unique, 10% exact copies, 10% near copies with 1..12 word edits
     (5-gram Jaccard to the source ~0.95..0.55 for 170-word documents); truth.npz holds source and edit count."""
     import pyarrow as pa
@@ -144,10 +146,16 @@ def generate(n_docs: int, out_dir: Path, seed: int = 0, shard_docs: int = 50000,
         sub_off = doc_off[lo : hi + 1] - doc_off[lo]
         txt = _render(words[doc_off[lo] : doc_off[hi]], sub_off, letters, voff)
         ids = pa.array([f"{id_prefix}{i}" for i in range(lo, hi)], pa.large_string())
-        pq.write_table(pa.table({"id": ids, "text": txt}), out_dir / f"shard-{shard_offset + s:05d}.parquet",
-                       compression="none")
-    np.savez(out_dir / (f"truth-{id_prefix}.npz" if shard_offset else "truth.npz"), src=src, edits=edits, kind=kind,
-             lens=lens)
+        pq.write_table(
+            pa.table({"id": ids, "text": txt}), out_dir / f"shard-{shard_offset + s:05d}.parquet", compression="none"
+        )
+    np.savez(
+        out_dir / (f"truth-{id_prefix}.npz" if shard_offset else "truth.npz"),
+        src=src,
+        edits=edits,
+        kind=kind,
+        lens=lens,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -303,9 +311,12 @@ def part_b(args, out):
     upd = g.run(ctx)
     t_global = time.perf_counter() - t1
     t2 = time.perf_counter()
-    frame = pl.DataFrame({"_shard": np.concatenate([np.full(len(ctx._rows[s]), s, np.int32) for s in ctx._rows]),
-                          "row": np.concatenate([ctx._rows[s] for s in ctx._rows])}).with_columns(
-        pl.lit("kept").alias("verdict"))
+    frame = pl.DataFrame(
+        {
+            "_shard": np.concatenate([np.full(len(ctx._rows[s]), s, np.int32) for s in ctx._rows]),
+            "row": np.concatenate([ctx._rows[s] for s in ctx._rows]),
+        }
+    ).with_columns(pl.lit("kept").alias("verdict"))
     del ctx
     verdicts = (
         frame.join(upd, on=["_shard", "row"], how="left", suffix="_u")
@@ -329,8 +340,9 @@ def part_b(args, out):
     family = np.where(src >= 0, src, np.arange(src.size))
     # minhash_cluster is null (-1 here) for rows without a near copy: -1 == -1 is no match
     same = (src >= 0) & (cl >= 0) & (cl == cl[np.maximum(src, 0)])
-    fam_per_cluster = (pl.DataFrame({"cl": cl, "fam": family}).filter(pl.col("cl") >= 0).group_by("cl")
-                       .agg(pl.col("fam").n_unique()))
+    fam_per_cluster = (
+        pl.DataFrame({"cl": cl, "fam": family}).filter(pl.col("cl") >= 0).group_by("cl").agg(pl.col("fam").n_unique())
+    )
     res = {
         "docs": n_rows,
         "mean_bytes": round(nbytes / n_rows, 1),
@@ -399,8 +411,9 @@ def exact_pairs(texts, threshold: float, **shingle_kw):
 
     from kernels.minhash import shingle_hashes
 
-    vals, off = shingle_hashes(pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts, unique=True,
-                               **shingle_kw)
+    vals, off = shingle_hashes(
+        pa.array(texts, pa.large_string()) if isinstance(texts, list) else texts, unique=True, **shingle_kw
+    )
     _, col = np.unique(vals, return_inverse=True)
     rows = np.repeat(np.arange(len(off) - 1), np.diff(off))
     x = sp.csr_matrix((np.ones(vals.size, np.int32), (rows, col)), shape=(len(off) - 1, col.max() + 1))
@@ -410,8 +423,9 @@ def exact_pairs(texts, threshold: float, **shingle_kw):
     return inter.row.astype(np.int64), inter.col.astype(np.int64), j
 
 
-def rule_pairs_bruteforce(sets, off, threshold: float, max_diff: int, tiny=None, tiny_max_diff: int = -1,
-                          chunk: int = 400):
+def rule_pairs_bruteforce(
+    sets, off, threshold: float, max_diff: int, tiny=None, tiny_max_diff: int = -1, chunk: int = 400
+):
     """Every pair (i < j) of rows whose sets meet J >= threshold and |A xor B| <= max_diff (``tiny_max_diff`` when
     either row is ``tiny``), brute force over all pairs sharing a shingle (sparse products in row chunks, so memory
     stays ~chunk x n)."""
@@ -475,8 +489,13 @@ def pair_sets_match(texts, keys, n, cfg):
     loc = np.full(n, -1, np.int64)
     loc[rows] = np.arange(rows.size)
     la, lb = loc[a], loc[b]
-    inter = np.array([np.intersect1d(sets[off[x] : off[x + 1]], sets[off[y] : off[y + 1]], assume_unique=True).size
-                      for x, y in zip(la, lb)], np.int64)
+    inter = np.array(
+        [
+            np.intersect1d(sets[off[x] : off[x + 1]], sets[off[y] : off[y + 1]], assume_unique=True).size
+            for x, y in zip(la, lb)
+        ],
+        np.int64,
+    )
     union = np.diff(off)[la] + np.diff(off)[lb] - inter
     sa, sb = np.isin(kind[la], [KIND_SHORT, KIND_TINY]), np.isin(kind[lb], [KIND_SHORT, KIND_TINY])
     short = sa & sb
@@ -517,8 +536,7 @@ def cluster(texts, cfg, warm: bool = True):
         short=short,
         shingles=sets if cfg.verify == "exact" else None,
         shingle_offsets=off if cfg.verify == "exact" else None,
-        exact_sets=(lambda rows: shingle_sets(texts.take(pa.array(rows)), **kw))
-        if cfg.verify == "hybrid" else None,
+        exact_sets=(lambda rows: shingle_sets(texts.take(pa.array(rows)), **kw)) if cfg.verify == "hybrid" else None,
         bucket_all_pairs=cfg.bucket_all_pairs,
         empty=empty_value(cfg.family, cfg.scheme),
     )
@@ -627,8 +645,14 @@ def _short_part(texts, family, cfg_new, res: dict, brute: bool = True):
         _, kind = minhash(texts, num_perm=1, return_kind=True, **kw)
         short_rows = np.flatnonzero((kind == KIND_SHORT) | (kind == KIND_TINY))
         sets, off = shingle_hashes(texts.take(short_rows), unique=True, bits=32, **kw)
-        loc = rule_pairs_bruteforce(sets, off, cfg_new.short_threshold, cfg_new.short_max_diff,
-                                    kind[short_rows] == KIND_TINY, cfg_new.tiny_max_diff)
+        loc = rule_pairs_bruteforce(
+            sets,
+            off,
+            cfg_new.short_threshold,
+            cfg_new.short_max_diff,
+            kind[short_rows] == KIND_TINY,
+            cfg_new.tiny_max_diff,
+        )
         m = short_rows.size
         a, b = short_rows[loc // m], short_rows[loc % m]
         rule = np.sort(np.minimum(a, b) * n + np.maximum(a, b))
@@ -639,8 +663,13 @@ def _short_part(texts, family, cfg_new, res: dict, brute: bool = True):
         surv, stats, ts, tg = cluster(texts, cfg)
         pred = cluster_pairs(surv)
         p, r = _pr(pred, planted)
-        row = {"precision_planted": p, "recall_planted": r, "pairs": int(pred.size),
-               "seconds_sign": round(ts, 2), "seconds_global": round(tg, 2)}
+        row = {
+            "precision_planted": p,
+            "recall_planted": r,
+            "pairs": int(pred.size),
+            "seconds_sign": round(ts, 2),
+            "seconds_global": round(tg, 2),
+        }
         if name == "winnow_default":
             row["precision_rule"] = round(float(pair_sets_match(texts, pred, n, cfg).mean()) if pred.size else 1.0, 4)
             dec = decision_pairs(surv)
@@ -729,7 +758,11 @@ def part_c(args, out):
     thr = 0.8
     i, j, jac = exact_pairs(docs, thr)
     true = np.sort(i[jac >= thr] * n + j[jac >= thr])
-    res = {"docs": n, "true_pairs_J>=0.8": int(true.size), "pairs_J_in_[0.7,0.8)": int(((jac >= 0.7) & (jac < 0.8)).sum())}
+    res = {
+        "docs": n,
+        "true_pairs_J>=0.8": int(true.size),
+        "pairs_J_in_[0.7,0.8)": int(((jac >= 0.7) & (jac < 0.8)).sum()),
+    }
     arr = pa.array(docs, pa.large_string())
     for name, kw in METHODS.items():
         cfg = DedupConfig(**kw)
@@ -786,8 +819,12 @@ def large_corpus_part(args) -> dict:
     n_long = args.large_docs // 2
     with tempfile.TemporaryDirectory() as d:
         generate(n_long, Path(d), seed=5)
-        long_txt = pa.concat_arrays([pq.read_table(p)["text"].combine_chunks().cast(pa.large_string())
-                                     for p in sorted(Path(d).glob("shard-*.parquet"))])
+        long_txt = pa.concat_arrays(
+            [
+                pq.read_table(p)["text"].combine_chunks().cast(pa.large_string())
+                for p in sorted(Path(d).glob("shard-*.parquet"))
+            ]
+        )
         truth = np.load(Path(d) / "truth.npz")
     short_txt, short_fam = short_corpus(args.large_docs - n_long, seed=7)
     texts = pa.concat_arrays([long_txt, short_txt])
@@ -796,8 +833,13 @@ def large_corpus_part(args) -> dict:
     family = np.concatenate([np.where(src >= 0, src, np.arange(n_long)), short_fam + n_long])
     planted = family_pairs(family)
     nbytes = int(texts.buffers()[2].size)
-    res = {"rows": n, "long_rows": n_long, "short_rows": n - n_long, "MB": round(nbytes / 1e6, 1),
-           "planted_pairs": int(planted.size)}
+    res = {
+        "rows": n,
+        "long_rows": n_long,
+        "short_rows": n - n_long,
+        "MB": round(nbytes / 1e6, 1),
+        "planted_pairs": int(planted.size),
+    }
     cfg_new = DedupConfig()
     # the planted pairs that meet their path's rule on the exact sets (long: 5-gram J >= 0.8; short: the word-set
     # rule): the recall target; planted pairs below it (near copies with many edits) are not near duplicates
@@ -813,8 +855,13 @@ def large_corpus_part(args) -> dict:
     for name in ("before_default", "winnow_default"):
         surv, stats, ts, tg = best[name]
         pred = cluster_pairs(surv)
-        row = {"seconds_sign": round(ts, 2), "seconds_global": round(tg, 2), "rows_s_sign": round(n / ts),
-               "rows_s_total": round(n / (ts + tg)), "pairs": int(pred.size)}
+        row = {
+            "seconds_sign": round(ts, 2),
+            "seconds_global": round(tg, 2),
+            "rows_s_sign": round(n / ts),
+            "rows_s_total": round(n / (ts + tg)),
+            "pairs": int(pred.size),
+        }
         row["precision_planted"] = round(np.intersect1d(pred, planted, assume_unique=True).size / max(1, pred.size), 4)
         row["recall"] = _pr(pred, true)[1]
         long_true = true[true // n < n_long]
@@ -822,8 +869,9 @@ def large_corpus_part(args) -> dict:
         row["recall_long"] = _pr(pred, long_true)[1]
         row["recall_short"] = _pr(pred, short_true)[1]
         row["precision_rule"] = round(float(pair_sets_match(texts, pred, n, cfg_new).mean()), 4)
-        row["precision_rule_decisions"] = round(float(pair_sets_match(texts, decision_pairs(surv), n, cfg_new).mean()),
-                                                4)
+        row["precision_rule_decisions"] = round(
+            float(pair_sets_match(texts, decision_pairs(surv), n, cfg_new).mean()), 4
+        )
         row["undecided"] = stats.get("undecided", 0)
         res[name] = row
         append_result(f"{OP}_large", name, n, "recall", row["recall"])
@@ -832,7 +880,9 @@ def large_corpus_part(args) -> dict:
         append_result(f"{OP}_large", name, n, "seconds_global", float(row["seconds_global"]))
     b, w = res["before_default"], res["winnow_default"]
     res["sign_cost_ratio"] = round(w["seconds_sign"] / b["seconds_sign"], 3)
-    res["total_cost_ratio"] = round((w["seconds_sign"] + w["seconds_global"]) / (b["seconds_sign"] + b["seconds_global"]), 3)
+    res["total_cost_ratio"] = round(
+        (w["seconds_sign"] + w["seconds_global"]) / (b["seconds_sign"] + b["seconds_global"]), 3
+    )
     return res
 
 
@@ -846,8 +896,12 @@ def main():
     ap.add_argument("--acc-docs", type=int, default=3000, help="real documents in (c) (plus half as many planted)")
     ap.add_argument("--short-docs", type=int, default=20000, help="generated short texts in (c)")
     ap.add_argument("--real-plant", type=int, default=5000, help="planted near copies among the real tweets in (c)")
-    ap.add_argument("--large-docs", type=int, default=200000, help="rows of the larger generated corpus in (c) "
-                    "(half ~1 KB documents, half short texts; 0 = skip)")
+    ap.add_argument(
+        "--large-docs",
+        type=int,
+        default=200000,
+        help="rows of the larger generated corpus in (c) (half ~1 KB documents, half short texts; 0 = skip)",
+    )
     ap.add_argument("--repeat", type=int, default=2, help="timing repeats in (a) (best is kept)")
     ap.add_argument("--work", default="", help="folder for generated data and the run (default: a temp folder)")
     ap.add_argument("--generate", type=int, default=0, help=argparse.SUPPRESS)

@@ -43,8 +43,13 @@ def make_shards(copies: int, kind: str) -> tuple[list[Path], int, int]:
 
         tmp = DATA / "demo"
         make_demo(tmp, n_alpaca=20000)
-        base = pa.Table.from_pylist([json.loads(x) for x in (tmp / "input" / "alpaca.jsonl").read_text().splitlines()
-                                     if x.startswith("{") and '"output": "' in x])
+        base = pa.Table.from_pylist(
+            [
+                json.loads(x)
+                for x in (tmp / "input" / "alpaca.jsonl").read_text().splitlines()
+                if x.startswith("{") and '"output": "' in x
+            ]
+        )
     folder = DATA / f"{kind}_{copies}"
     if folder.exists():
         shutil.rmtree(folder)

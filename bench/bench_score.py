@@ -40,10 +40,12 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=1_000_000, help="generated documents (default 1,000,000)")
     ap.add_argument("--work", default=str(ROOT / "bench" / "_data" / "score"), help="scratch folder")
     ap.add_argument("--workers", type=int, default=0, help="map-phase processes (0 = one per core)")
-    ap.add_argument("--embedder", default="",
-                    help="embedder for the run (default: winnow's default, auto)")
-    ap.add_argument("--first-use", action="store_true",
-                    help="run once with empty NUMBA_CACHE_DIR and WINNOW_CACHE (a new user's first run), then warm")
+    ap.add_argument("--embedder", default="", help="embedder for the run (default: winnow's default, auto)")
+    ap.add_argument(
+        "--first-use",
+        action="store_true",
+        help="run once with empty NUMBA_CACHE_DIR and WINNOW_CACHE (a new user's first run), then warm",
+    )
     ap.add_argument("--keep-data", action="store_true", help="keep a generated corpus of more than 1M rows")
     args = ap.parse_args()
     work = Path(args.work)
@@ -52,14 +54,28 @@ def main() -> None:
     if not (data / ("truth.npz" if args.docs <= block else "complete")).exists():
         shutil.rmtree(data, ignore_errors=True)
         if args.docs <= block:
-            subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dedup.py"), "--generate", str(args.docs),
-                            "--work", str(data)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(ROOT / "bench" / "bench_dedup.py"),
+                    "--generate",
+                    str(args.docs),
+                    "--work",
+                    str(data),
+                ],
+                check=True,
+            )
         else:  # blocks of 1M (different seeds and id prefixes), so the generator's memory stays that of 1M rows
             from bench.bench_dedup import generate
 
             for k in range(0, args.docs, block):
-                generate(min(block, args.docs - k), data, seed=k // block, id_prefix=f"b{k // block}d",
-                         shard_offset=k // 50000)
+                generate(
+                    min(block, args.docs - k),
+                    data,
+                    seed=k // block,
+                    id_prefix=f"b{k // block}d",
+                    shard_offset=k // 50000,
+                )
             (data / "complete").write_bytes(b"")
     shards = sorted(data.glob("shard-*.parquet"))
     nbytes = sum(p.stat().st_size for p in shards)
@@ -71,8 +87,9 @@ def main() -> None:
     t0 = time.perf_counter()
     for i, p in enumerate(shards):
         pf = pq.ParquetFile(p)
-        with pq.ParquetWriter(floor_out / f"{i}.parquet", pf.schema_arrow, compression="zstd",
-                              compression_level=1) as w:
+        with pq.ParquetWriter(
+            floor_out / f"{i}.parquet", pf.schema_arrow, compression="zstd", compression_level=1
+        ) as w:
             for b in pf.iter_batches(batch_size=8192):
                 w.write_batch(b)
     t_floor = time.perf_counter() - t0
@@ -84,8 +101,20 @@ def main() -> None:
 
         out = work / "run"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-c", RSS_WRAPPER % str(ROOT), str(ROOT / "cli.py"), "score", str(data), "--out",
-               str(out), "--quiet", "--workers", str(args.workers), "--no-loss"]
+        cmd = [
+            sys.executable,
+            "-c",
+            RSS_WRAPPER % str(ROOT),
+            str(ROOT / "cli.py"),
+            "score",
+            str(data),
+            "--out",
+            str(out),
+            "--quiet",
+            "--workers",
+            str(args.workers),
+            "--no-loss",
+        ]
         if args.embedder:
             cmd += ["--embedder", args.embedder]
         env = dict(os.environ)
@@ -120,8 +149,12 @@ def main() -> None:
         "floor_read_write_s": round(t_floor, 2),
         "score_vs_floor_time": round(t_score / t_floor, 2),
         "peak_rss_MiB": round(rss),
-        "phases_s": {"map": tm["map_s"], "global": round(glob_s, 2), "finalize": tm["finalize_s"],
-                     "manifest_total": tm["total_s"]},
+        "phases_s": {
+            "map": tm["map_s"],
+            "global": round(glob_s, 2),
+            "finalize": tm["finalize_s"],
+            "manifest_total": tm["total_s"],
+        },
         "finalize_share": round(tm["finalize_s"] / t_score, 3),
         "global_s": tm["global_s"],
         "map_stage_seconds_summed": {k: v.get("seconds") for k, v in m["stages"].items() if "seconds" in v},
@@ -129,8 +162,15 @@ def main() -> None:
         "verdicts": m["verdicts"],
         "first_use_s": round(t_cold, 2) if t_cold else None,
         "first_use_vs_warm": round(t_cold / t_score, 2) if t_cold else None,
-        "targets": {"score_s": 60, "vs_floor": 10, "finalize_share": 0.10, "peak_rss_MiB": 2048,
-                    "first_use_vs_warm": 2} if args.docs >= 1_000_000 or t_cold else None,
+        "targets": {
+            "score_s": 60,
+            "vs_floor": 10,
+            "finalize_share": 0.10,
+            "peak_rss_MiB": 2048,
+            "first_use_vs_warm": 2,
+        }
+        if args.docs >= 1_000_000 or t_cold
+        else None,
     }
     if t_cold:
         append_result("score_first_use", "winnow", args.docs, "seconds", t_cold)

@@ -44,15 +44,24 @@ def _winnow_child(emb_path: str, k: int, method: str, parts: int, epsilon: float
     from engine.select.budget import Limits
     from engine.select.greedi import greedi
 
-    warm = Candidates(np.arange(300), np.full(300, 0.5, np.float32), np.ones(300),
-                      emb=clustered_embeddings(300, 384, seed=1))
+    warm = Candidates(
+        np.arange(300), np.full(300, 0.5, np.float32), np.ones(300), emb=clustered_embeddings(300, 384, seed=1)
+    )
     t0 = time.perf_counter()
     emb = np.load(emb_path, mmap_mode="r")
     n = emb.shape[0]
     if parts <= 1:
         emb = np.ascontiguousarray(emb)
-    cfg = SimpleNamespace(quality_weight=0.0, neighbours=16, epsilon=epsilon, tau=0.9, kcenter="auto", score="",
-                          ascending=False, strata_rows=10)
+    cfg = SimpleNamespace(
+        quality_weight=0.0,
+        neighbours=16,
+        epsilon=epsilon,
+        tau=0.9,
+        kcenter="auto",
+        score="",
+        ascending=False,
+        strata_rows=10,
+    )
     sel = base.get(method)(cfg, seed=0)
     sel.select(warm, 30, Limits.none(300))
     cands = Candidates(np.arange(n), np.full(n, 0.5, np.float32), np.ones(n), emb=emb)
@@ -63,16 +72,25 @@ def _winnow_child(emb_path: str, k: int, method: str, parts: int, epsilon: float
         got = sel.select(cands, k, Limits.none(n))
     secs = time.perf_counter() - t1
     info = {a: b for a, b in got.info.items() if a != "partition_runs"}
-    Path(out).write_text(json.dumps({"selected": got.order.tolist(), "seconds": secs,
-                                     "seconds_load": t1 - t0, "info": info,
-                                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    Path(out).write_text(
+        json.dumps(
+            {
+                "selected": got.order.tolist(),
+                "seconds": secs,
+                "seconds_load": t1 - t0,
+                "info": info,
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def run_winnow(emb_path: str, k: int, method: str, parts: int = 1, epsilon: float = 0.0) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
-        subprocess.run([sys.executable, __file__, "--_child", emb_path, str(k), method, str(parts), str(epsilon), out],
-                       check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--_child", emb_path, str(k), method, str(parts), str(epsilon), out], check=True
+        )
         return json.loads(Path(out).read_text())
 
 
@@ -88,12 +106,16 @@ def part_anchors(sizes=(10_000, 50_000), k=1000, semhash_k=(1000, 10_000)) -> No
             np.save(path, emb)
             w = run_winnow(path, k, "facility")
             wf, wr = _score(emb, w["selected"])
-            print(f"n={n:,} k={k:,} winnow facility: {w['seconds']:.2f} s, {w['peak_rss_mib']:.0f} MiB, "
-                  f"objective {wf:.1f}, k-center radius {wr:.4f}, graph {w['info'].get('graph')}")
+            print(
+                f"n={n:,} k={k:,} winnow facility: {w['seconds']:.2f} s, {w['peak_rss_mib']:.0f} MiB, "
+                f"objective {wf:.1f}, k-center radius {wr:.4f}, graph {w['info'].get('graph')}"
+            )
             kc = run_winnow(path, k, "kcenter")
             kf, kr = _score(emb, kc["selected"])
-            print(f"n={n:,} k={k:,} winnow kcenter ({kc['info'].get('path')}): {kc['seconds']:.2f} s, objective "
-                  f"{kf:.1f}, k-center radius {kr:.4f}")
+            print(
+                f"n={n:,} k={k:,} winnow kcenter ({kc['info'].get('path')}): {kc['seconds']:.2f} s, objective "
+                f"{kf:.1f}, k-center radius {kr:.4f}"
+            )
             append_result("select_kcenter", "winnow", n, "seconds", kc["seconds"])
             append_result("select_kcenter", "winnow", n, "radius", kr)
             append_result("select_facility", "winnow", n, "seconds", w["seconds"])
@@ -106,9 +128,11 @@ def part_anchors(sizes=(10_000, 50_000), k=1000, semhash_k=(1000, 10_000)) -> No
                     append_result("select_facility", anchor, n, "error", float("nan"))
                     continue
                 af = a["facility_objective"]
-                print(f"  {anchor}: {a['seconds']:.2f} s, {a['peak_rss_mib']:.0f} MiB, objective {af:.1f} -> "
-                      f"winnow/anchor objective {wf / af:.4f}, speed-up {a['seconds'] / w['seconds']:.1f}x, "
-                      f"memory {a['peak_rss_mib'] / w['peak_rss_mib']:.1f}x")
+                print(
+                    f"  {anchor}: {a['seconds']:.2f} s, {a['peak_rss_mib']:.0f} MiB, objective {af:.1f} -> "
+                    f"winnow/anchor objective {wf / af:.4f}, speed-up {a['seconds'] / w['seconds']:.1f}x, "
+                    f"memory {a['peak_rss_mib'] / w['peak_rss_mib']:.1f}x"
+                )
                 for metric, v in (("seconds", a["seconds"]), ("peak_rss_mib", a["peak_rss_mib"]), ("objective", af)):
                     append_result("select_facility", anchor, n, metric, v)
                 append_result("select_facility", f"{anchor}_over_winnow", n, "speedup", a["seconds"] / w["seconds"])
@@ -121,9 +145,11 @@ def part_anchors(sizes=(10_000, 50_000), k=1000, semhash_k=(1000, 10_000)) -> No
                 if a.get("error"):
                     print(f"  semhash k={ks:,}: {a['error']}")
                     continue
-                print(f"  semhash k={ks:,}: {a['seconds']:.2f} s, objective {a['facility_objective']:.1f}; winnow "
-                      f"{w2['seconds']:.2f} s, objective {wf2:.1f} -> coverage ratio "
-                      f"{wf2 / a['facility_objective']:.3f}")
+                print(
+                    f"  semhash k={ks:,}: {a['seconds']:.2f} s, objective {a['facility_objective']:.1f}; winnow "
+                    f"{w2['seconds']:.2f} s, objective {wf2:.1f} -> coverage ratio "
+                    f"{wf2 / a['facility_objective']:.3f}"
+                )
                 append_result(f"select_semhash_k{ks}", "semhash", n, "objective", a["facility_objective"])
                 append_result(f"select_semhash_k{ks}", "semhash", n, "seconds", a["seconds"])
                 append_result(f"select_semhash_k{ks}", "winnow", n, "objective", wf2)
@@ -138,8 +164,9 @@ def part_scale(n=1_000_000, k=100_000, methods=("facility", "kcenter", "stratifi
         del emb
         for method in methods:
             w = run_winnow(path, k, method)
-            print(f"n={n:,} k={k:,} {method}: {w['seconds']:.1f} s, peak {w['peak_rss_mib'] / 1024:.2f} GiB, "
-                  f"{w['info']}")
+            print(
+                f"n={n:,} k={k:,} {method}: {w['seconds']:.1f} s, peak {w['peak_rss_mib'] / 1024:.2f} GiB, {w['info']}"
+            )
             append_result(f"select_{method}_scale", "winnow", n, "seconds", w["seconds"])
             append_result(f"select_{method}_scale", "winnow", n, "peak_rss_mib", w["peak_rss_mib"])
 
@@ -150,8 +177,10 @@ def part_greedi(n=10_000_000, k=100_000, parts=10, folder="bench/_data/select") 
     if not os.path.exists(path):
         write_memmap(path, n, 384, seed=0)
     w = run_winnow(path, k, "facility", parts=parts, epsilon=0.0)
-    print(f"n={n:,} k={k:,} facility via {parts} GreeDi partitions: {w['seconds']:.1f} s, peak "
-          f"{w['peak_rss_mib'] / 1024:.2f} GiB, union {w['info'].get('union_rows')}")
+    print(
+        f"n={n:,} k={k:,} facility via {parts} GreeDi partitions: {w['seconds']:.1f} s, peak "
+        f"{w['peak_rss_mib'] / 1024:.2f} GiB, union {w['info'].get('union_rows')}"
+    )
     append_result("select_facility_greedi", "winnow", n, "seconds", w["seconds"])
     append_result("select_facility_greedi", "winnow", n, "peak_rss_mib", w["peak_rss_mib"])
     # objective vs the centralised greedy, on the first 1M rows (the dense yardstick cannot run at 10M)
@@ -163,8 +192,10 @@ def part_greedi(n=10_000_000, k=100_000, parts=10, folder="bench/_data/select") 
         central = run_winnow(p1, k // 10, "facility")
         part = run_winnow(p1, k // 10, "facility", parts=parts)
     fc, fp = facility_objective(sub, central["selected"]), facility_objective(sub, part["selected"])
-    print(f"n={m:,} k={k // 10:,}: GreeDi ({parts} partitions) objective {fp:.1f} vs centralised {fc:.1f} -> "
-          f"{fp / fc:.4f}; {part['seconds']:.1f} s vs {central['seconds']:.1f} s")
+    print(
+        f"n={m:,} k={k // 10:,}: GreeDi ({parts} partitions) objective {fp:.1f} vs centralised {fc:.1f} -> "
+        f"{fp / fc:.4f}; {part['seconds']:.1f} s vs {central['seconds']:.1f} s"
+    )
     append_result("select_facility_greedi_vs_central", "winnow", m, "objective_ratio", fp / fc)
 
 

@@ -42,8 +42,9 @@ class ReadConfig:
         if self.format == "mapped" and not self.map:
             raise ValueError("--format mapped needs --map prompt=COL,response=COL")
         if self.map and self.format not in ("auto", "mapped"):
-            raise ValueError(f"--format {self.format} and --map contradict each other (--map sets the columns: drop "
-                             "--format)")
+            raise ValueError(
+                f"--format {self.format} and --map contradict each other (--map sets the columns: drop --format)"
+            )
         for key, col in self.map.items():
             if key not in MAP_KEYS:
                 raise ValueError(f"--map {key}={col}: '{key}' is not a canonical column; map {', '.join(MAP_KEYS)}")
@@ -52,8 +53,9 @@ class ReadConfig:
         missing = [k for k in ("prompt", "response") if k not in self.map]
         if self.map and missing:
             given = ",".join(f"{k}={v}" for k, v in self.map.items())
-            raise ValueError(f"--map {given}: also map {' and '.join(f'{k}=COLUMN' for k in missing)} (a mapped "
-                             "input needs both)")
+            raise ValueError(
+                f"--map {given}: also map {' and '.join(f'{k}=COLUMN' for k in missing)} (a mapped input needs both)"
+            )
 
 
 @dataclass
@@ -67,16 +69,22 @@ class RunConfig:
     ray_address: str = ""  # --engine ray: the cluster to join ("" = start a local Ray instance for the command)
 
     def validate(self) -> None:
-        registry.check_fields(self, "run", compression=("zstd", "lz4", "snappy", "gzip", "brotli", "none"),
-                              compression_level=Range(1, 22))  # zstd's levels
+        registry.check_fields(
+            self,
+            "run",
+            compression=("zstd", "lz4", "snappy", "gzip", "brotli", "none"),
+            compression_level=Range(1, 22),
+        )  # zstd's levels
         if self.ray_address and self.engine != "ray":
             raise ValueError(f"--ray-address {self.ray_address}: needs --engine ray")
         if self.engine == "ray":
             import importlib.util
 
             if importlib.util.find_spec("ray") is None:
-                raise ValueError("--engine ray: Ray Data is not installed; install it with `make install` or "
-                                 "`pip install 'ray[data]'`")
+                raise ValueError(
+                    "--engine ray: Ray Data is not installed; install it with `make install` or "
+                    "`pip install 'ray[data]'`"
+                )
         names = [s.name for s in registry.specs()]
         for name in self.skip_stages:
             if name not in names:
@@ -135,8 +143,10 @@ def _build_config_class() -> type:
         if name in ("read", "run", "select"):
             raise ValueError(f"a stage may not use the reserved config section {name!r}")
         fields.append((name, cls, field(default_factory=cls)))
-    fields += [("run", RunConfig, field(default_factory=RunConfig)),
-               ("select", SelectConfig, field(default_factory=SelectConfig))]
+    fields += [
+        ("run", RunConfig, field(default_factory=RunConfig)),
+        ("select", SelectConfig, field(default_factory=SelectConfig)),
+    ]
     cls = dataclasses.make_dataclass("Config", fields, bases=(_ConfigBase,))
     cls.__module__ = __name__
     cls.__doc__ = "The one config tree: " + ", ".join(n for n, _t, _f in fields) + "."
@@ -147,72 +157,213 @@ Config = _build_config_class()
 
 # Flags of the sections the runner owns (stage flags are declared by each stage, engine/registry.py).
 CORE_OPTIONS = [
-    Option("--format", "format", "input format: auto | alpaca | chat | sharegpt | classification | text "
-           "(default: auto, from the column names)", section="read", allowed=FORMATS),
-    Option("--batch-rows", "batch_rows", "rows per Arrow batch (default: 8192)", int, section="read",
-           allowed=Range(1)),
+    Option(
+        "--format",
+        "format",
+        "input format: auto | alpaca | chat | sharegpt | classification | text (default: auto, from the column names)",
+        section="read",
+        allowed=FORMATS,
+    ),
+    Option(
+        "--batch-rows", "batch_rows", "rows per Arrow batch (default: 8192)", int, section="read", allowed=Range(1)
+    ),
     # 1 GiB: pyarrow's JSON block_size is an int32, and a block is held about three times over while it is parsed
-    Option("--jsonl-block-bytes", "jsonl_block_bytes", "bytes of JSONL parsed per block (default: 8 MiB)", int,
-           section="read", allowed=Range(1, 1 << 30)),
-    Option("--workers", "workers", "processes for the map phase (default: 0 = one per core)", int, section="run",
-           allowed=Range(0)),
+    Option(
+        "--jsonl-block-bytes",
+        "jsonl_block_bytes",
+        "bytes of JSONL parsed per block (default: 8 MiB)",
+        int,
+        section="read",
+        allowed=Range(1, 1 << 30),
+    ),
+    Option(
+        "--workers",
+        "workers",
+        "processes for the map phase (default: 0 = one per core)",
+        int,
+        section="run",
+        allowed=Range(0),
+    ),
     Option("--seed", "seed", "seed for every random choice (default: 0)", int, section="run", allowed=SEED),
-    Option("--engine", "engine", "executor: local (processes on this machine) | ray (Ray Data; a local Ray "
-           "instance unless --ray-address) (default: local)", section="run", allowed=("local", "ray")),
-    Option("--ray-address", "ray_address", "--engine ray: address of a running Ray cluster, e.g. auto or "
-           "ray://head:10001 (default: start a local Ray instance)", section="run", metavar="ADDR"),
-    Option("--skip-stages", "skip_stages",
-           "stage names to leave out, e.g. clean minhash (the manifest's stages_run names them)",
-           nargs="+", metavar="STAGE", section="run"),
+    Option(
+        "--engine",
+        "engine",
+        "executor: local (processes on this machine) | ray (Ray Data; a local Ray "
+        "instance unless --ray-address) (default: local)",
+        section="run",
+        allowed=("local", "ray"),
+    ),
+    Option(
+        "--ray-address",
+        "ray_address",
+        "--engine ray: address of a running Ray cluster, e.g. auto or "
+        "ray://head:10001 (default: start a local Ray instance)",
+        section="run",
+        metavar="ADDR",
+    ),
+    Option(
+        "--skip-stages",
+        "skip_stages",
+        "stage names to leave out, e.g. clean minhash (the manifest's stages_run names them)",
+        nargs="+",
+        metavar="STAGE",
+        section="run",
+    ),
 ]
 
 # Flags of selection (`select` and `run`); engine.select.selection.check_options checks what needs the columns.
 SELECT_OPTIONS = [
-    Option("--method", "method", "auto | facility | stratified | kcenter | deita | topk | random (default: auto = "
-           "topk if --score is given; on labelled rows scored for label noise, stratified after dropping label "
-           "issues, with proportional label quotas; else facility)", section="select",
-           allowed=("auto", "facility", "stratified", "kcenter", "deita", "topk", "random")),
-    Option("--score", "score", "topk's ranking column, higher is better (see --ascending); default: quality",
-           section="select"),
-    Option("--budget", "budget", "how much to select: a count (5000), a fraction of kept rows (0.2 or 20%), or tokens "
-           "(tokens:2e6); default: 0.2", section="select"),
-    Option("--ascending", "ascending", "topk takes the lowest scores (e.g. a loss)", type=None, value=True,
-           section="select"),
-    Option("--quality", "quality", "polars expression for the quality score in [0, 1] (default: length, repetition "
-           "margins, label quality and IFD where present; see engine/select/quality.py)", section="select",
-           metavar="EXPR"),
-    Option("--quality-weight", "quality_weight", "facility: lambda, the weight of quality beside coverage (0 = pure "
-           "facility location); kcenter: quality's weight in [0, 1] (default: 1)", float, section="select",
-           allowed=Range(0)),
-    Option("--neighbours", "neighbours", "k of the kNN similarity graph (default: 16)", int, section="select",
-           allowed=Range(2, 1024)),
-    Option("--epsilon", "epsilon", "facility: 0 = lazy greedy (exact greedy); in (0, 1) = stochastic greedy "
-           "(default: 0)", float, section="select", allowed=Range(0, 1, hi_open=True)),
-    Option("--strata-rows", "strata_rows", "stratified: about this many picks per k-means stratum of the "
-           "embeddings (default: 10)", int, section="select", allowed=Range(1)),
-    Option("--tau", "tau", "deita: cosine at or above which a row is too close to an accepted one (default: 0.9)",
-           float, section="select", allowed=Range(-1, 1, lo_open=True)),
-    Option("--kcenter", "kcenter", "kcenter path: auto | exact | graph (default: auto, by n x k)", section="select",
-           allowed=("auto", "exact", "graph")),
-    Option("--balance", "balance", "per-label quotas: none | equal | proportional | min:N (default: none)",
-           section="select"),
-    Option("--source-cap", "source_cap", "at most N rows (>= 1) or a fraction F (< 1) of the budget per --cap-by value "
-           "(default: 0 = no cap)", section="select"),
-    Option("--cap-by", "cap_by", "column --source-cap counts by (default: source, the input file)", section="select",
-           metavar="COLUMN"),
-    Option("--partitions", "partitions", "GreeDi partitions for corpora past memory (default: 0 = one per 4M "
-           "candidates; 1 = none)", int, section="select", allowed=Range(0)),
-    Option("--target", "target", "files of a target task: candidates are weighted or restricted by relevance to them",
-           nargs="+", metavar="FILE", section="select"),
-    Option("--relevance", "relevance", "relevance to --target: knn (embedding similarity) | dsir (hashed n-gram "
-           "importance weights) | both (default)", section="select", allowed=("knn", "dsir", "both")),
-    Option("--target-mode", "target_mode", "weight (quality x relevance, default) | restrict (keep the "
-           "--target-keep most relevant candidates)", section="select", allowed=("weight", "restrict")),
-    Option("--target-keep", "target_keep", "restrict: fraction of candidates kept by relevance (default: 0.5)", float,
-           section="select", allowed=Range(0, 1, lo_open=True)),
-    Option("--label-issues", "label_issues", "auto | keep | drop: drop rows flagged label_issue from the candidates "
-           "(default: auto, see the README's selection paragraph)", section="select",
-           allowed=("auto", "keep", "drop")),
+    Option(
+        "--method",
+        "method",
+        "auto | facility | stratified | kcenter | deita | topk | random (default: auto = "
+        "topk if --score is given; on labelled rows scored for label noise, stratified after dropping label "
+        "issues, with proportional label quotas; else facility)",
+        section="select",
+        allowed=("auto", "facility", "stratified", "kcenter", "deita", "topk", "random"),
+    ),
+    Option(
+        "--score",
+        "score",
+        "topk's ranking column, higher is better (see --ascending); default: quality",
+        section="select",
+    ),
+    Option(
+        "--budget",
+        "budget",
+        "how much to select: a count (5000), a fraction of kept rows (0.2 or 20%), or tokens "
+        "(tokens:2e6); default: 0.2",
+        section="select",
+    ),
+    Option(
+        "--ascending",
+        "ascending",
+        "topk takes the lowest scores (e.g. a loss)",
+        type=None,
+        value=True,
+        section="select",
+    ),
+    Option(
+        "--quality",
+        "quality",
+        "polars expression for the quality score in [0, 1] (default: length, repetition "
+        "margins, label quality and IFD where present; see engine/select/quality.py)",
+        section="select",
+        metavar="EXPR",
+    ),
+    Option(
+        "--quality-weight",
+        "quality_weight",
+        "facility: lambda, the weight of quality beside coverage (0 = pure "
+        "facility location); kcenter: quality's weight in [0, 1] (default: 1)",
+        float,
+        section="select",
+        allowed=Range(0),
+    ),
+    Option(
+        "--neighbours",
+        "neighbours",
+        "k of the kNN similarity graph (default: 16)",
+        int,
+        section="select",
+        allowed=Range(2, 1024),
+    ),
+    Option(
+        "--epsilon",
+        "epsilon",
+        "facility: 0 = lazy greedy (exact greedy); in (0, 1) = stochastic greedy (default: 0)",
+        float,
+        section="select",
+        allowed=Range(0, 1, hi_open=True),
+    ),
+    Option(
+        "--strata-rows",
+        "strata_rows",
+        "stratified: about this many picks per k-means stratum of the embeddings (default: 10)",
+        int,
+        section="select",
+        allowed=Range(1),
+    ),
+    Option(
+        "--tau",
+        "tau",
+        "deita: cosine at or above which a row is too close to an accepted one (default: 0.9)",
+        float,
+        section="select",
+        allowed=Range(-1, 1, lo_open=True),
+    ),
+    Option(
+        "--kcenter",
+        "kcenter",
+        "kcenter path: auto | exact | graph (default: auto, by n x k)",
+        section="select",
+        allowed=("auto", "exact", "graph"),
+    ),
+    Option(
+        "--balance",
+        "balance",
+        "per-label quotas: none | equal | proportional | min:N (default: none)",
+        section="select",
+    ),
+    Option(
+        "--source-cap",
+        "source_cap",
+        "at most N rows (>= 1) or a fraction F (< 1) of the budget per --cap-by value (default: 0 = no cap)",
+        section="select",
+    ),
+    Option(
+        "--cap-by",
+        "cap_by",
+        "column --source-cap counts by (default: source, the input file)",
+        section="select",
+        metavar="COLUMN",
+    ),
+    Option(
+        "--partitions",
+        "partitions",
+        "GreeDi partitions for corpora past memory (default: 0 = one per 4M candidates; 1 = none)",
+        int,
+        section="select",
+        allowed=Range(0),
+    ),
+    Option(
+        "--target",
+        "target",
+        "files of a target task: candidates are weighted or restricted by relevance to them",
+        nargs="+",
+        metavar="FILE",
+        section="select",
+    ),
+    Option(
+        "--relevance",
+        "relevance",
+        "relevance to --target: knn (embedding similarity) | dsir (hashed n-gram importance weights) | both (default)",
+        section="select",
+        allowed=("knn", "dsir", "both"),
+    ),
+    Option(
+        "--target-mode",
+        "target_mode",
+        "weight (quality x relevance, default) | restrict (keep the --target-keep most relevant candidates)",
+        section="select",
+        allowed=("weight", "restrict"),
+    ),
+    Option(
+        "--target-keep",
+        "target_keep",
+        "restrict: fraction of candidates kept by relevance (default: 0.5)",
+        float,
+        section="select",
+        allowed=Range(0, 1, lo_open=True),
+    ),
+    Option(
+        "--label-issues",
+        "label_issues",
+        "auto | keep | drop: drop rows flagged label_issue from the candidates "
+        "(default: auto, see the README's selection paragraph)",
+        section="select",
+        allowed=("auto", "keep", "drop"),
+    ),
 ]
 
 
@@ -229,8 +380,9 @@ def parse_map(text: str) -> dict[str, str]:
         key, eq, col = item.partition("=")
         key, col = key.strip(), col.strip()
         if not eq or not key or not col:
-            raise UserError(f"--map {text}: expected CANON=COLUMN pairs separated by commas, e.g. "
-                            "prompt=question,response=answer")
+            raise UserError(
+                f"--map {text}: expected CANON=COLUMN pairs separated by commas, e.g. prompt=question,response=answer"
+            )
         if key in mapping:
             raise UserError(f"--map {text}: '{key}' is mapped twice")
         mapping[key] = col
@@ -271,13 +423,19 @@ def _type_name(hint: Any) -> str:
         return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s"
     if origin is dict:
         return f"a table of {_type_name(args[1]).split(' ', 1)[1]}s"
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string",
-            type(None): "nothing"}.get(hint, f"a {getattr(hint, '__name__', hint)}")
+    return {
+        bool: "a boolean (true/false)",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        type(None): "nothing",
+    }.get(hint, f"a {getattr(hint, '__name__', hint)}")
 
 
 def _toml_kind(value: Any) -> str:
     return {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "table"}.get(
-        type(value), type(value).__name__)
+        type(value), type(value).__name__
+    )
 
 
 def _update(obj: Any, values: dict[str, Any], where: str, prefix: str = "") -> None:

@@ -12,7 +12,9 @@ from kernels.quota import admits, take
 
 
 @njit(cache=True)
-def diversity_scan(order, nbr, sim, indptr, point, value, tau, k, init, group, label_left, source_left, cost, cost_left):
+def diversity_scan(
+    order, nbr, sim, indptr, point, value, tau, k, init, group, label_left, source_left, cost, cost_left
+):
     n = nbr.shape[0]
     accepted = np.zeros(n, np.bool_)
     for t in range(init.shape[0]):

@@ -121,8 +121,9 @@ def facility_lazy(indptr, point, value, w, q, lam, k, init, group, label_left, s
 
 
 @njit(cache=True)
-def facility_stochastic(indptr, point, value, w, q, lam, k, init, group, label_left, source_left, cost, cost_left,
-                        sample, seed):
+def facility_stochastic(
+    indptr, point, value, w, q, lam, k, init, group, label_left, source_left, cost, cost_left, sample, seed
+):
     """Stochastic greedy: each step evaluates ``sample`` random remaining candidates (drawn without replacement)
     and takes the best (ties: lowest index). Same returns as ``facility_lazy``."""
     np.random.seed(seed)

@@ -56,8 +56,9 @@ def _max_d(c, cell_ptr, d):
 
 
 @njit(cache=True)
-def farthest_point(x, cell_ptr, centroids, pdist, mult, k, init, first, group, label_left, source_left, cost,
-                   cost_left):
+def farthest_point(
+    x, cell_ptr, centroids, pdist, mult, k, init, first, group, label_left, source_left, cost, cost_left
+):
     """Points ``x`` (n, d) in cell order (``cell_ptr`` (n_cells + 1)), ``pdist`` (n,) each point's distance to its
     cell centroid, descending within each cell; ``mult`` (n,) the quality multiplier of the score. Starts from
     ``init`` (chosen already, not returned) or else from ``first``. Indices are in cell order. Returns (order, gains
@@ -196,8 +197,23 @@ def farthest_point_graph(indptr, point, value, rk, mult, k, init, group, label_l
         if not admits(i, group, label_left, source_left, cost, cost_left):
             dead[i] = True
             continue
-        got = _pick(i, rk[i] * mult[i], got, order, gains, dead, indptr, point, value, d, group, label_left,
-                    source_left, cost, cost_left)
+        got = _pick(
+            i,
+            rk[i] * mult[i],
+            got,
+            order,
+            gains,
+            dead,
+            indptr,
+            point,
+            value,
+            d,
+            group,
+            label_left,
+            source_left,
+            cost,
+            cost_left,
+        )
     phase1 = got
     # phase 2: exact farthest point among covered points, lazy heap keyed by d * mult
     # capacity: one entry per point plus one re-push per distance decrease (at most one per graph edge)
@@ -218,8 +234,9 @@ def farthest_point_graph(indptr, point, value, rk, mult, k, init, group, label_l
         if not admits(i, group, label_left, source_left, cost, cost_left):
             dead[i] = True
             continue
-        got = _pick(i, now, got, order, gains, dead, indptr, point, value, d, group, label_left, source_left, cost,
-                    cost_left)
+        got = _pick(
+            i, now, got, order, gains, dead, indptr, point, value, d, group, label_left, source_left, cost, cost_left
+        )
     return order[:got], gains[:got], d, phase1
 
 

@@ -171,7 +171,8 @@ def _decode(data, i, e):
     b = np.int64(data[i])
     if b >= 0xF0 and i + 3 < e:
         return ((b & 7) << 18) | ((np.int64(data[i + 1]) & 63) << 12) | ((np.int64(data[i + 2]) & 63) << 6) | (
-            np.int64(data[i + 3]) & 63), 4
+            np.int64(data[i + 3]) & 63
+        ), 4
     if b >= 0xE0 and i + 2 < e:
         return ((b & 15) << 12) | ((np.int64(data[i + 1]) & 63) << 6) | (np.int64(data[i + 2]) & 63), 3
     if b >= 0xC0 and i + 1 < e:
@@ -311,8 +312,9 @@ def normalize(arr: pa.Array | pa.ChunkedArray, form: str = "NFC") -> pa.Array:
         validity = arr.buffers()[0] if arr.null_count else None
         if validity is not None and arr.offset:
             validity = pc.is_valid(arr).buffers()[1]
-        result = pa.LargeStringArray.from_buffers(n, pa.py_buffer(new_off), pa.py_buffer(out), validity,
-                                                  arr.null_count)
+        result = pa.LargeStringArray.from_buffers(
+            n, pa.py_buffer(new_off), pa.py_buffer(out), validity, arr.null_count
+        )
     if form and non_ascii.mean() > 0.5:  # mostly non-Latin text: one pass beats filter + scatter back
         result = pc.utf8_normalize(result, form=form).cast(STR)
     elif form and non_ascii.any():
@@ -323,6 +325,7 @@ def normalize(arr: pa.Array | pa.ChunkedArray, form: str = "NFC") -> pa.Array:
         validity = None
         if result.null_count:
             validity = pc.is_valid(result).buffers()[1]
-        result = pa.LargeStringArray.from_buffers(n, pa.py_buffer(new_off), pa.py_buffer(out), validity,
-                                                  result.null_count)
+        result = pa.LargeStringArray.from_buffers(
+            n, pa.py_buffer(new_off), pa.py_buffer(out), validity, result.null_count
+        )
     return result

@@ -39,8 +39,13 @@ def take(i, group, label_left, source_left, cost, cost_left):
 
 def unconstrained(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(group, label_left, source_left, cost, cost_left) that admit every row."""
-    return (np.full((n, 2), -1, np.int32), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(n, np.float64),
-            np.array([np.inf]))
+    return (
+        np.full((n, 2), -1, np.int32),
+        np.zeros(1, np.int64),
+        np.zeros(1, np.int64),
+        np.zeros(n, np.float64),
+        np.array([np.inf]),
+    )
 
 
 @njit(cache=True)

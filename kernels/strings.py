@@ -21,9 +21,13 @@ def utf8_view(arr: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
         arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)
-            or pa.types.is_binary(arr.type) or pa.types.is_large_binary(arr.type)
-            or pa.types.is_string_view(arr.type)):
+    if not (
+        pa.types.is_string(arr.type)
+        or pa.types.is_large_string(arr.type)
+        or pa.types.is_binary(arr.type)
+        or pa.types.is_large_binary(arr.type)
+        or pa.types.is_string_view(arr.type)
+    ):
         raise TypeError(f"utf8_view needs a string column, got {arr.type}")
     if pa.types.is_string_view(arr.type):
         arr = arr.cast(pa.large_string())

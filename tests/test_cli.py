@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "cli.py", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +29,9 @@ def test_demo_end_to_end_finds_the_planted_truth(demo_run):
     m = json.loads((demo_run / "manifest.json").read_text())
     truth = json.loads((demo_run / "demo" / "truth.json").read_text())
     assert sum(m["verdicts"].values()) == m["rows_in"]
-    df = pl.concat([pl.read_parquet(f) for f in sorted((demo_run / "scores").glob("part-*.parquet"))],
-                   how="diagonal_relaxed")
+    df = pl.concat(
+        [pl.read_parquet(f) for f in sorted((demo_run / "scores").glob("part-*.parquet"))], how="diagonal_relaxed"
+    )
     assert df.height == m["rows_in"]
     df = df.with_columns(pl.col("source").str.split("/").list.last().alias("file"))
     verdict = {(f, r): v for f, r, v in df.select("file", "row", "verdict").iter_rows()}
@@ -43,8 +45,12 @@ def test_demo_end_to_end_finds_the_planted_truth(demo_run):
         assert verdict[(f, r)] == "empty_response"
     for f, r in truth["response_equals_prompt"]:
         assert verdict[(f, r)] == "response_equals_prompt"
-    for cat, v in (("refusal", "refusal"), ("truncated", "truncated"), ("repetition", "gopher_repetition"),
-                   ("placeholder", "placeholder")):
+    for cat, v in (
+        ("refusal", "refusal"),
+        ("truncated", "truncated"),
+        ("repetition", "gopher_repetition"),
+        ("placeholder", "placeholder"),
+    ):
         got = [verdict[tuple(k)] for k in truth[cat]]
         assert got and set(got) == {v}, (cat, got)
     assert sorted(k for k, v in verdict.items() if v == "malformed") == sorted(map(tuple, truth["malformed"]))
@@ -84,8 +90,9 @@ def test_select_topk_and_token_budget(demo_run, tmp_path):
     r = cli("select", demo_run, "--out", tmp_path / "top", "--score", "response_chars", "--budget", "50", "-q")
     assert r.returncode == 0, r.stderr
     top = pq.read_table(tmp_path / "top" / "selected.parquet").column("response_chars").to_pylist()
-    allk = pl.concat([pl.read_parquet(f) for f in (demo_run / "scores").glob("part-*.parquet")],
-                     how="diagonal_relaxed").filter(pl.col("verdict") == "kept")
+    allk = pl.concat(
+        [pl.read_parquet(f) for f in (demo_run / "scores").glob("part-*.parquet")], how="diagonal_relaxed"
+    ).filter(pl.col("verdict") == "kept")
     assert len(top) == 50 and min(top) >= sorted(allk["response_chars"].to_list())[-50]
     r = cli("select", demo_run, "--out", tmp_path / "tok", "--budget", "tokens:20000", "-q")
     assert r.returncode == 0, r.stderr
@@ -127,8 +134,10 @@ def test_help_on_every_subcommand():
     for sub in ("score", "select", "run", "inspect"):
         r = cli(sub, "--help")
         assert r.returncode == 0 and "usage" in r.stdout
-    assert "(default: 32768; -1 = no limit)" in cli("score", "--help").stdout.replace("\n", " ").replace("  ", " ") \
+    assert (
+        "(default: 32768; -1 = no limit)" in cli("score", "--help").stdout.replace("\n", " ").replace("  ", " ")
         or "-1 = no limit" in cli("score", "--help").stdout
+    )
 
 
 def test_split_keeps_clusters_together(demo_run, tmp_path):

@@ -24,8 +24,11 @@ from engine.io.readers import discover
 from engine.stages.loss import _cuda_present
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"score": "--embedder none --no-token-count", "run": "--embedder none --no-token-count",
-        "compare": "--embedder none --no-token-count"}
+BASE = {
+    "score": "--embedder none --no-token-count",
+    "run": "--embedder none --no-token-count",
+    "compare": "--embedder none --no-token-count",
+}
 
 TOML = {
     "bad_syntax": "[dedup\nnum_perm = 3\n",
@@ -242,16 +245,35 @@ CASES = [
     (("report",), "--out {nope}/r.html", "does not exist"),
 ]
 # Flags that take no value: nothing to get wrong alone (contradictions are in CASES: --loss --no-loss, --semdedup)
-SWITCHES = {"--quiet", "--no-normalize", "--no-clean", "--no-near-dedup", "--no-token-count", "--no-exact-dedup",
-            "--no-label-noise", "--ascending", "--json", "--help", "--full", "--raw"}
+SWITCHES = {
+    "--quiet",
+    "--no-normalize",
+    "--no-clean",
+    "--no-near-dedup",
+    "--no-token-count",
+    "--no-exact-dedup",
+    "--no-label-noise",
+    "--ascending",
+    "--json",
+    "--help",
+    "--full",
+    "--raw",
+}
 NEEDS_NO_GPU = {"--embed-device cuda", "--loss-device cuda"}
 
 
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     d = tmp_path_factory.mktemp("options")
-    rows = [{"instruction": f"Question number {i}: what is {i} plus {i}?", "output": f"It is {2 * i}, since {i} "
-             f"and {i} make {2 * i}.", "uid": f"u{i}", "reward": i / 10} for i in range(12)]
+    rows = [
+        {
+            "instruction": f"Question number {i}: what is {i} plus {i}?",
+            "output": f"It is {2 * i}, since {i} and {i} make {2 * i}.",
+            "uid": f"u{i}",
+            "reward": i / 10,
+        }
+        for i in range(12)
+    ]
     (d / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for name, text in TOML.items():
         (d / f"{name}.toml").write_text(text)
@@ -275,8 +297,14 @@ def paths(tmp_path_factory):
 
 
 def _argv(cmd: str, args: str, paths: Path, out: Path) -> list[str]:
-    subst = {"{nope}": str(paths / "no_such_thing"), "{file}": str(paths / "a_file"), "{dir}": str(paths / "empty_dir"),
-             "{bin}": str(paths / "binary.toml"), "{in}": str(paths / "in.jsonl"), "{run}": str(paths / "run")}
+    subst = {
+        "{nope}": str(paths / "no_such_thing"),
+        "{file}": str(paths / "a_file"),
+        "{dir}": str(paths / "empty_dir"),
+        "{bin}": str(paths / "binary.toml"),
+        "{in}": str(paths / "in.jsonl"),
+        "{run}": str(paths / "run"),
+    }
     subst.update({f"{{toml_{k}}}": str(paths / f"{k}.toml") for k in TOML})
 
     def fill(text: str) -> list[str]:
@@ -285,8 +313,16 @@ def _argv(cmd: str, args: str, paths: Path, out: Path) -> list[str]:
         return text.split()
 
     given = fill(args)
-    head = {"score": "{in}", "run": "{in}", "select": "{run}", "split": "{run}", "inspect": "{run}",
-            "report": "{run}", "finetune": "{run}", "compare": "{in}"}[cmd]
+    head = {
+        "score": "{in}",
+        "run": "{in}",
+        "select": "{run}",
+        "split": "{run}",
+        "inspect": "{run}",
+        "report": "{run}",
+        "finetune": "{run}",
+        "compare": "{in}",
+    }[cmd]
     if given and not given[0].startswith("-"):  # the case replaces the positional argument
         head, given = given[0], given[1:]
     out_flag = {"split": "--to", "inspect": None}.get(cmd, "--out")
@@ -482,10 +518,15 @@ def test_check_fields_names_the_flag_or_the_key():
     (["score", "{in}", "--out", "{out}", "--config", "{bin}"], "not a text file"),
 ])  # fmt: skip
 def test_real_cli_prints_one_line(argv, want, paths, tmp_path):
-    argv = [a.replace("{in}", str(paths / "in.jsonl")).replace("{out}", str(tmp_path / "o"))
-            .replace("{bin}", str(paths / "binary.toml")) for a in argv]
-    r = subprocess.run([sys.executable, "cli.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                       check=False)
+    argv = [
+        a.replace("{in}", str(paths / "in.jsonl"))
+        .replace("{out}", str(tmp_path / "o"))
+        .replace("{bin}", str(paths / "binary.toml"))
+        for a in argv
+    ]
+    r = subprocess.run(
+        [sys.executable, "cli.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().count("\n") == 0 and want in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()

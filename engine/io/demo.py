@@ -23,17 +23,256 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-TOPICS = ["photosynthesis", "volcanoes", "compound_interest", "the_french_revolution", "black_holes", "vaccines", "machine_learning", "coral_reefs", "the_roman_empire", "climate_change", "blockchain", "sleep_hygiene", "plate_tectonics", "jazz_music", "renewable_energy", "the_immune_system", "supply_chains", "urban_gardening", "quantum_computing", "the_water_cycle", "inflation", "honeybees", "the_printing_press", "solar_eclipses", "marathon_training", "sourdough_bread", "typography", "public_libraries", "electric_cars", "the_silk_road", "cloud_computing", "wetlands", "chess_openings", "the_human_heart", "recycling", "glaciers", "remote_work", "bird_migration", "microfinance", "the_periodic_table"]
+TOPICS = [
+    "photosynthesis",
+    "volcanoes",
+    "compound_interest",
+    "the_french_revolution",
+    "black_holes",
+    "vaccines",
+    "machine_learning",
+    "coral_reefs",
+    "the_roman_empire",
+    "climate_change",
+    "blockchain",
+    "sleep_hygiene",
+    "plate_tectonics",
+    "jazz_music",
+    "renewable_energy",
+    "the_immune_system",
+    "supply_chains",
+    "urban_gardening",
+    "quantum_computing",
+    "the_water_cycle",
+    "inflation",
+    "honeybees",
+    "the_printing_press",
+    "solar_eclipses",
+    "marathon_training",
+    "sourdough_bread",
+    "typography",
+    "public_libraries",
+    "electric_cars",
+    "the_silk_road",
+    "cloud_computing",
+    "wetlands",
+    "chess_openings",
+    "the_human_heart",
+    "recycling",
+    "glaciers",
+    "remote_work",
+    "bird_migration",
+    "microfinance",
+    "the_periodic_table",
+]
 VERBS = (
-    "Explain", "Describe", "Summarize what is known about", "Write a short paragraph about",
-    "List the main facts about", "Give practical advice related to", "Teach a beginner about",
-    "Outline the history of", "Discuss the benefits and drawbacks of", "Write a brief report on",
+    "Explain",
+    "Describe",
+    "Summarize what is known about",
+    "Write a short paragraph about",
+    "List the main facts about",
+    "Give practical advice related to",
+    "Teach a beginner about",
+    "Outline the history of",
+    "Discuss the benefits and drawbacks of",
+    "Write a brief report on",
 )
-WORDS = ["system", "energy", "process", "people", "water", "light", "growth", "change", "history", "market", "structure", "layer", "signal", "pattern", "balance", "pressure", "surface", "network", "memory", "cell", "region", "method", "result", "value", "cycle", "factor", "source", "effect", "model", "record", "theory", "practice", "design", "level", "range", "rate", "form", "power", "heat", "field", "stage", "route", "chain", "policy", "branch", "trade", "season", "material", "habit", "device", "signal", "core", "layer", "index", "border", "crew", "tool", "metal", "grain", "river", "forest", "cloud", "engine", "bridge", "garden", "harbor", "island", "valley", "planet", "orbit", "vessel", "thread", "fabric", "mirror", "lantern", "compass", "ladder", "anchor", "candle", "basket", "canvas", "marble", "pepper", "ribbon", "saddle", "timber", "velvet", "whistle", "quickly", "slowly", "carefully", "often", "rarely", "usually", "clearly", "mostly", "nearly", "simply", "gently", "firmly", "widely", "bright", "steady", "careful", "ancient", "modern", "rural", "urban", "formal", "gentle", "narrow", "broad", "hidden", "obvious", "rapid", "strong", "subtle", "typical", "unusual", "vital", "weak", "fragile", "robust", "common", "scarce", "dense", "sparse", "fertile", "arid", "builds", "shapes", "drives", "limits", "moves", "holds", "keeps", "turns", "forms", "links", "lifts", "guides", "feeds", "tests", "shows", "protects", "reduces", "improves", "supports", "creates", "changes", "affects", "requires", "explains", "connects", "measures"]
-POSITIVE = ["excellent", "wonderful", "delightful", "reliable", "impressive", "pleasant", "superb", "helpful", "great", "lovely"]
-NEGATIVE = ["terrible", "awful", "disappointing", "broken", "rude", "useless", "poor", "horrible", "faulty", "annoying"]
+WORDS = [
+    "system",
+    "energy",
+    "process",
+    "people",
+    "water",
+    "light",
+    "growth",
+    "change",
+    "history",
+    "market",
+    "structure",
+    "layer",
+    "signal",
+    "pattern",
+    "balance",
+    "pressure",
+    "surface",
+    "network",
+    "memory",
+    "cell",
+    "region",
+    "method",
+    "result",
+    "value",
+    "cycle",
+    "factor",
+    "source",
+    "effect",
+    "model",
+    "record",
+    "theory",
+    "practice",
+    "design",
+    "level",
+    "range",
+    "rate",
+    "form",
+    "power",
+    "heat",
+    "field",
+    "stage",
+    "route",
+    "chain",
+    "policy",
+    "branch",
+    "trade",
+    "season",
+    "material",
+    "habit",
+    "device",
+    "signal",
+    "core",
+    "layer",
+    "index",
+    "border",
+    "crew",
+    "tool",
+    "metal",
+    "grain",
+    "river",
+    "forest",
+    "cloud",
+    "engine",
+    "bridge",
+    "garden",
+    "harbor",
+    "island",
+    "valley",
+    "planet",
+    "orbit",
+    "vessel",
+    "thread",
+    "fabric",
+    "mirror",
+    "lantern",
+    "compass",
+    "ladder",
+    "anchor",
+    "candle",
+    "basket",
+    "canvas",
+    "marble",
+    "pepper",
+    "ribbon",
+    "saddle",
+    "timber",
+    "velvet",
+    "whistle",
+    "quickly",
+    "slowly",
+    "carefully",
+    "often",
+    "rarely",
+    "usually",
+    "clearly",
+    "mostly",
+    "nearly",
+    "simply",
+    "gently",
+    "firmly",
+    "widely",
+    "bright",
+    "steady",
+    "careful",
+    "ancient",
+    "modern",
+    "rural",
+    "urban",
+    "formal",
+    "gentle",
+    "narrow",
+    "broad",
+    "hidden",
+    "obvious",
+    "rapid",
+    "strong",
+    "subtle",
+    "typical",
+    "unusual",
+    "vital",
+    "weak",
+    "fragile",
+    "robust",
+    "common",
+    "scarce",
+    "dense",
+    "sparse",
+    "fertile",
+    "arid",
+    "builds",
+    "shapes",
+    "drives",
+    "limits",
+    "moves",
+    "holds",
+    "keeps",
+    "turns",
+    "forms",
+    "links",
+    "lifts",
+    "guides",
+    "feeds",
+    "tests",
+    "shows",
+    "protects",
+    "reduces",
+    "improves",
+    "supports",
+    "creates",
+    "changes",
+    "affects",
+    "requires",
+    "explains",
+    "connects",
+    "measures",
+]
+POSITIVE = [
+    "excellent",
+    "wonderful",
+    "delightful",
+    "reliable",
+    "impressive",
+    "pleasant",
+    "superb",
+    "helpful",
+    "great",
+    "lovely",
+]
+NEGATIVE = [
+    "terrible",
+    "awful",
+    "disappointing",
+    "broken",
+    "rude",
+    "useless",
+    "poor",
+    "horrible",
+    "faulty",
+    "annoying",
+]
 NEUTRAL = ["average", "standard", "ordinary", "typical", "regular", "usual", "plain", "moderate", "routine", "common"]
-PRODUCTS = ["phone", "laptop", "hotel", "restaurant", "service", "delivery", "camera", "movie", "book", "airline", "app", "keyboard"]
+PRODUCTS = [
+    "phone",
+    "laptop",
+    "hotel",
+    "restaurant",
+    "service",
+    "delivery",
+    "camera",
+    "movie",
+    "book",
+    "airline",
+    "app",
+    "keyboard",
+]
 REFUSALS = (
     "As an AI language model, I cannot help with that request.",
     "I'm sorry, but I cannot provide that information.",
@@ -62,17 +301,36 @@ def _edit_words(rng: random.Random, text: str, k: int) -> str:
     return " ".join(words)
 
 
-def make_demo(folder: str | Path, seed: int = 0, n_alpaca: int = 1800, n_chat: int = 400, n_sharegpt: int = 120,
-              n_cls: int = 1000) -> dict:
+def make_demo(
+    folder: str | Path,
+    seed: int = 0,
+    n_alpaca: int = 1800,
+    n_chat: int = 400,
+    n_sharegpt: int = 120,
+    n_cls: int = 1000,
+) -> dict:
     """Write the demo corpus under ``folder`` (see the module docstring); returns the planted truth."""
     rng = random.Random(seed)
     folder = Path(folder)
     inp, ev = folder / "input", folder / "eval"
     inp.mkdir(parents=True, exist_ok=True)
     ev.mkdir(parents=True, exist_ok=True)
-    truth: dict[str, list] = {k: [] for k in (
-        "exact_duplicate", "near_duplicate", "empty_response", "refusal", "truncated", "repetition",
-        "response_equals_prompt", "placeholder", "malformed", "mislabeled", "contaminated")}
+    truth: dict[str, list] = {
+        k: []
+        for k in (
+            "exact_duplicate",
+            "near_duplicate",
+            "empty_response",
+            "refusal",
+            "truncated",
+            "repetition",
+            "response_equals_prompt",
+            "placeholder",
+            "malformed",
+            "mislabeled",
+            "contaminated",
+        )
+    }
     truth["near_duplicate_of"] = []
     truth["exact_duplicate_of"] = []
 
@@ -80,9 +338,14 @@ def make_demo(folder: str | Path, seed: int = 0, n_alpaca: int = 1800, n_chat: i
     evals = []
     for i in range(40):
         topic = rng.choice(TOPICS)
-        evals.append({"id": f"eval-{i}", "instruction": f"{rng.choice(VERBS)} {topic.replace('_', ' ')} "
-                      f"for a reader who knows {rng.choice(WORDS)} and {rng.choice(WORDS)} "
-                      f"but not {rng.choice(WORDS)} {rng.choice(WORDS)} {rng.choice(WORDS)}."})
+        evals.append(
+            {
+                "id": f"eval-{i}",
+                "instruction": f"{rng.choice(VERBS)} {topic.replace('_', ' ')} "
+                f"for a reader who knows {rng.choice(WORDS)} and {rng.choice(WORDS)} "
+                f"but not {rng.choice(WORDS)} {rng.choice(WORDS)} {rng.choice(WORDS)}.",
+            }
+        )
     (ev / "eval_prompts.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
 
     # Alpaca rows.
@@ -109,8 +372,21 @@ def make_demo(folder: str | Path, seed: int = 0, n_alpaca: int = 1800, n_chat: i
             continue
         n_special += 1
         src_row, src = rng.choice(originals)
-        kind = rng.choice(("exact", "exact_ws", "near", "near", "empty", "refusal", "truncated", "repetition",
-                           "same", "placeholder", "contaminated"))
+        kind = rng.choice(
+            (
+                "exact",
+                "exact_ws",
+                "near",
+                "near",
+                "empty",
+                "refusal",
+                "truncated",
+                "repetition",
+                "same",
+                "placeholder",
+                "contaminated",
+            )
+        )
         if kind == "exact":
             row = add(dict(src), ("exact_duplicate",))
             truth["exact_duplicate_of"].append([["alpaca.jsonl", row], ["alpaca.jsonl", src_row]])
@@ -141,8 +417,7 @@ def make_demo(folder: str | Path, seed: int = 0, n_alpaca: int = 1800, n_chat: i
             add({"instruction": instr, "input": inp_text, "output": rng.choice(PLACEHOLDERS)}, ("placeholder",))
         elif kind == "contaminated":
             e = rng.choice(evals)
-            add({"instruction": e["instruction"], "input": "", "output": _response(rng, topic, 5)},
-                ("contaminated",))
+            add({"instruction": e["instruction"], "input": "", "output": _response(rng, topic, 5)}, ("contaminated",))
     # Three malformed lines: broken JSON, a number where text is expected, a missing field.
     add('{"instruction": "Name three colours", "input": "", "output": "red, green', ("malformed",))
     add({"instruction": "What is two plus two?", "input": "", "output": 4}, ("malformed",))
@@ -170,8 +445,10 @@ def make_demo(folder: str | Path, seed: int = 0, n_alpaca: int = 1800, n_chat: i
     sg_lines = []
     for i in range(n_sharegpt):
         topic = rng.choice(TOPICS)
-        conv = [{"from": "human", "value": f"{rng.choice(VERBS)} {topic.replace('_', ' ')} in simple words."},
-                {"from": "gpt", "value": _response(rng, topic, rng.randint(3, 6))}]
+        conv = [
+            {"from": "human", "value": f"{rng.choice(VERBS)} {topic.replace('_', ' ')} in simple words."},
+            {"from": "gpt", "value": _response(rng, topic, rng.randint(3, 6))},
+        ]
         sg_lines.append(json.dumps({"conversations": conv}))
     (inp / "sharegpt.jsonl").write_text("\n".join(sg_lines) + "\n")
 
@@ -182,15 +459,20 @@ def make_demo(folder: str | Path, seed: int = 0, n_alpaca: int = 1800, n_chat: i
     for i in range(n_cls):
         y = rng.randrange(3)
         w = lex[y]
-        text = (f"The {rng.choice(PRODUCTS)} was {rng.choice(w)} and the {rng.choice(PRODUCTS)} felt "
-                f"{rng.choice(w)}; {rng.choice(WORDS)} {rng.choice(WORDS)} {rng.choice(WORDS)} overall {rng.choice(w)}.")
+        text = (
+            f"The {rng.choice(PRODUCTS)} was {rng.choice(w)} and the {rng.choice(PRODUCTS)} felt "
+            f"{rng.choice(w)}; {rng.choice(WORDS)} {rng.choice(WORDS)} {rng.choice(WORDS)} overall {rng.choice(w)}."
+        )
         if rng.random() < 0.05:
             y = (y + rng.randint(1, 2)) % 3
             truth["mislabeled"].append(["sentiment.parquet", i])
         texts.append(text)
         labels.append(y)
         names.append(label_names[y])
-    pq.write_table(pa.table({"text": texts, "label": pa.array(labels, pa.int64()), "label_name": names}),
-                   inp / "sentiment.parquet", compression="zstd")
+    pq.write_table(
+        pa.table({"text": texts, "label": pa.array(labels, pa.int64()), "label_name": names}),
+        inp / "sentiment.parquet",
+        compression="zstd",
+    )
     (folder / "truth.json").write_text(json.dumps(truth, indent=1))
     return truth

@@ -166,8 +166,9 @@ def _chat(batch: pa.RecordBatch, stored: str, role_key: str, text_key: str, prob
     if m:
         np.maximum.at(last, parent, np.where(is_asst, pos, -1))
     has_asst = last >= 0
-    response = pc.if_else(pa.array(has_asst), pc.take(texts, pa.array(np.maximum(last, 0))) if m else pa.nulls(n, STR),
-                          pa.nulls(n, STR))
+    response = pc.if_else(
+        pa.array(has_asst), pc.take(texts, pa.array(np.maximum(last, 0))) if m else pa.nulls(n, STR), pa.nulls(n, STR)
+    )
     missing = pc.is_valid(arr).to_numpy(zero_copy_only=False) & ~has_asst
     if missing.any():
         problems.append((pa.array(missing), f"field '{col}': no assistant turn"))
@@ -184,8 +185,9 @@ def _chat(batch: pa.RecordBatch, stored: str, role_key: str, text_key: str, prob
     return prompt.cast(STR), response.cast(STR)
 
 
-def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str, str] | None = None,
-                 id_prefix: str = ""):
+def canonicalize(
+    batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str, str] | None = None, id_prefix: str = ""
+):
     """Reader batch (input columns under their stored names, engine.io.columns, + internal ones) -> canonical batch
     with the input columns kept after the canonical ones. Rows that cannot be read get verdict ``malformed`` and the
     reason in ``detail``.
@@ -202,7 +204,9 @@ def canonicalize(batch: pa.RecordBatch, fmt: str, source: str, mapping: dict[str
         instruction = _as_text(batch, E("instruction"), problems, "instruction")
         inp = pc.fill_null(_as_text(batch, E("input"), problems, "input"), "")
         has_input = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(inp)), 0)
-        prompt = pc.if_else(has_input, pc.binary_join_element_wise(instruction, inp, pa.scalar("\n\n", STR)), instruction)
+        prompt = pc.if_else(
+            has_input, pc.binary_join_element_wise(instruction, inp, pa.scalar("\n\n", STR)), instruction
+        )
         response = _as_text(batch, E("output"), problems, "output")
         needed = [("instruction", instruction), ("output", response)]
     elif fmt in ("chat", "sharegpt"):

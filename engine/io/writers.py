@@ -47,8 +47,9 @@ def disk_full(e: BaseException, path: str | Path) -> DiskFull | None:
         return None
     name = str(path).removesuffix(".tmp")
     what = "disk quota exceeded" if e.errno == errno.EDQUOT else "no space left on device"
-    return DiskFull(f"{what} writing {name}: free some space (or use another --out), then rerun the same command "
-                    f"to resume")
+    return DiskFull(
+        f"{what} writing {name}: free some space (or use another --out), then rerun the same command to resume"
+    )
 
 
 @contextlib.contextmanager
@@ -110,8 +111,15 @@ class _IpcFile:
 class PartWriter:
     """Writes one shard's batches into one or more parts (``kind`` parquet or arrow), atomically."""
 
-    def __init__(self, folder: Path, shard_index: int, compression: str = "zstd", level: int | None = 1,
-                 metadata: dict[bytes, bytes] | None = None, kind: str = "parquet"):
+    def __init__(
+        self,
+        folder: Path,
+        shard_index: int,
+        compression: str = "zstd",
+        level: int | None = 1,
+        metadata: dict[bytes, bytes] | None = None,
+        kind: str = "parquet",
+    ):
         self.kind = kind
         self.folder = Path(folder)
         self.shard_index = shard_index
@@ -135,8 +143,9 @@ class PartWriter:
         if self.kind == "arrow":
             self._writer = _IpcFile(self._tmp, self._schema)
         else:
-            self._writer = pq.ParquetWriter(self._tmp, self._schema, **parquet_options(schema, self.compression,
-                                                                                        self.level))
+            self._writer = pq.ParquetWriter(
+                self._tmp, self._schema, **parquet_options(schema, self.compression, self.level)
+            )
 
     def _close_current(self) -> None:
         if self._writer is not None:
@@ -183,12 +192,25 @@ def parquet_options(schema: pa.Schema, compression: str = "zstd", level: int | N
       a 50k x 256 float16 column took 0.36 s to write against 0.15 s without (0.15 s vs 0.04 s to read).
     """
     names = schema.names
-    flat = [f.name for f in schema if not (pa.types.is_list(f.type) or pa.types.is_large_list(f.type) or
-                                            pa.types.is_fixed_size_list(f.type) or pa.types.is_large_string(f.type)
-                                            or pa.types.is_string(f.type) or pa.types.is_struct(f.type))]
-    vectors = {f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)}
-    kw: dict[str, Any] = {"use_dictionary": [c for c in DICTIONARY_COLUMNS if c in names],
-                          "write_statistics": flat + [c for c in ("id", "verdict") if c in names]}
+    flat = [
+        f.name
+        for f in schema
+        if not (
+            pa.types.is_list(f.type)
+            or pa.types.is_large_list(f.type)
+            or pa.types.is_fixed_size_list(f.type)
+            or pa.types.is_large_string(f.type)
+            or pa.types.is_string(f.type)
+            or pa.types.is_struct(f.type)
+        )
+    ]
+    vectors = {
+        f.name for f in schema if pa.types.is_fixed_size_list(f.type) and pa.types.is_floating(f.type.value_type)
+    }
+    kw: dict[str, Any] = {
+        "use_dictionary": [c for c in DICTIONARY_COLUMNS if c in names],
+        "write_statistics": flat + [c for c in ("id", "verdict") if c in names],
+    }
     if vectors and compression != "none":
         kw["compression"] = {c: ("none" if c in vectors else compression) for c in names}
         if compression == "zstd" and level is not None:

@@ -23,8 +23,13 @@ def inspect_run(run: str | Path) -> dict:
         raise UserError(f"{run}: no scores/part-*.parquet (is this a run folder written by `cli.py score`?)")
     manifest = json.loads((run / "manifest.json").read_text()) if (run / "manifest.json").exists() else None
     schema = pa.unify_schemas([pq.read_schema(f) for f in files], promote_options="permissive")
-    numeric = [f.name for f in schema if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
-               and f.name not in ("row",) and not pa.types.is_uint64(f.type)]
+    numeric = [
+        f.name
+        for f in schema
+        if (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
+        and f.name not in ("row",)
+        and not pa.types.is_uint64(f.type)
+    ]
     frames = []
     for f in files:
         avail = pq.read_schema(f).names

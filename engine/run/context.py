@@ -72,8 +72,9 @@ class GlobalContext(abc.ABC):
 
     def verdict_array(self, shard: int, positions: np.ndarray | None = None) -> pa.Array:
         codes = self._codes[shard] if positions is None else self._codes[shard][positions]
-        return pa.DictionaryArray.from_arrays(pa.array(codes, pa.int16()), pa.array(self._names, pa.large_string())
-                                              ).cast(pa.large_string())
+        return pa.DictionaryArray.from_arrays(
+            pa.array(codes, pa.int16()), pa.array(self._names, pa.large_string())
+        ).cast(pa.large_string())
 
     def num_rows(self) -> int:
         return int(sum(len(r) for r in self._rows.values()))
@@ -123,8 +124,13 @@ class GlobalContext(abc.ABC):
     def _pieces(self, columns: list[str]) -> Iterator[tuple[int, np.ndarray, pa.Table]]:
         """(shard, positions of its rows in the verdict store, table of ``row`` + ``columns``) per piece."""
 
-    def iter_tables(self, columns: list[str], kept_only: bool = False, where: pl.Expr | None = None,
-                    keys: pl.DataFrame | None = None) -> Iterator[pa.Table]:
+    def iter_tables(
+        self,
+        columns: list[str],
+        kept_only: bool = False,
+        where: pl.Expr | None = None,
+        keys: pl.DataFrame | None = None,
+    ) -> Iterator[pa.Table]:
         cols = list(dict.fromkeys(c for c in columns if c not in KEY_COLUMNS))
         wanted = {}
         if keys is not None:
@@ -150,29 +156,52 @@ class GlobalContext(abc.ABC):
             sel = None if mask.all() else pa.array(np.flatnonzero(mask))
             part = t if sel is None else t.take(sel)
             ppos = pos if sel is None else pos[mask]
-            out = {"_shard": pa.array(np.full(part.num_rows, shard, np.int32)),
-                   "row": part.column("row").cast(pa.int64()), "verdict": self.verdict_array(shard, ppos)}
+            out = {
+                "_shard": pa.array(np.full(part.num_rows, shard, np.int32)),
+                "row": part.column("row").cast(pa.int64()),
+                "verdict": self.verdict_array(shard, ppos),
+            }
             for c in cols:
                 out[c] = part.column(c)
             yield pa.table(out)
 
-    def table(self, columns: list[str], kept_only: bool = False, where: pl.Expr | None = None,
-              keys: pl.DataFrame | None = None) -> pa.Table:
+    def table(
+        self,
+        columns: list[str],
+        kept_only: bool = False,
+        where: pl.Expr | None = None,
+        keys: pl.DataFrame | None = None,
+    ) -> pa.Table:
         pieces = list(self.iter_tables(columns, kept_only, where, keys))
         if not pieces:
             cols = list(dict.fromkeys(c for c in columns if c not in KEY_COLUMNS))
-            return pa.table({"_shard": pa.array([], pa.int32()), "row": pa.array([], pa.int64()),
-                             "verdict": pa.array([], pa.large_string()),
-                             **{c: pa.nulls(0) for c in cols}})
+            return pa.table(
+                {
+                    "_shard": pa.array([], pa.int32()),
+                    "row": pa.array([], pa.int64()),
+                    "verdict": pa.array([], pa.large_string()),
+                    **{c: pa.nulls(0) for c in cols},
+                }
+            )
         return pa.concat_tables(pieces, promote_options="permissive")
 
-    def iter_frames(self, columns: list[str], kept_only: bool = False, where: pl.Expr | None = None,
-                    keys: pl.DataFrame | None = None) -> Iterator[pl.DataFrame]:
+    def iter_frames(
+        self,
+        columns: list[str],
+        kept_only: bool = False,
+        where: pl.Expr | None = None,
+        keys: pl.DataFrame | None = None,
+    ) -> Iterator[pl.DataFrame]:
         for t in self.iter_tables(columns, kept_only, where, keys):
             yield pl.from_arrow(t)
 
-    def frame(self, columns: list[str], kept_only: bool = False, where: pl.Expr | None = None,
-              keys: pl.DataFrame | None = None) -> pl.DataFrame:
+    def frame(
+        self,
+        columns: list[str],
+        kept_only: bool = False,
+        where: pl.Expr | None = None,
+        keys: pl.DataFrame | None = None,
+    ) -> pl.DataFrame:
         return pl.from_arrow(self.table(columns, kept_only, where, keys))
 
     def previous(self, run_dir: str | Path) -> GlobalContext:
@@ -204,12 +233,15 @@ class PartsContext(GlobalContext):
     file of work columns (rows aligned with the parts, concatenated), a list of such files, one per part (the Ray
     engine writes one per part), or None."""
 
-    def __init__(self, config: Any, parts: dict[int, list[Path]],
-                 work: dict[int, Path | list[Path] | None] | None = None):
+    def __init__(
+        self, config: Any, parts: dict[int, list[Path]], work: dict[int, Path | list[Path] | None] | None = None
+    ):
         super().__init__(config)
         self.parts = {int(k): [Path(p) for p in v] for k, v in sorted(parts.items())}
-        self.work = {int(k): ([Path(p) for p in v] if isinstance(v, list) else Path(v) if v else None)
-                     for k, v in (work or {}).items()}
+        self.work = {
+            int(k): ([Path(p) for p in v] if isinstance(v, list) else Path(v) if v else None)
+            for k, v in (work or {}).items()
+        }
         self._part_rows: dict[int, list[int]] = {}
         for s, files in self.parts.items():
             rows, verdicts, sizes = [], [], []
@@ -219,8 +251,11 @@ class PartsContext(GlobalContext):
                 verdicts.append(t.column("verdict"))
                 sizes.append(t.num_rows)
             self._part_rows[s] = sizes
-            self._set_shard_verdicts(s, np.concatenate(rows) if rows else np.zeros(0, np.int64),
-                                     pa.chunked_array([c for v in verdicts for c in v.chunks], pa.large_string()))
+            self._set_shard_verdicts(
+                s,
+                np.concatenate(rows) if rows else np.zeros(0, np.int64),
+                pa.chunked_array([c for v in verdicts for c in v.chunks], pa.large_string()),
+            )
 
     def _work_table(self, shard: int, part: int | None = None) -> pa.Table | None:
         path = self.work.get(shard)
@@ -303,6 +338,11 @@ def open_run(run_dir: str | Path, config: Any) -> PartsContext:
         # Final verdicts live in scores/ (the same names as Parquet); fall back to the map parts before finalize.
         final = [scores / (Path(p).stem + ".parquet") for p in st["parts"]]
         parts[i] = final if all(f.exists() for f in final) else [map_dir / p for p in st["parts"]]
-        work[i] = ([map_dir / p for p in st["work_parts"]] if st.get("work_parts")
-                   else map_dir / st["work"] if st.get("work") else None)
+        work[i] = (
+            [map_dir / p for p in st["work_parts"]]
+            if st.get("work_parts")
+            else map_dir / st["work"]
+            if st.get("work")
+            else None
+        )
     return PartsContext(config, parts, work)

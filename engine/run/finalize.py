@@ -48,15 +48,23 @@ def run_global(ctx, stages: list, timings: dict, stage_stats: dict) -> list[pl.D
             continue
         upd = upd.with_columns(pl.col("_shard").cast(pl.Int32), pl.col("row").cast(pl.Int64))
         if "verdict" in upd.columns:
-            v = upd.select(["_shard", "row"] + [pl.col(c).cast(pl.String) if c in upd.columns else
-                                                pl.lit(None, dtype=pl.String).alias(c) for c in VERDICT_COLUMNS])
+            v = upd.select(
+                ["_shard", "row"]
+                + [
+                    pl.col(c).cast(pl.String) if c in upd.columns else pl.lit(None, dtype=pl.String).alias(c)
+                    for c in VERDICT_COLUMNS
+                ]
+            )
             v = ctx.apply_verdicts(v)
             if v.height:
                 updates.append(v)
         other = [c for c in upd.columns if c not in ("_shard", "row", *VERDICT_COLUMNS)]
         if other:
-            updates.append(upd.select(["_shard", "row"] + other).filter(
-                pl.any_horizontal([pl.col(c).is_not_null() for c in other])))
+            updates.append(
+                upd.select(["_shard", "row"] + other).filter(
+                    pl.any_horizontal([pl.col(c).is_not_null() for c in other])
+                )
+            )
     return updates
 
 
@@ -147,8 +155,11 @@ def finalize(ctx: PartsContext, scores_dir: Path, updates: list[pl.DataFrame], c
                             if f.name not in b.column_names:
                                 b = b.append_column(f, pa.nulls(b.num_rows, f.type))
                         if writer is None:
-                            writer = pq.ParquetWriter(tmp, schema, **parquet_options(
-                                schema, config.run.compression, config.run.compression_level))
+                            writer = pq.ParquetWriter(
+                                tmp,
+                                schema,
+                                **parquet_options(schema, config.run.compression, config.run.compression_level),
+                            )
                         writer.write_table(b.select(schema.names).cast(schema))
                         inject_disk_full(dest)
                         if k == 0:

@@ -55,8 +55,15 @@ def _workers(config: Config, shards, pending: list[int]) -> int:
     return max(1, min(workers, len(pending)))
 
 
-def score(inputs: list[str], out: str | Path, config: Config, progress: Any = None, command: str = "score",
-          map_stages: list[Stage] | None = None, global_stages: list[GlobalStage] | None = None) -> dict:
+def score(
+    inputs: list[str],
+    out: str | Path,
+    config: Config,
+    progress: Any = None,
+    command: str = "score",
+    map_stages: list[Stage] | None = None,
+    global_stages: list[GlobalStage] | None = None,
+) -> dict:
     """Score ``inputs`` into the run folder ``out``; returns the manifest (also written to OUT/manifest.json).
 
     ``map_stages`` / ``global_stages`` replace the registry's (tests); they run in this process.
@@ -101,8 +108,17 @@ def open_map(shards, out: Path, config: Config):
     return shards, map_dir, resolved, results, pending
 
 
-def _score(t_start: float, shards, warnings: list[str], out: Path, config: Config, progress: Any, command: str,
-           map_stages: list[Stage] | None, global_stages: list[GlobalStage] | None) -> dict:
+def _score(
+    t_start: float,
+    shards,
+    warnings: list[str],
+    out: Path,
+    config: Config,
+    progress: Any,
+    command: str,
+    map_stages: list[Stage] | None,
+    global_stages: list[GlobalStage] | None,
+) -> dict:
     shards, map_dir, resolved, results, pending = open_map(shards, out, config)
 
     t_map = time.perf_counter()
@@ -120,8 +136,12 @@ def _score(t_start: float, shards, warnings: list[str], out: Path, config: Confi
         ctx = mp.get_context("forkserver")
         start_forkserver(["engine.run.pipeline", *sorted({s.module for s in registry.specs()})])
         timings_warm = warm(config, processes=workers)
-        ex = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=init_worker,
-                                    initargs=(config.to_dict(), max(1, cores // workers), os.getpid()))
+        ex = cf.ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=ctx,
+            initializer=init_worker,
+            initargs=(config.to_dict(), max(1, cores // workers), os.getpid()),
+        )
         futs: dict[cf.Future, int] = {}
         try:
             futs = {ex.submit(run_in_worker, i, shards[i], str(map_dir)): i for i in pending}
@@ -149,8 +169,21 @@ def _score(t_start: float, shards, warnings: list[str], out: Path, config: Confi
                 raise RuntimeError("WINNOW_CRASH_AFTER_SHARDS: simulated crash")
             pause_point(f"map:{done_n}")
     map_seconds = time.perf_counter() - t_map
-    return finish_run(t_start, shards, warnings, out, config, command, results, pending, resolved,
-                      {"map_s": round(map_seconds, 3), "warm_up_s": timings_warm}, workers, map_stages, global_stages)
+    return finish_run(
+        t_start,
+        shards,
+        warnings,
+        out,
+        config,
+        command,
+        results,
+        pending,
+        resolved,
+        {"map_s": round(map_seconds, 3), "warm_up_s": timings_warm},
+        workers,
+        map_stages,
+        global_stages,
+    )
 
 
 def work_files(map_dir: Path, stats: dict) -> Path | list[Path] | None:
@@ -161,10 +194,22 @@ def work_files(map_dir: Path, stats: dict) -> Path | list[Path] | None:
     return (map_dir / stats["work"]) if stats.get("work") else None
 
 
-def finish_run(t_start: float, shards, warnings: list[str], out: Path, config: Config, command: str,
-               results: dict[int, dict], pending: list[int], resolved: dict, timings_map: dict, workers: int,
-               map_stages: list[Stage] | None = None, global_stages: list[GlobalStage] | None = None,
-               extra: dict | None = None) -> dict:
+def finish_run(
+    t_start: float,
+    shards,
+    warnings: list[str],
+    out: Path,
+    config: Config,
+    command: str,
+    results: dict[int, dict],
+    pending: list[int],
+    resolved: dict,
+    timings_map: dict,
+    workers: int,
+    map_stages: list[Stage] | None = None,
+    global_stages: list[GlobalStage] | None = None,
+    extra: dict | None = None,
+) -> dict:
     """What every executor does once each shard's map phase has its stats in ``results``: count the rows, run the
     global stages over a ``PartsContext``, finalize ``scores/`` and write the manifest (``extra`` adds top-level
     entries: the Ray engine's ``engine`` and ``ray``)."""
@@ -208,8 +253,10 @@ def finish_run(t_start: float, shards, warnings: list[str], out: Path, config: C
         ],
         "config": config.to_dict(),
         "resolved": resolved,
-        "stages_run": {"map": [s.name for s in (map_stages or registry.active(config, registry.MAP))],
-                       "global": [s.name for s in gstages]},
+        "stages_run": {
+            "map": [s.name for s in (map_stages or registry.active(config, registry.MAP))],
+            "global": [s.name for s in gstages],
+        },
         "versions": mf.versions(),
         "seed": config.run.seed,
         "timings": {

@@ -53,15 +53,20 @@ class RunLock:
         except BlockingIOError:
             holder = _holder(fd)
             os.close(fd)
-            raise UserError(f"{self.folder}: another winnow run (pid {holder}) is writing this run folder; wait "
-                            f"for it to end, or use another --out") from None
+            raise UserError(
+                f"{self.folder}: another winnow run (pid {holder}) is writing this run folder; wait "
+                f"for it to end, or use another --out"
+            ) from None
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
             # A file system without locks (some network mounts): run unlocked rather than not at all.
-            print(f"winnow: warning: {self.path}: cannot lock the run folder ({e.strerror}); make sure no other "
-                  f"run writes it", file=sys.stderr)
+            print(
+                f"winnow: warning: {self.path}: cannot lock the run folder ({e.strerror}); make sure no other "
+                f"run writes it",
+                file=sys.stderr,
+            )
             return self
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())

@@ -121,8 +121,7 @@ class _WorkWriter:
         have = [c for c in self.names if c in batch.schema.names]
         if not have:
             return batch
-        side = pa.RecordBatch.from_arrays([batch.column("row"), *[batch.column(c) for c in have]],
-                                          ["row", *have])
+        side = pa.RecordBatch.from_arrays([batch.column("row"), *[batch.column(c) for c in have]], ["row", *have])
         with writing(self.path):
             if self._w is None:
                 self._f = pa.OSFile(str(self.tmp), "wb")
@@ -152,8 +151,9 @@ class _WorkWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def canonical_batches(shard: Shard, rc: Any, fmt_box: dict[str, Any], counts: dict[str, int]
-                      ) -> Iterator[pa.RecordBatch]:
+def canonical_batches(
+    shard: Shard, rc: Any, fmt_box: dict[str, Any], counts: dict[str, int]
+) -> Iterator[pa.RecordBatch]:
     """The shard's rows as canonical batches (``engine.io.schema.canonicalize``): the format detected on the first
     readable batch (``fmt_box["fmt"]``, with the input columns in ``fmt_box["input_cols"]``), rows counted in
     ``counts["rows"]``, malformed rows kept. Both executors read shards through this."""
@@ -175,13 +175,19 @@ def canonical_batches(shard: Shard, rc: Any, fmt_box: dict[str, Any], counts: di
                 raise UserError(f"{shard.path}: format {fmt_box['fmt']} needs column(s) {need}, found {have}")
         out = canonicalize(batch, fmt_box["fmt"], shard.path, rc.map or None, shard.id_prefix)
         if "input_cols" not in fmt_box:
-            fmt_box["input_cols"] = out.schema.names[len(CANONICAL_TYPES):]
+            fmt_box["input_cols"] = out.schema.names[len(CANONICAL_TYPES) :]
         counts["rows"] += out.num_rows
         yield out
 
 
-def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, stages: list[Stage],
-                  on_rows: Callable[[int], None] | None = None) -> dict[str, Any]:
+def process_shard(
+    index: int,
+    shard: Shard,
+    config: Any,
+    map_dir: str | Path,
+    stages: list[Stage],
+    on_rows: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     """Map phase of one shard with already built ``stages``; returns its stats (also the completion marker)."""
     t0 = time.perf_counter()
     map_dir = Path(map_dir)
@@ -208,7 +214,7 @@ def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, st
     for s in head:
         batches = _timed(s(batches), in_thread)
     batches = _timed(_prefetch(batches), inclusive)
-    for s in stages[len(head):]:
+    for s in stages[len(head) :]:
         batches = _timed(s(batches), inclusive)
     writer = None
     work = _WorkWriter(map_dir / f"work-{index:05d}.arrow", registry.work_columns(config))
@@ -230,9 +236,17 @@ def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, st
         try:
             for n_batch, batch in enumerate(batches):
                 if writer is None:
-                    writer = PartWriter(map_dir, index, config.run.compression, config.run.compression_level,
-                                        {META_INPUT_COLUMNS: json.dumps(fmt_box.get("input_cols", [])).encode(),
-                                         META_FORMAT: fmt_box.get("fmt", "").encode()}, kind="arrow")
+                    writer = PartWriter(
+                        map_dir,
+                        index,
+                        config.run.compression,
+                        config.run.compression_level,
+                        {
+                            META_INPUT_COLUMNS: json.dumps(fmt_box.get("input_cols", [])).encode(),
+                            META_FORMAT: fmt_box.get("fmt", "").encode(),
+                        },
+                        kind="arrow",
+                    )
                 while len(pending) >= 2:
                     pending.pop(0).result()
                 pending.append(wpool.submit(write, batch))
@@ -254,7 +268,7 @@ def process_shard(index: int, shard: Shard, config: Any, map_dir: str | Path, st
             raise
     for k, s in enumerate(head):
         s.stats["seconds"] = round(in_thread[k + 1] - in_thread[k], 3)
-    for k, s in enumerate(stages[len(head):]):
+    for k, s in enumerate(stages[len(head) :]):
         s.stats["seconds"] = round(inclusive[k + 1] - inclusive[k], 3)
     stats = {
         "index": index,

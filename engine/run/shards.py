@@ -40,8 +40,10 @@ def with_identity(shards: list[Shard], threads: int = 4) -> list[Shard]:
 
 def shard_key(shard: Shard, config: Any) -> str:
     sections = registry.resume_sections(config)
-    blob = (f"{shard.path}|{shard.size}|{shard.content_hash or shard.mtime_ns}|{shard.id_prefix}|{sections}|{config.section_hash(*sections)}|"
-            f"{sorted(config.run.skip_stages)}|{__version__}")
+    blob = (
+        f"{shard.path}|{shard.size}|{shard.content_hash or shard.mtime_ns}|{shard.id_prefix}|{sections}|{config.section_hash(*sections)}|"
+        f"{sorted(config.run.skip_stages)}|{__version__}"
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -64,8 +66,11 @@ def reusable(map_dir: Path, shards: list[Shard], config: Any) -> tuple[dict[int,
                 st = json.loads(marker.read_text())
             except (OSError, ValueError):
                 st = None
-            files = ((st or {}).get("parts", []) + ([st["work"]] if st and st.get("work") else [])
-                     + (st or {}).get("work_parts", []))  # the Ray engine: one work file per part
+            files = (
+                (st or {}).get("parts", [])
+                + ([st["work"]] if st and st.get("work") else [])
+                + (st or {}).get("work_parts", [])
+            )  # the Ray engine: one work file per part
             if st and st.get("key") == shard_key(sh, config) and all((map_dir / p).exists() for p in files):
                 st["reused"] = True
                 done[i] = st

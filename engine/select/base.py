@@ -37,11 +37,20 @@ class Candidates:
 
     def take(self, idx: np.ndarray) -> Candidates:
         """The candidates at positions ``idx`` (a partition, a label's rows)."""
+
         def sub(a):
             return None if a is None else a[idx]
 
-        return Candidates(self.ids[idx], self.quality[idx], self.tokens[idx], sub(self.emb), sub(self.labels),
-                          sub(self.sources), sub(self.score), sub(self.weight))
+        return Candidates(
+            self.ids[idx],
+            self.quality[idx],
+            self.tokens[idx],
+            sub(self.emb),
+            sub(self.labels),
+            sub(self.sources),
+            sub(self.score),
+            sub(self.weight),
+        )
 
 
 @dataclass

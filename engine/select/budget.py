@@ -34,8 +34,10 @@ class Budget:
         """``5000`` -> count; ``0.2`` / ``20%`` / ``1.0`` -> fraction of the kept rows in (0, 1]; ``tokens:2e6`` ->
         tokens. Anything else (zero, negative, infinite, a non-integer count, a percentage over 100) is a UserError."""
         t = str(text).strip().lower()
-        bad = UserError(f"--budget {text}: expected a count (5000), a fraction of the kept rows in (0, 1] (0.2 or "
-                        "20%) or tokens (tokens:2e6)")
+        bad = UserError(
+            f"--budget {text}: expected a count (5000), a fraction of the kept rows in (0, 1] (0.2 or "
+            "20%) or tokens (tokens:2e6)"
+        )
         try:
             if t.startswith("tokens:"):
                 v = float(t.split(":", 1)[1])
@@ -92,8 +94,10 @@ def parse_cap(text: str) -> float:
     except (TypeError, ValueError):
         v = -1.0
     if not math.isfinite(v) or v < 0 or (v >= 1 and v != int(v)):
-        raise UserError(f"--source-cap {text}: expected 0 (no cap), a count of rows (500) or a fraction of the budget "
-                        "in (0, 1) (0.3)")
+        raise UserError(
+            f"--source-cap {text}: expected 0 (no cap), a count of rows (500) or a fraction of the budget "
+            "in (0, 1) (0.3)"
+        )
     return v
 
 
@@ -133,16 +137,22 @@ class Limits:
 
     def take(self, idx: np.ndarray) -> Limits:
         """The limits restricted to candidate positions ``idx`` (same counters, copied)."""
-        return Limits(self.group[idx], self.label_left.copy(), self.source_left.copy(), self.cost[idx],
-                      self.cost_left.copy())
+        return Limits(
+            self.group[idx], self.label_left.copy(), self.source_left.copy(), self.cost[idx], self.cost_left.copy()
+        )
 
     def args(self) -> tuple:
         return self.group, self.label_left, self.source_left, self.cost, self.cost_left
 
     @classmethod
     def none(cls, n: int) -> Limits:
-        return cls(np.full((n, 2), -1, np.int32), np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(n),
-                   np.array([math.inf]))
+        return cls(
+            np.full((n, 2), -1, np.int32),
+            np.zeros(1, np.int64),
+            np.zeros(1, np.int64),
+            np.zeros(n),
+            np.array([math.inf]),
+        )
 
 
 def codes(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -151,8 +161,15 @@ def codes(values: np.ndarray) -> tuple[np.ndarray, list[str]]:
     return inv.astype(np.int32), [str(n) for n in names]
 
 
-def build_limits(n: int, tokens: np.ndarray, budget: Budget, label_codes: np.ndarray | None,
-                 label_caps: np.ndarray | None, cap_codes: np.ndarray | None, cap: int) -> Limits:
+def build_limits(
+    n: int,
+    tokens: np.ndarray,
+    budget: Budget,
+    label_codes: np.ndarray | None,
+    label_caps: np.ndarray | None,
+    cap_codes: np.ndarray | None,
+    cap: int,
+) -> Limits:
     """Limits over ``n`` candidates: label groups with ``label_caps`` places each, cap groups with ``cap`` places
     each (0 = none) and the token budget."""
     lim = Limits.none(n)

@@ -33,8 +33,13 @@ class Deita(Selector):
         q = np.asarray(cands.quality, np.float64)
         order = np.argsort(-q, kind="stable")
         init = np.zeros(0, np.int64) if init is None else np.asarray(init, np.int64)
-        picked, refused = diversity_scan(order, nbr, sim, indptr, point, value, float(self.config.tau), k, init,
-                                *limits.copy().args())
-        info.update({"refused_as_similar": int(refused),
-                     "dense_rows": int((np.where(nbr >= 0, sim, 0).min(axis=1) >= self.config.tau).sum())})
+        picked, refused = diversity_scan(
+            order, nbr, sim, indptr, point, value, float(self.config.tau), k, init, *limits.copy().args()
+        )
+        info.update(
+            {
+                "refused_as_similar": int(refused),
+                "dense_rows": int((np.where(nbr >= 0, sim, 0).min(axis=1) >= self.config.tau).sum()),
+            }
+        )
         return Picked(picked, q[picked], None, info)

@@ -35,8 +35,15 @@ class FacilityLocation(Selector):
     needs_embeddings = True
     params = ("quality_weight", "neighbours", "epsilon")
 
-    def select(self, cands: Candidates, k: int, limits: Limits, init: np.ndarray | None = None,
-               graph=None, point_weight: np.ndarray | None = None) -> Picked:
+    def select(
+        self,
+        cands: Candidates,
+        k: int,
+        limits: Limits,
+        init: np.ndarray | None = None,
+        graph=None,
+        point_weight: np.ndarray | None = None,
+    ) -> Picked:
         """``graph`` (reverse CSR over these candidates, points possibly other rows: GreeDi's final round) and
         ``point_weight`` (one per point) replace the candidates' own kNN graph and weights."""
         n = len(cands)
@@ -55,8 +62,9 @@ class FacilityLocation(Selector):
         lim = limits.copy()
         if self.config.epsilon > 0:
             sample = stochastic_sample_size(n, k, self.config.epsilon)
-            order, gains, cur, who, evals = facility_stochastic(indptr, point, value, w, q, lam, k, init, *lim.args(),
-                                                           sample, self.seed)
+            order, gains, cur, who, evals = facility_stochastic(
+                indptr, point, value, w, q, lam, k, init, *lim.args(), sample, self.seed
+            )
             info["greedy"] = f"stochastic (sample {sample})"
         else:
             order, gains, cur, who, evals = facility_lazy(indptr, point, value, w, q, lam, k, init, *lim.args())

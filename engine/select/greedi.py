@@ -66,8 +66,7 @@ def greedi(sel: Selector, cands: Candidates, k: int, limits: Limits, parts: int,
     picks = runner(sel, cands, k, limits, [idx for _p, idx in todo])
     for (p, idx), got in zip(todo, picks):
         union.append(idx[got.order])
-        info_parts.append({"partition": p, "rows": len(idx), "picked": len(got.order),
-                           "objective": got.objective})
+        info_parts.append({"partition": p, "rows": len(idx), "picked": len(got.order), "objective": got.objective})
     pool = np.sort(np.concatenate(union)) if union else np.zeros(0, np.int64)
     sub = cands.take(pool)
     if isinstance(sel, FacilityLocation) and cands.emb is not None:

@@ -85,12 +85,20 @@ class KCenter(Selector):
         indptr, point, value = reverse_csr(nbr, sim, len(cands), False)
         del nbr, sim
         init = np.zeros(0, np.int64) if init is None else np.asarray(init, np.int64)
-        order, gains, d, phase1 = farthest_point_graph(indptr, point, value, rk, self._mult(cands), k, init,
-                                                       *limits.copy().args())
+        order, gains, d, phase1 = farthest_point_graph(
+            indptr, point, value, rk, self._mult(cands), k, init, *limits.copy().args()
+        )
         covered = np.isfinite(d)
         radius = float(d[covered].max()) if covered.any() else 0.0
-        info.update({"path": "graph", "phase1_picks": int(phase1), "uncovered_rows": int((~covered).sum()),
-                     "radius": radius, "radius_cosine": 1 - radius * radius / 2})
+        info.update(
+            {
+                "path": "graph",
+                "phase1_picks": int(phase1),
+                "uncovered_rows": int((~covered).sum()),
+                "radius": radius,
+                "radius_cosine": 1 - radius * radius / 2,
+            }
+        )
         return Picked(order, gains, -radius, info)
 
     def _exact(self, cands: Candidates, k: int, limits: Limits, init: np.ndarray | None) -> Picked:
@@ -104,10 +112,16 @@ class KCenter(Selector):
         first = int(where[int(np.argmax(q))])  # the best-quality row (ties: first)
         init_p = np.zeros(0, np.int64) if init is None else where[np.asarray(init, np.int64)]
         lim = limits.take(perm)
-        order, gains, d, evals = farthest_point(x[perm], cell_ptr, centroids, pdist, mult, k, init_p, first,
-                                                *lim.args())
+        order, gains, d, evals = farthest_point(
+            x[perm], cell_ptr, centroids, pdist, mult, k, init_p, first, *lim.args()
+        )
         radius = float(d.max()) if n else 0.0
-        info = {"path": "exact", "cells": int(len(cell_ptr) - 1), "distance_evaluations": int(evals),
-                "dense_evaluations": int(n) * int(len(order) + len(init_p)),
-                "radius": radius, "radius_cosine": 1 - radius * radius / 2}
+        info = {
+            "path": "exact",
+            "cells": int(len(cell_ptr) - 1),
+            "distance_evaluations": int(evals),
+            "dense_evaluations": int(n) * int(len(order) + len(init_p)),
+            "radius": radius,
+            "radius_cosine": 1 - radius * radius / 2,
+        }
         return Picked(perm[order], gains, -radius, info)

@@ -105,7 +105,7 @@ def _pool(c: int, near: np.ndarray, order: np.ndarray, ptr: np.ndarray, probes: 
     for p in near[c]:
         if p < 0 or (picked and size >= probes * ROWS_PER_CELL):
             break
-        picked.append(order[ptr[p]:ptr[p + 1]])
+        picked.append(order[ptr[p] : ptr[p + 1]])
         size += ptr[p + 1] - ptr[p]
     return np.concatenate(picked)
 
@@ -117,14 +117,14 @@ def _search(xq, q_rows, q_order, q_ptr, xb, cells, k, probes, nbr, sim, dev) -> 
 
     _cindex, near, order, ptr = cells
     for c in range(len(q_ptr) - 1):
-        qs = q_order[q_ptr[c]:q_ptr[c + 1]]
+        qs = q_order[q_ptr[c] : q_ptr[c + 1]]
         if not len(qs):
             continue
         pool = _pool(c, near, order, ptr, probes)
         kk = min(k, len(pool))
         xp = xb[torch.from_numpy(pool).to(dev)]
         for s in range(0, len(qs), QUERY_BLOCK):
-            q = qs[s:s + QUERY_BLOCK]
+            q = qs[s : s + QUERY_BLOCK]
             vals, idx = torch.topk(xq[torch.from_numpy(q).to(dev)] @ xp.T, kk, dim=1)
             out = q_rows[q]
             nbr[out, :kk] = pool[idx.cpu().numpy()]
@@ -150,8 +150,9 @@ def _cell_search(x: np.ndarray, k: int, probes: int, seed: int) -> tuple[np.ndar
     return nbr, sim, {"graph": "cells", "cells": len(cells[3]) - 1, "probes": probes, "device": dev}
 
 
-def search_against(base: np.ndarray, queries: np.ndarray, k: int = 16, probes: int = 4, seed: int = 0,
-                   block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+def search_against(
+    base: np.ndarray, queries: np.ndarray, k: int = 16, probes: int = 4, seed: int = 0, block: int = 1 << 20
+) -> tuple[np.ndarray, np.ndarray]:
     """Each query row's k most similar ``base`` rows (indices into base, -1 = none), by the same cell search as the
     graph. ``queries`` may be a memory map far larger than memory: it is read ``block`` rows at a time."""
     import torch
@@ -165,18 +166,30 @@ def search_against(base: np.ndarray, queries: np.ndarray, k: int = 16, probes: i
     nbr = np.full((nq, k), -1, np.int32)
     sim = np.zeros((nq, k), np.float32)
     for s in range(0, nq, block):
-        xq_np = as_float32(queries[s:s + block])
+        xq_np = as_float32(queries[s : s + block])
         _, qa = cells[0].search(xq_np, 1)
         qa = qa[:, 0].astype(np.int64)
         q_order = np.argsort(qa, kind="stable")
         q_ptr = np.concatenate([[0], np.cumsum(np.bincount(qa, minlength=len(cells[3]) - 1))])
-        _search(torch.from_numpy(xq_np).to(dev), np.arange(s, s + len(xq_np)), q_order, q_ptr, xb, cells, k,
-                probes, nbr, sim, dev)
+        _search(
+            torch.from_numpy(xq_np).to(dev),
+            np.arange(s, s + len(xq_np)),
+            q_order,
+            q_ptr,
+            xb,
+            cells,
+            k,
+            probes,
+            nbr,
+            sim,
+            dev,
+        )
     return nbr, sim
 
 
-def knn_graph(emb: np.ndarray, k: int = 16, exact_max: int = 5_000, probes: int = 4, seed: int = 0,
-              x: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+def knn_graph(
+    emb: np.ndarray, k: int = 16, exact_max: int = 5_000, probes: int = 4, seed: int = 0, x: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """(neighbours int32 (n, k), similarities float32 (n, k), info): row j's k most similar rows, itself first.
     Missing neighbours (fewer than k rows in the probed cells) are -1 with similarity 0."""
     t0 = time.perf_counter()
@@ -191,9 +204,9 @@ def knn_graph(emb: np.ndarray, k: int = 16, exact_max: int = 5_000, probes: int 
         nbr = np.empty((n, k), np.int32)
         sim = np.empty((n, k), np.float32)
         for s in range(0, n, CHUNK):
-            D, I = index.search(x[s:s + CHUNK], k)
-            nbr[s:s + CHUNK] = I
-            sim[s:s + CHUNK] = D
+            D, I = index.search(x[s : s + CHUNK], k)
+            nbr[s : s + CHUNK] = I
+            sim[s : s + CHUNK] = D
         info = {"graph": "exact"}
     # the row itself first, whatever faiss's tie order: put it in place of the least similar neighbour if missing
     rows = np.arange(n, dtype=np.int32)

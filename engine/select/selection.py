@@ -50,8 +50,9 @@ def label_issue_policy(config: SelectConfig, method: str, columns: set[str]) -> 
     when the method is auto-chosen and the run has the column (the evidence is in the README's selection paragraph)."""
     if "label_issue" not in columns or config.label_issues == "keep":
         return False
-    return config.label_issues == "drop" or (config.label_issues == "auto" and config.method == "auto" and
-                                             AUTO_DROPS_LABEL_ISSUES)
+    return config.label_issues == "drop" or (
+        config.label_issues == "auto" and config.method == "auto" and AUTO_DROPS_LABEL_ISSUES
+    )
 
 
 # Measured with cli.py compare (bench/bench_compare.py): see the README's selection paragraph. ``auto`` on a run with
@@ -113,8 +114,9 @@ def _parts(scores_dir: Path) -> list[Path]:
     return files
 
 
-def _read_kept(files: list[Path], columns: list[str], with_emb: bool) -> tuple[pl.DataFrame, np.ndarray | None, int,
-                                                                                dict]:
+def _read_kept(
+    files: list[Path], columns: list[str], with_emb: bool
+) -> tuple[pl.DataFrame, np.ndarray | None, int, dict]:
     """(kept rows' columns with ``_part`` and ``_order``, their embeddings (n, d) float16 or None, rows in all,
     verdict counts). Embeddings are taken part by part, kept rows only."""
     frames, embs, total, verdicts = [], [], 0, {}
@@ -123,8 +125,10 @@ def _read_kept(files: list[Path], columns: list[str], with_emb: bool) -> tuple[p
         avail = pq.read_schema(f).names
         want = [c for c in columns if c in avail]
         if with_emb and "embedding" not in avail:
-            raise UserError(f"{f}: no embedding column (the run skipped the embed stage); use --method topk or "
-                            "random, or score with embeddings")
+            raise UserError(
+                f"{f}: no embedding column (the run skipped the embed stage); use --method topk or "
+                "random, or score with embeddings"
+            )
         t = pq.read_table(f, columns=want + (["embedding"] if with_emb else []))
         total += t.num_rows
         for v, c in zip(*np.unique(t.column("verdict").to_numpy(zero_copy_only=False), return_counts=True)):
@@ -208,21 +212,28 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
         if emb is not None:
             emb = emb[ok]
     if tok_cols:
-        kept = kept.with_columns((pl.col("prompt_tokens").fill_null(0) + pl.col("response_tokens").fill_null(0))
-                                 .cast(pl.Float64).alias("_tokens"))
+        kept = kept.with_columns(
+            (pl.col("prompt_tokens").fill_null(0) + pl.col("response_tokens").fill_null(0))
+            .cast(pl.Float64)
+            .alias("_tokens")
+        )
         token_source = "prompt_tokens + response_tokens"
     else:
         kept = kept.with_columns(
             ((pl.col("prompt_chars").fill_null(0) + pl.col("response_chars").fill_null(0)) / CHARS_PER_TOKEN)
-            .ceil().cast(pl.Float64).alias("_tokens"))
+            .ceil()
+            .cast(pl.Float64)
+            .alias("_tokens")
+        )
         token_source = f"estimate: (prompt_chars + response_chars) / {CHARS_PER_TOKEN:g}"
     quality = Q.compute(kept, config.quality).to_numpy().astype(np.float32)
     n = kept.height
     labels = kept["label"].to_numpy() if "label" in kept.columns and kept["label"].null_count() < n else None
     cap_vals = kept[config.cap_by].cast(pl.String).to_numpy() if cap > 0 else None
     score = kept[config.score].cast(pl.Float64).fill_null(float("nan")).to_numpy() if config.score else None
-    cands = base.Candidates(kept["id"].to_numpy(), quality, kept["_tokens"].to_numpy().astype(np.float64), emb,
-                            labels, cap_vals, score)
+    cands = base.Candidates(
+        kept["id"].to_numpy(), quality, kept["_tokens"].to_numpy().astype(np.float64), emb, labels, cap_vals, score
+    )
 
     # --- task relevance
     relevance = None
@@ -247,7 +258,7 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
     m = len(pool)
     k = budget.rows(m) if budget.kind != "fraction" else budget.rows(n if issues_dropped is None else rows_kept)
     k = min(k, m)
-    lab_codes, lab_names = (B.codes(pool.labels) if pool.labels is not None else (None, []))
+    lab_codes, lab_names = B.codes(pool.labels) if pool.labels is not None else (None, [])
     quotas = {}
     if balance.kind != "none":
         if pool.labels is None:
@@ -280,10 +291,17 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
             np.subtract.at(lim2.source_left, cap_codes[first.order], 1)
         lim2.cost_left[0] -= float(pool.tokens[first.order].sum())
         rest_k = max(0, k - _with_repeats(first.order, lab_codes, caps))
-        rest = sel.select(pool, rest_k, lim2, init=first.order) if rest_k else base.Picked(
-            np.zeros(0, np.int64), np.zeros(0))
-        picked = base.Picked(np.concatenate([first.order, rest.order]), np.concatenate([first.gains, rest.gains]),
-                             rest.objective if rest_k else first.objective, {**first.info, **rest.info})
+        rest = (
+            sel.select(pool, rest_k, lim2, init=first.order)
+            if rest_k
+            else base.Picked(np.zeros(0, np.int64), np.zeros(0))
+        )
+        picked = base.Picked(
+            np.concatenate([first.order, rest.order]),
+            np.concatenate([first.gains, rest.gains]),
+            rest.objective if rest_k else first.objective,
+            {**first.info, **rest.info},
+        )
     else:
         lim = B.build_limits(m, pool.tokens, budget, None, None, cap_codes, cap_n)
         picked = _run(sel, pool, k, lim, parts)
@@ -305,8 +323,7 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
         pl.Series("selection_rank", np.arange(len(order), dtype=np.int64)),
         pl.Series("selection_gain", np.asarray(picked.gains, np.float64)),
         pl.Series("quality", quality[order]),
-        pl.Series("relevance", relevance[order] if relevance is not None else np.full(len(order), np.nan,
-                                                                                        np.float32)),
+        pl.Series("relevance", relevance[order] if relevance is not None else np.full(len(order), np.nan, np.float32)),
         pl.Series("selection_repeats", repeats if repeats is not None else np.ones(len(order), np.int64)),
     )
     out = Path(out)
@@ -353,8 +370,7 @@ def select(scores_dir: str | Path, out: str | Path, config: SelectConfig, seed: 
         # selected.jsonl copies each JSON-lines row as it was read; these inputs changed since scoring, so their rows
         # were rebuilt from the scored columns instead
         "jsonl_rebuilt_from_scores": rebuilt,
-        "seconds": {"read": round(read_s, 3), "select": round(sel_s, 3),
-                    "total": round(time.perf_counter() - t0, 3)},
+        "seconds": {"read": round(read_s, 3), "select": round(sel_s, 3), "total": round(time.perf_counter() - t0, 3)},
     }
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
@@ -428,8 +444,9 @@ def union_schema(schemas: list[pa.Schema]) -> pa.Schema:
                 fields[f.name] = f.remove_metadata()
             elif not old.type.equals(f.type):
                 try:
-                    fields[f.name] = pa.unify_schemas([pa.schema([old]), pa.schema([f.remove_metadata()])],
-                                                      promote_options="permissive").field(0)
+                    fields[f.name] = pa.unify_schemas(
+                        [pa.schema([old]), pa.schema([f.remove_metadata()])], promote_options="permissive"
+                    ).field(0)
                 except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
                     fields[f.name] = pa.field(f.name, pa.large_string())
     return pa.schema(list(fields.values()))
@@ -483,8 +500,9 @@ def _source_lines(path: str, kind: str, rows: np.ndarray, fh, repeats: dict[int,
             nxt = next(want, None)
 
 
-def _write_selected(files: list[Path], chosen: pl.DataFrame, out: Path,
-                    scores_dir: Path | None = None) -> tuple[list[str], list[str]]:
+def _write_selected(
+    files: list[Path], chosen: pl.DataFrame, out: Path, scores_dir: Path | None = None
+) -> tuple[list[str], list[str]]:
     """``selected.parquet``: the chosen rows with every column of scores/ (the union of all parts' schemas, so rows
     of a chat shard behind an alpaca shard keep their ``messages``). ``selected.jsonl``: each chosen row exactly as
     it was read: the input's own line for JSON lines / JSON inputs whose content hash still matches the run's
@@ -532,8 +550,12 @@ def _write_selected(files: list[Path], chosen: pl.DataFrame, out: Path,
                 rows = np.sort(np.concatenate(entry["rows"]))
                 info = inputs.get(src, {})
                 kind = info.get("kind") or ""
-                exact = kind in ("jsonl", "jsonl.gz", "json") and os.path.isfile(src) and info.get("hash") and \
-                    file_hash(src) == info["hash"]
+                exact = (
+                    kind in ("jsonl", "jsonl.gz", "json")
+                    and os.path.isfile(src)
+                    and info.get("hash")
+                    and file_hash(src) == info["hash"]
+                )
                 reps = _repeats_by_row(extra, entry["parts"])
                 if exact:
                     _source_lines(src, kind, rows, jl, reps)

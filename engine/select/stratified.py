@@ -45,8 +45,15 @@ def strata_of(emb: np.ndarray, m: int, seed: int) -> np.ndarray:
 
     rng = np.random.default_rng(seed)
     fit = emb[np.sort(rng.choice(n, min(n, 64 * m), replace=False))].astype(np.float32)
-    km = faiss.Kmeans(emb.shape[1], m, niter=10, seed=seed % 2**31, spherical=True, max_points_per_centroid=64,
-                     min_points_per_centroid=1)  # fmt: skip  (seed: faiss takes a C int)
+    km = faiss.Kmeans(
+        emb.shape[1],
+        m,
+        niter=10,
+        seed=seed % 2**31,
+        spherical=True,
+        max_points_per_centroid=64,
+        min_points_per_centroid=1,
+    )  # fmt: skip  (seed: faiss takes a C int)
     km.train(fit)
     out = np.empty(n, np.int64)
     for s in range(0, n, ASSIGN_BLOCK):

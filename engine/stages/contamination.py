@@ -73,9 +73,16 @@ class ContaminationConfig:
     fingerprint: str = ""  # set by the driver: xxh3 of the evaluation files' bytes (a changed eval set redoes shards)
 
     def validate(self) -> None:
-        check_fields(self, "contamination", ngram=Range(1), min_ngram=Range(1, self.ngram),
-                     text=("prompt_response", "prompt", "response"), minhash_threshold=Range(0, 1, hi_open=True),
-                     num_perm=Range(16), char_ngram=Range(1))
+        check_fields(
+            self,
+            "contamination",
+            ngram=Range(1),
+            min_ngram=Range(1, self.ngram),
+            text=("prompt_response", "prompt", "response"),
+            minhash_threshold=Range(0, 1, hi_open=True),
+            num_perm=Range(16),
+            char_ngram=Range(1),
+        )
         try:
             eval_files(self.against)
         except (FileNotFoundError, ValueError) as e:
@@ -124,7 +131,6 @@ def _fill_table(keys, values, tk, tv):
         if tv[j] < 0:
             tk[j] = keys[i]
             tv[j] = values[i]
-
 
 
 def contamination_config(config: Any) -> ContaminationConfig:

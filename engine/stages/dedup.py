@@ -84,6 +84,7 @@ permutations, 16 bands: 512 + 128 + 16 + 40 MB ~ 0.7 GB, whatever the text size 
 more per million of them). The hybrid check adds the shingle sets of the undecided pairs' rows only (4 bytes per
 distinct shingle); ``verify="exact"`` holds every row's (~0.65 KB per 1 KB document).
 """
+
 from __future__ import annotations
 
 import math
@@ -178,37 +179,70 @@ class DedupConfig:
         sb, sr = _cached_lsh_params(
             self.short_threshold, self.num_perm, self.false_positive_weight, self.false_negative_weight
         )
-        return main, PairRule(self.short_threshold, sb, sr, self.short_max_diff, self.margin(self.short_threshold),
-                              self.tiny_max_diff)
+        return main, PairRule(
+            self.short_threshold, sb, sr, self.short_max_diff, self.margin(self.short_threshold), self.tiny_max_diff
+        )
 
     def shingle_kwargs(self) -> dict[str, Any]:
         """The shingle rule as kernels.minhash keyword arguments (map phase and the hybrid check use the same)."""
-        return {"ngram": self.ngram, "char_ngram": self.char_ngram, "cjk_fraction": self.cjk_fraction,
-                "hash_seed": self.hash_seed, "short_words": self.short_words, "short_min_words": self.short_min_words,
-                "short_ngram": self.short_ngram, "tiny_words": self.tiny_words}
+        return {
+            "ngram": self.ngram,
+            "char_ngram": self.char_ngram,
+            "cjk_fraction": self.cjk_fraction,
+            "hash_seed": self.hash_seed,
+            "short_words": self.short_words,
+            "short_min_words": self.short_min_words,
+            "short_ngram": self.short_ngram,
+            "tiny_words": self.tiny_words,
+        }
 
     def validate(self) -> None:
         """Limits of the fields no flag declares (the flags' own are on _OPTIONS), the flags' when the config is
         built in code (NearDedup), and the LSH shape: both of num_bands / rows_per_band or neither, b * r <= num_perm."""
         for o in _OPTIONS:
             o.check(getattr(self, o.field))
-        check_fields(self, "dedup", num_bands=Range(0), rows_per_band=Range(0), false_positive_weight=Range(0),
-                     false_negative_weight=Range(0), ngram=Range(1), char_ngram=Range(1), cjk_fraction=Range(0, 1),
-                     text=("prompt_response", "prompt", "response"), bucket_all_pairs=Range(2))
-        check_fields(self, "dedup", short_words=Range(0), short_min_words=Range(1), short_ngram=Range(1),
-                     short_threshold=Range(0, 1, lo_open=True, hi_open=True), short_max_diff=Range(0, also=(-1,)),
-                     verify_margin=Range(0, 1, also=(-1.0,)), tiny_words=Range(0), tiny_max_diff=Range(0, also=(-1,)))
+        check_fields(
+            self,
+            "dedup",
+            num_bands=Range(0),
+            rows_per_band=Range(0),
+            false_positive_weight=Range(0),
+            false_negative_weight=Range(0),
+            ngram=Range(1),
+            char_ngram=Range(1),
+            cjk_fraction=Range(0, 1),
+            text=("prompt_response", "prompt", "response"),
+            bucket_all_pairs=Range(2),
+        )
+        check_fields(
+            self,
+            "dedup",
+            short_words=Range(0),
+            short_min_words=Range(1),
+            short_ngram=Range(1),
+            short_threshold=Range(0, 1, lo_open=True, hi_open=True),
+            short_max_diff=Range(0, also=(-1,)),
+            verify_margin=Range(0, 1, also=(-1.0,)),
+            tiny_words=Range(0),
+            tiny_max_diff=Range(0, also=(-1,)),
+        )
         if self.short_words and self.short_min_words < self.short_ngram:
-            raise ValueError(f"dedup.short_min_words = {self.short_min_words} is below dedup.short_ngram = "
-                             f"{self.short_ngram}: a short row would have no shingle")
+            raise ValueError(
+                f"dedup.short_min_words = {self.short_min_words} is below dedup.short_ngram = "
+                f"{self.short_ngram}: a short row would have no shingle"
+            )
         if self.false_positive_weight + self.false_negative_weight <= 0:
             raise ValueError("dedup.false_positive_weight + dedup.false_negative_weight must be > 0")
         if (self.num_bands > 0) != (self.rows_per_band > 0):
-            raise ValueError(f"dedup.num_bands = {self.num_bands}, dedup.rows_per_band = {self.rows_per_band}: set "
-                             "both (b bands of r rows) or neither (0 = derived from the threshold)")
+            raise ValueError(
+                f"dedup.num_bands = {self.num_bands}, dedup.rows_per_band = {self.rows_per_band}: set "
+                "both (b bands of r rows) or neither (0 = derived from the threshold)"
+            )
         if self.num_bands * self.rows_per_band > self.num_perm:
-            raise ValueError(f"dedup.num_bands * dedup.rows_per_band = {self.num_bands * self.rows_per_band} exceeds "
-                             f"--num-perm {self.num_perm}: lower one of them or raise --num-perm")
+            raise ValueError(
+                f"dedup.num_bands * dedup.rows_per_band = {self.num_bands * self.rows_per_band} exceeds "
+                f"--num-perm {self.num_perm}: lower one of them or raise --num-perm"
+            )
 
 
 _LSH_CACHE: dict[tuple, tuple[int, int]] = {}
@@ -258,21 +292,44 @@ def dedup_text(batch: pa.RecordBatch | pa.Table, which: str) -> pa.Array:
 
 
 _OPTIONS = [
-    Option("--dedup-threshold", "threshold", "MinHash near-duplicate Jaccard threshold on word 5-gram shingles "
-           "(default: 0.8)", float, allowed=Range(0, 1, lo_open=True, hi_open=True)),
+    Option(
+        "--dedup-threshold",
+        "threshold",
+        "MinHash near-duplicate Jaccard threshold on word 5-gram shingles (default: 0.8)",
+        float,
+        allowed=Range(0, 1, lo_open=True, hi_open=True),
+    ),
     # >= 16: with fewer the estimate of J = 0.8 has a standard deviation above sqrt(0.8 * 0.2 / 16) = 0.1
     Option("--num-perm", "num_perm", "MinHash permutations per signature (default: 128)", int, allowed=Range(16)),
-    Option("--minhash-compat", "family", "permutation family: fast (default) | datasketch (signatures equal "
-           "datasketch.MinHash hashvalues)", allowed=("fast", "datasketch")),
-    Option("--minhash-scheme", "scheme", "datasketch scheme with --minhash-compat datasketch: affine32 (datasketch "
-           "2.x default) | affine64 | legacy", allowed=("affine32", "affine64", "legacy")),
-    Option("--dedup-verify", "verify", "candidate check: hybrid (default: estimated Jaccard, and the exact shingle "
-           "sets recomputed from the text for pairs within 3 std of the threshold) | signature (estimate only) | "
-           "exact (shingle sets stored by the map phase; ~2x slower, more disk)",
-           allowed=("hybrid", "signature", "exact")),
-    Option("--dedup-short-words", "short_words", "rows with 5 to this many words minus one are compared by their "
-           "word sets (J >= 0.6 and at most 4 words differ, 1 under 10 words) instead of word 5-grams (default: 50; "
-           "0 = off)", int, allowed=Range(0)),
+    Option(
+        "--minhash-compat",
+        "family",
+        "permutation family: fast (default) | datasketch (signatures equal datasketch.MinHash hashvalues)",
+        allowed=("fast", "datasketch"),
+    ),
+    Option(
+        "--minhash-scheme",
+        "scheme",
+        "datasketch scheme with --minhash-compat datasketch: affine32 (datasketch 2.x default) | affine64 | legacy",
+        allowed=("affine32", "affine64", "legacy"),
+    ),
+    Option(
+        "--dedup-verify",
+        "verify",
+        "candidate check: hybrid (default: estimated Jaccard, and the exact shingle "
+        "sets recomputed from the text for pairs within 3 std of the threshold) | signature (estimate only) | "
+        "exact (shingle sets stored by the map phase; ~2x slower, more disk)",
+        allowed=("hybrid", "signature", "exact"),
+    ),
+    Option(
+        "--dedup-short-words",
+        "short_words",
+        "rows with 5 to this many words minus one are compared by their "
+        "word sets (J >= 0.6 and at most 4 words differ, 1 under 10 words) instead of word 5-grams (default: 50; "
+        "0 = off)",
+        int,
+        allowed=Range(0),
+    ),
     Option("--no-near-dedup", "enabled", "skip MinHash near-duplicate detection", type=None, value=False),
 ]
 
@@ -314,8 +371,11 @@ class MinHashStage(Stage):
         n, p = sig.shape
         batch = set_column(batch, KIND, pa.array(kind, pa.uint8()))
         self.count("short", int(((kind == KIND_SHORT) | (kind == KIND_TINY)).sum()))
-        batch = set_column(batch, RESP_LEN, pc.binary_length(pc.fill_null(batch.column("response").cast(
-            pa.large_string()), "")).cast(pa.int64()))
+        batch = set_column(
+            batch,
+            RESP_LEN,
+            pc.binary_length(pc.fill_null(batch.column("response").cast(pa.large_string()), "")).cast(pa.int64()),
+        )
         batch = set_column(batch, SIG, pa.FixedSizeListArray.from_arrays(pa.array(sig.reshape(-1)), p))
         if c.verify == "exact":
             batch = set_column(batch, SHINGLES, pa.LargeListArray.from_arrays(pa.array(off), pa.array(vals)))
@@ -330,8 +390,7 @@ def _gather(tables, n_max: int, exact: bool, violations_column: str = ""):
     the signatures once (the whole-table way held them twice: 10 GB at 10M rows)."""
     sig = None
     pos = 0
-    acc: dict[str, list] = {k: [] for k in ("_shard", "row", "id", "resp_len", "kind", "kept", "viol", "sh",
-                                            "sh_len")}
+    acc: dict[str, list] = {k: [] for k in ("_shard", "row", "id", "resp_len", "kind", "kept", "viol", "sh", "sh_len")}
     for t in tables:
         a = signature_arrays(t, with_shingles=exact)
         if a is None:
@@ -350,8 +409,9 @@ def _gather(tables, n_max: int, exact: bool, violations_column: str = ""):
         acc["kind"].append(a["kind"].copy())
         acc["kept"].append(pc.equal(t.column("verdict"), "kept").to_numpy(zero_copy_only=False))
         if violations_column and violations_column in t.column_names:
-            acc["viol"].append(pc.fill_null(t.column(violations_column), 0).to_numpy(zero_copy_only=False)
-                               .astype(np.int64))
+            acc["viol"].append(
+                pc.fill_null(t.column(violations_column), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+            )
         else:
             acc["viol"].append(np.zeros(k, np.int64))
         if exact:
@@ -395,14 +455,19 @@ def signature_arrays(t: pa.Table, with_shingles: bool = False) -> dict[str, np.n
         "row": t.column("row").to_numpy().astype(np.int64, copy=False),
         "id": t.column("id").combine_chunks().cast(pa.large_string()),
         "resp_len": t.column(RESP_LEN).to_numpy().astype(np.int64, copy=False),
-        "kind": (pc.fill_null(t.column(KIND), 0).to_numpy().astype(np.uint8, copy=False) if KIND in t.column_names
-                 else np.zeros(n, np.uint8)),
+        "kind": (
+            pc.fill_null(t.column(KIND), 0).to_numpy().astype(np.uint8, copy=False)
+            if KIND in t.column_names
+            else np.zeros(n, np.uint8)
+        ),
         "sig": sig,
     }
     if with_shingles:
         if SHINGLES not in t.column_names:
-            raise ValueError("dedup.verify = 'exact' needs the shingle sets, but the map phase wrote none: rerun the "
-                             "map phase with --dedup-verify exact")
+            raise ValueError(
+                "dedup.verify = 'exact' needs the shingle sets, but the map phase wrote none: rerun the "
+                "map phase with --dedup-verify exact"
+            )
         sh = t.column(SHINGLES).combine_chunks()
         out["shingles"] = sh.values.to_numpy()
         out["shingle_offsets"] = (sh.offsets.to_numpy() - sh.offsets[0].as_py()).astype(np.int64)
@@ -515,15 +580,18 @@ def _union_band(idx, keys, parent, sig, sh, sh_off, kind, prm, threshold, exact,
             if m <= cap:
                 for u in range(s, e):
                     for v in range(u + 1, e):
-                        bl, nbl = _try_record(idx[u], idx[v], parent, sig, sh, sh_off, kind, prm, threshold, exact,
-                                              stats, bl, nbl)
+                        bl, nbl = _try_record(
+                            idx[u], idx[v], parent, sig, sh, sh_off, kind, prm, threshold, exact, stats, bl, nbl
+                        )
             else:
                 for u in range(s + 1, e):
-                    bl, nbl = _try_record(idx[s], idx[u], parent, sig, sh, sh_off, kind, prm, threshold, exact, stats,
-                                          bl, nbl)
+                    bl, nbl = _try_record(
+                        idx[s], idx[u], parent, sig, sh, sh_off, kind, prm, threshold, exact, stats, bl, nbl
+                    )
                     if u > s + 1:
-                        bl, nbl = _try_record(idx[u - 1], idx[u], parent, sig, sh, sh_off, kind, prm, threshold, exact,
-                                              stats, bl, nbl)
+                        bl, nbl = _try_record(
+                            idx[u - 1], idx[u], parent, sig, sh, sh_off, kind, prm, threshold, exact, stats, bl, nbl
+                        )
         s = e
     return bl, nbl
 
@@ -582,8 +650,9 @@ def _pick_survivors(parent, part, priority, violations, resp_len):
 
 
 @njit(cache=True)
-def _star_split(order, bounds, surv, loc, sh, sh_off, kind, threshold, prm, priority, violations, resp_len, cap,
-                stats):
+def _star_split(
+    order, bounds, surv, loc, sh, sh_off, kind, threshold, prm, priority, violations, resp_len, cap, stats
+):
     """Split clusters of the short path into stars: every member joins a centre it meets the rule with.
 
     Union-find is transitive, and a rule that allows 4 differing words chains: templated tweets ("Back home (@ Los
@@ -609,8 +678,9 @@ def _star_split(order, bounds, surv, loc, sh, sh_off, kind, threshold, prm, prio
             centre = surv[mem[0]]
             for t in range(m):
                 x = mem[t]
-                if x != centre and not _sets_match(sh, sh_off, loc[x], loc[centre], threshold,
-                                                   _pair_max_diff(kind, x, centre, prm)):
+                if x != centre and not _sets_match(
+                    sh, sh_off, loc[x], loc[centre], threshold, _pair_max_diff(kind, x, centre, prm)
+                ):
                     surv[x] = x
                     stats[5] += 1
             continue
@@ -618,8 +688,9 @@ def _star_split(order, bounds, surv, loc, sh, sh_off, kind, threshold, prm, prio
         deg = np.zeros(m, np.int64)
         for u in range(m):
             for v in range(u + 1, m):
-                if _sets_match(sh, sh_off, loc[mem[u]], loc[mem[v]], threshold, _pair_max_diff(kind, mem[u], mem[v],
-                                                                                              prm)):
+                if _sets_match(
+                    sh, sh_off, loc[mem[u]], loc[mem[v]], threshold, _pair_max_diff(kind, mem[u], mem[v], prm)
+                ):
                     adj[u, v] = True
                     adj[v, u] = True
                     deg[u] += 1
@@ -763,17 +834,70 @@ def near_duplicate_clusters(
             # Unstable quicksort: 0.06 s vs 0.22 s (stable) per band at 1M rows; still deterministic for a given
             # input, and the order inside a bucket does not change which clusters form.
             order = np.argsort(kj)
-            bl, nbl = _union_band(rows[order], kj[order], parent, sig, sh, sh_off, kind, prms[g], thresholds[g], exact,
-                                  int(bucket_all_pairs), stats, bl, nbl)
+            bl, nbl = _union_band(
+                rows[order],
+                kj[order],
+                parent,
+                sig,
+                sh,
+                sh_off,
+                kind,
+                prms[g],
+                thresholds[g],
+                exact,
+                int(bucket_all_pairs),
+                stats,
+                bl,
+                nbl,
+            )
             del order
         del keys
-    return finish_clusters(parent, stats, bl, nbl, part, members, group, kind, prms, thresholds, priority, violations,
-                           resp_len, sh, sh_off, exact, short is not None, exact_sets, star_cap,
-                           lambda a, b: (pair_equal_counts(sig, a, b) / sig.shape[1]).astype(np.float32))
+    return finish_clusters(
+        parent,
+        stats,
+        bl,
+        nbl,
+        part,
+        members,
+        group,
+        kind,
+        prms,
+        thresholds,
+        priority,
+        violations,
+        resp_len,
+        sh,
+        sh_off,
+        exact,
+        short is not None,
+        exact_sets,
+        star_cap,
+        lambda a, b: (pair_equal_counts(sig, a, b) / sig.shape[1]).astype(np.float32),
+    )
 
 
-def finish_clusters(parent, stats, bl, nbl, part, members, group, kind, prms, thresholds, priority, violations,
-                    resp_len, sh, sh_off, exact, short_on, exact_sets, star_cap, est_fn) -> DedupResult:
+def finish_clusters(
+    parent,
+    stats,
+    bl,
+    nbl,
+    part,
+    members,
+    group,
+    kind,
+    prms,
+    thresholds,
+    priority,
+    violations,
+    resp_len,
+    sh,
+    sh_off,
+    exact,
+    short_on,
+    exact_sets,
+    star_cap,
+    est_fn,
+) -> DedupResult:
     """What follows the band passes, the same for the local stage and the Ray engine (which forms its candidate
     pairs on Ray Data and replays them here, ``replay_candidates``): the hybrid second pass over the undecided pairs
     ``bl[:nbl]``, survivors, the star split of short clusters, the estimated Jaccard of each row with its survivor
@@ -811,8 +935,22 @@ def finish_clusters(parent, stats, bl, nbl, part, members, group, kind, prms, th
             if big.size:
                 order = big[np.argsort(surv[big], kind="stable")]
                 bounds = np.concatenate([[0], np.flatnonzero(np.diff(surv[order])) + 1, [order.size]])
-                _star_split(order, bounds.astype(np.int64), surv, loc, sets, set_off, kind, thresholds[1], prms[1],
-                            priority, violations, resp_len, int(star_cap), stats)
+                _star_split(
+                    order,
+                    bounds.astype(np.int64),
+                    surv,
+                    loc,
+                    sets,
+                    set_off,
+                    kind,
+                    thresholds[1],
+                    prms[1],
+                    priority,
+                    violations,
+                    resp_len,
+                    int(star_cap),
+                    stats,
+                )
     est = np.full(n, np.nan, np.float32)
     if members.size:
         est[members] = est_fn(members, surv[members])
@@ -850,8 +988,9 @@ def band_groups(kind: np.ndarray, short_on: bool) -> np.ndarray:
     return group
 
 
-def band_records(sig: np.ndarray, participate: np.ndarray, kind: np.ndarray, rules: list[PairRule],
-                 offset: int = 0) -> dict[str, np.ndarray]:
+def band_records(
+    sig: np.ndarray, participate: np.ndarray, kind: np.ndarray, rules: list[PairRule], offset: int = 0
+) -> dict[str, np.ndarray]:
     """One block's band keys as records (``g`` group, ``j`` band, ``key``, ``row`` = ``offset`` + the row's position
     in the block) for the rows that take part: what ``near_duplicate_clusters`` sorts per band, for rows whose
     signatures live in this block only (a row's keys depend on its own signature alone)."""
@@ -954,10 +1093,21 @@ def _replay_numba(a, b, g, eq, prms, parent, stats, bl, nbl):
     return bl, nbl
 
 
-def replay_candidates(n: int, pairs: dict[str, np.ndarray], part: np.ndarray, kind: np.ndarray,
-                      rules: list[PairRule], num_perm: int, hybrid: bool, priority: np.ndarray,
-                      violations: np.ndarray, resp_len: np.ndarray, exact_sets, est_fn,
-                      star_cap: int = 2000) -> DedupResult:
+def replay_candidates(
+    n: int,
+    pairs: dict[str, np.ndarray],
+    part: np.ndarray,
+    kind: np.ndarray,
+    rules: list[PairRule],
+    num_perm: int,
+    hybrid: bool,
+    priority: np.ndarray,
+    violations: np.ndarray,
+    resp_len: np.ndarray,
+    exact_sets,
+    est_fn,
+    star_cap: int = 2000,
+) -> DedupResult:
     """``near_duplicate_clusters`` (signature verification: ``hybrid`` or ``signature``) given its candidate pairs
     (``bucket_pairs`` of every bucket, with ``eq`` = ``pair_equal_counts``) instead of the signatures: the pairs are
     tried in the local order (g, j, key, t), so the union-find, the undecided pairs, every counter and the result
@@ -975,10 +1125,28 @@ def replay_candidates(n: int, pairs: dict[str, np.ndarray], part: np.ndarray, ki
     bl, nbl = _replay_numba(a, b, g, eq, prms, parent, stats, np.empty((1024, 2), np.int64), 0)
     del a, b, g, eq
     members = np.flatnonzero(part)
-    return finish_clusters(parent, stats, bl, nbl, part, members, group, kind, prms, thresholds,
-                           np.asarray(priority, np.int64), np.asarray(violations, np.int64),
-                           np.asarray(resp_len, np.int64), np.zeros(1, np.uint32), np.zeros(2, np.int64), False,
-                           len(rules) > 1, exact_sets if hybrid else None, star_cap, est_fn)
+    return finish_clusters(
+        parent,
+        stats,
+        bl,
+        nbl,
+        part,
+        members,
+        group,
+        kind,
+        prms,
+        thresholds,
+        np.asarray(priority, np.int64),
+        np.asarray(violations, np.int64),
+        np.asarray(resp_len, np.int64),
+        np.zeros(1, np.uint32),
+        np.zeros(2, np.int64),
+        False,
+        len(rules) > 1,
+        exact_sets if hybrid else None,
+        star_cap,
+        est_fn,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1019,8 +1187,14 @@ class NearDedup(GlobalStage):
         text_from = [ctx] + [p for p, a in zip(prev_ctx, prev) if a is not None]
         return self.apply(cur, kept, viol, [a for a in prev if a is not None], text_from=text_from)
 
-    def apply(self, cur: dict[str, np.ndarray], kept: np.ndarray, viol: np.ndarray | None = None,
-              previous: list[dict[str, np.ndarray]] = (), text_from: list | None = None) -> pl.DataFrame | None:
+    def apply(
+        self,
+        cur: dict[str, np.ndarray],
+        kept: np.ndarray,
+        viol: np.ndarray | None = None,
+        previous: list[dict[str, np.ndarray]] = (),
+        text_from: list | None = None,
+    ) -> pl.DataFrame | None:
         """The global step given this run's signature arrays (``signature_arrays``), which of them are still kept,
         their rule-violation counts, and earlier runs' kept rows' signature arrays.
 
@@ -1039,7 +1213,9 @@ class NearDedup(GlobalStage):
         sh = cur.get("shingles")
         sh_off = cur.get("shingle_offsets")
         if exact and sh is None:
-            raise ValueError("dedup.verify = 'exact' needs the shingle sets: signature_arrays(..., with_shingles=True)")
+            raise ValueError(
+                "dedup.verify = 'exact' needs the shingle sets: signature_arrays(..., with_shingles=True)"
+            )
         for prev in previous:  # earlier runs' rows: already kept there, so they win every cluster they join
             if prev["sig"].shape[1] != sig.shape[1] or prev["sig"].dtype != sig.dtype:
                 raise ValueError(
@@ -1060,8 +1236,10 @@ class NearDedup(GlobalStage):
         main, short = c.rules()
         exact_sets = None
         if c.verify == "hybrid" and text_from:
+
             def exact_sets(rows):
                 return self._text_sets(list(zip(text_from, segments)), rows)
+
         res = near_duplicate_clusters(
             sig,
             kept,
@@ -1087,8 +1265,14 @@ class NearDedup(GlobalStage):
             self.stats["short_num_bands"], self.stats["short_rows_per_band"] = short.num_bands, short.rows_per_band
         return self.updates(res, n_cur, cur["_shard"], cur["row"], lambda i: ids.take(pa.array(i)))
 
-    def updates(self, res: DedupResult, n_cur: int, shard: np.ndarray, row: np.ndarray,
-                take_ids: Callable[[np.ndarray], pa.Array]) -> pl.DataFrame | None:
+    def updates(
+        self,
+        res: DedupResult,
+        n_cur: int,
+        shard: np.ndarray,
+        row: np.ndarray,
+        take_ids: Callable[[np.ndarray], pa.Array],
+    ) -> pl.DataFrame | None:
         """The update table of a clustering result over this run's first ``n_cur`` rows (``shard`` / ``row`` per
         row; ``take_ids(rows)`` their ids). Shared with the Ray engine."""
         surv = res.survivor[:n_cur]
@@ -1143,10 +1327,15 @@ class NearDedup(GlobalStage):
                     texts = [(src.take(pa.array(local)), np.arange(lo, hi))]
                 else:
                     keys = pl.DataFrame({"_shard": shard[local], "row": row[local], "_pos": np.arange(lo, hi)})
-                    texts = ((dedup_text(t, c.text), pl.DataFrame({"_shard": t.column("_shard").to_numpy(),
-                                                                     "row": t.column("row").to_numpy()})
-                              .join(keys, on=["_shard", "row"], how="left", maintain_order="left")["_pos"].to_numpy())
-                             for t in src.iter_tables(["prompt", "response"], keys=keys.select("_shard", "row")))
+                    texts = (
+                        (
+                            dedup_text(t, c.text),
+                            pl.DataFrame({"_shard": t.column("_shard").to_numpy(), "row": t.column("row").to_numpy()})
+                            .join(keys, on=["_shard", "row"], how="left", maintain_order="left")["_pos"]
+                            .to_numpy(),
+                        )
+                        for t in src.iter_tables(["prompt", "response"], keys=keys.select("_shard", "row"))
+                    )
                 for text, pos in texts:
                     vals, off = shingle_sets(text, **c.shingle_kwargs())
                     counts[pos] = np.diff(off)

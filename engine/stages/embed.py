@@ -85,21 +85,33 @@ class EmbedConfig:
     auto_cpu_max_rows: int = 20000
 
     def validate(self) -> None:
-        check_fields(self, "embed", max_length=Range(1, also=(-1,)), token_budget=Range(1), max_batch_rows=Range(1),
-                     dtype=("auto", "float32", "bfloat16", "float16"), num_threads=Range(0), static_dim=Range(1),
-                     static_sif=Range(0, lo_open=True), auto_cpu_max_rows=Range(0, also=(-1,)))
+        check_fields(
+            self,
+            "embed",
+            max_length=Range(1, also=(-1,)),
+            token_budget=Range(1),
+            max_batch_rows=Range(1),
+            dtype=("auto", "float32", "bfloat16", "float16"),
+            num_threads=Range(0),
+            static_dim=Range(1),
+            static_sif=Range(0, lo_open=True),
+            auto_cpu_max_rows=Range(0, also=(-1,)),
+        )
         name = self.embedder
         path = name.split(":", 1)[1] if name.startswith("static:") else name
         if name not in ("auto", "none", "minilm", "static") and not os.path.isfile(os.path.join(path, "config.json")):
             what = "a folder without config.json" if os.path.isdir(path) else "not a folder"
-            raise ValueError(f"--embedder {name}: {path} is {what}; expected auto, none, minilm, static, a local HF "
-                             "encoder folder or static:FOLDER")
+            raise ValueError(
+                f"--embedder {name}: {path} is {what}; expected auto, none, minilm, static, a local HF "
+                "encoder folder or static:FOLDER"
+            )
         if self.device == "cuda" and name != "none":
             from engine.stages.loss import _cuda_present  # the loss stage's probe: no torch import without a GPU
 
             if not _cuda_present({}):
-                raise ValueError("--embed-device cuda: no CUDA GPU here (torch sees none); use --embed-device cpu or "
-                                 "auto")
+                raise ValueError(
+                    "--embed-device cuda: no CUDA GPU here (torch sees none); use --embed-device cpu or auto"
+                )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,8 +253,10 @@ def _resolve(config, facts: dict) -> dict:
             earlier = None
     kept_earlier = bool(earlier) and earlier != choice
     if kept_earlier:
-        reason = (f"kept {earlier}, the choice of this run folder's earlier run (auto would now choose {choice}: "
-                  f"{reason}); pass --embedder {choice} to re-embed every shard with it")
+        reason = (
+            f"kept {earlier}, the choice of this run folder's earlier run (auto would now choose {choice}: "
+            f"{reason}); pass --embedder {choice} to re-embed every shard with it"
+        )
         choice = earlier
     sec.embedder = choice
     if choice != "none":
@@ -255,8 +269,13 @@ def _resolve(config, facts: dict) -> dict:
         os.makedirs(os.path.dirname(record), exist_ok=True)
         write_json_atomic(Path(record), {"requested": requested, "choice": choice})
     print(f"[embed] embedder = {choice}: {reason}", file=sys.stderr)
-    return {"choice": choice, "reason": reason, "tier": embed_tier(choice), "fingerprint": sec.fingerprint,
-            "kept_earlier_choice": kept_earlier}
+    return {
+        "choice": choice,
+        "reason": reason,
+        "tier": embed_tier(choice),
+        "fingerprint": sec.fingerprint,
+        "kept_earlier_choice": kept_earlier,
+    }
 
 
 def embed_tier(choice: str) -> str:

@@ -53,10 +53,16 @@ class ExactDedupConfig:
 
 
 # The hash is cheap (one pass over the bytes) and always computed, so turning exact dedup on or off reuses shards.
-@register(name="content_hash", kind="map", section="exact", config=ExactDedupConfig, order=40,
-          columns=("content_hash",), changes_shard=False)
+@register(
+    name="content_hash",
+    kind="map",
+    section="exact",
+    config=ExactDedupConfig,
+    order=40,
+    columns=("content_hash",),
+    changes_shard=False,
+)
 class ContentHashStage(Stage):
-
     def process(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         h = content_hash(batch.column("prompt"), batch.column("response"))
         return set_column(batch, "content_hash", pa.array(h, pa.uint64()))
@@ -68,7 +74,6 @@ class ContentHashStage(Stage):
     options=[Option("--no-exact-dedup", "enabled", "skip exact deduplication", type=None, value=False)],
 )  # fmt: skip
 class ExactDedup(GlobalStage):
-
     def __init__(self, config=None):
         super().__init__(config)
         sec = getattr(config, "exact", config)
@@ -102,8 +107,10 @@ class ExactDedup(GlobalStage):
         """Groups without a label conflict: first copy kept, the rest exact duplicates of it."""
         first = g.group_by("content_hash").agg(pl.col("_ord").min().alias("_kept_ord"))
         g = g.join(first, on="content_hash")
-        g = g.join(g.filter(pl.col("_ord") == pl.col("_kept_ord")).select("content_hash", pl.col("id").alias("_kept_id")),
-                   on="content_hash")
+        g = g.join(
+            g.filter(pl.col("_ord") == pl.col("_kept_ord")).select("content_hash", pl.col("id").alias("_kept_id")),
+            on="content_hash",
+        )
         dups = g.filter(pl.col("_ord") != pl.col("_kept_ord"))
         self.stats[EXACT_DUPLICATE] += dups.height
         return dups.select(
@@ -116,8 +123,15 @@ class ExactDedup(GlobalStage):
 
     def _conflicts(self, g: pl.DataFrame) -> pl.DataFrame:
         """Groups whose labelled copies carry two or more labels (the rule in the module docstring)."""
-        empty = pl.DataFrame(schema={"_shard": pl.Int32, "row": pl.Int64, "verdict": pl.String, "detail": pl.String,
-                                     "duplicate_of": pl.String})
+        empty = pl.DataFrame(
+            schema={
+                "_shard": pl.Int32,
+                "row": pl.Int64,
+                "verdict": pl.String,
+                "detail": pl.String,
+                "duplicate_of": pl.String,
+            }
+        )
         if g.height == 0:
             return empty
         votes = (
@@ -130,14 +144,19 @@ class ExactDedup(GlobalStage):
             "content_hash", pl.col("label").alias("_win"), pl.col("_first").alias("_kept_ord")
         )
         g = g.join(winner, on="content_hash", how="left")
-        g = g.join(g.filter(pl.col("_ord") == pl.col("_kept_ord")).select("content_hash", pl.col("id").alias("_kept_id")),
-                   on="content_hash", how="left")
+        g = g.join(
+            g.filter(pl.col("_ord") == pl.col("_kept_ord")).select("content_hash", pl.col("id").alias("_kept_id")),
+            on="content_hash",
+            how="left",
+        )
         # detail: up to k other copies as id=label, in input order (ids are unique in a run, so a row's own tag is
         # the one to leave out)
         k = max(0, int(self.cfg.conflict_detail_rows))
         g = g.with_columns(pl.format("{}={}", pl.col("id"), pl.col("label").fill_null("(none)")).alias("_tag"))
-        tags = g.sort("_ord").group_by("content_hash", maintain_order=True).agg(
-            pl.col("_tag").head(k + 1).alias("_tags"), pl.len().alias("_copies")
+        tags = (
+            g.sort("_ord")
+            .group_by("content_hash", maintain_order=True)
+            .agg(pl.col("_tag").head(k + 1).alias("_tags"), pl.len().alias("_copies"))
         )
         g = g.with_columns(
             pl.when(pl.col("_win").is_null())
@@ -166,10 +185,23 @@ class ExactDedup(GlobalStage):
         )
         conf = conf.with_columns(
             pl.when(pl.col("_win").is_null())
-            .then(pl.format("label {}: no label held by more than half of the {} copies; others: {}",
-                            pl.col("label").fill_null("(none)"), pl.col("_copies"), listed))
-            .otherwise(pl.format("label {} against the majority label {} (kept: {}); others: {}",
-                                 pl.col("label").fill_null("(none)"), pl.col("_win"), pl.col("_kept_id"), listed))
+            .then(
+                pl.format(
+                    "label {}: no label held by more than half of the {} copies; others: {}",
+                    pl.col("label").fill_null("(none)"),
+                    pl.col("_copies"),
+                    listed,
+                )
+            )
+            .otherwise(
+                pl.format(
+                    "label {} against the majority label {} (kept: {}); others: {}",
+                    pl.col("label").fill_null("(none)"),
+                    pl.col("_win"),
+                    pl.col("_kept_id"),
+                    listed,
+                )
+            )
             .alias("detail")
         )
         dups = g.filter(pl.col("verdict") == EXACT_DUPLICATE)

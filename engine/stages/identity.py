@@ -24,10 +24,16 @@ class IdentityConfig:
     """No options: the stage runs exactly when ``--map`` names an ``id`` column."""
 
 
-@register(name="identity", kind="global", section="identity", config=IdentityConfig, order=100,
-          enabled=lambda sec, cfg: bool(cfg.read.map.get("id")), changes_shard=False)
+@register(
+    name="identity",
+    kind="global",
+    section="identity",
+    config=IdentityConfig,
+    order=100,
+    enabled=lambda sec, cfg: bool(cfg.read.map.get("id")),
+    changes_shard=False,
+)
 class IdentityCheck(GlobalStage):
-
     def run(self, ctx) -> None:
         col = ctx.config.read.map.get("id")
         df = ctx.frame(["id", "source"])
@@ -40,4 +46,5 @@ class IdentityCheck(GlobalStage):
             raise UserError(
                 f"--map id={col}: id {first['id']!r} repeats ({row_location(first['source'], first['row'])} and "
                 f"{row_location(second['source'], second['row'])}; {n} id(s) repeat in all): ids must be unique, drop "
-                "id= from --map to let winnow generate them (the column is kept either way)")
+                "id= from --map to let winnow generate them (the column is kept either way)"
+            )

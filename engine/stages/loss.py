@@ -75,19 +75,29 @@ class LossConfig:
     fetch_rows: int = 50_000
 
     def validate(self) -> None:
-        check_fields(self, "loss", enabled=("auto", "on", "off"), dtype=("auto", "float32", "bfloat16"),
-                     chunk_rows=Range(1), fetch_rows=Range(1))
+        check_fields(
+            self,
+            "loss",
+            enabled=("auto", "on", "off"),
+            dtype=("auto", "float32", "bfloat16"),
+            chunk_rows=Range(1),
+            fetch_rows=Range(1),
+        )
         if self.model != "smollm2" and not os.path.isfile(os.path.join(self.model, "config.json")):
             what = "not a folder" if not os.path.isdir(self.model) else "a folder without config.json"
-            raise ValueError(f"--loss-model {self.model}: {what}; expected smollm2 or a local causal-LM folder "
-                             "(config.json, weights, tokenizer)")
+            raise ValueError(
+                f"--loss-model {self.model}: {what}; expected smollm2 or a local causal-LM folder "
+                "(config.json, weights, tokenizer)"
+            )
         try:
             b = parse_loss_budget(self.loss_budget)
         except ValueError:
             b = Budget(rows=0)
         if b.rows == 0 or b.seconds == 0:
-            raise ValueError(f"--loss-budget {self.loss_budget}: expected a row count > 0 ('2000'), minutes ('10m') or "
-                             "-1 for no limit (--no-loss scores nothing)")
+            raise ValueError(
+                f"--loss-budget {self.loss_budget}: expected a row count > 0 ('2000'), minutes ('10m') or "
+                "-1 for no limit (--no-loss scores nothing)"
+            )
         if self.device == "cuda" and self.enabled != "off" and not _cuda_present({}):
             raise ValueError("--loss-device cuda: no CUDA GPU here (torch sees none); use --loss-device cpu or auto")
 

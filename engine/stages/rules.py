@@ -31,8 +31,10 @@ class RulesConfig:
 
     def validate(self) -> None:
         if 0 <= self.max_response_chars < self.min_response_chars:
-            raise ValueError(f"--min-response-chars {self.min_response_chars} is above --max-response-chars "
-                             f"{self.max_response_chars}: every response would be rejected")
+            raise ValueError(
+                f"--min-response-chars {self.min_response_chars} is above --max-response-chars "
+                f"{self.max_response_chars}: every response would be rejected"
+            )
 
 
 @register(
@@ -74,21 +76,37 @@ class RulesStage(Stage):
         r_blank = pc.fill_null(pc.utf8_is_space(response), False)
         r_empty = (rchars == 0) | r_blank.to_numpy(zero_copy_only=False)
         rule("empty_text", is_cls & r_empty, _empty_detail("classification text", r_blank))
-        rule("empty_prompt", ~is_cls & ~is_text & ((pchars == 0) | p_blank.to_numpy(zero_copy_only=False)),
-             _empty_detail("prompt", p_blank))
+        rule(
+            "empty_prompt",
+            ~is_cls & ~is_text & ((pchars == 0) | p_blank.to_numpy(zero_copy_only=False)),
+            _empty_detail("prompt", p_blank),
+        )
         rule("empty_response", ~is_cls & r_empty, _empty_detail("response", r_blank))
         if c.min_response_chars > 1:
-            rule("too_short", rchars < c.min_response_chars,
-                 _measured("response_chars", rchars, "<", c.min_response_chars))
+            rule(
+                "too_short",
+                rchars < c.min_response_chars,
+                _measured("response_chars", rchars, "<", c.min_response_chars),
+            )
         if c.max_response_chars >= 0:
-            rule("too_long", rchars > c.max_response_chars,
-                 _measured("response_chars", rchars, ">", c.max_response_chars))
+            rule(
+                "too_long",
+                rchars > c.max_response_chars,
+                _measured("response_chars", rchars, ">", c.max_response_chars),
+            )
         if c.max_prompt_chars >= 0:
-            rule("prompt_too_long", pchars > c.max_prompt_chars,
-                 _measured("prompt_chars", pchars, ">", c.max_prompt_chars))
+            rule(
+                "prompt_too_long",
+                pchars > c.max_prompt_chars,
+                _measured("prompt_chars", pchars, ">", c.max_prompt_chars),
+            )
         if c.reject_response_equals_prompt:
             same = pc.equal(batch.column("prompt"), batch.column("response")).to_numpy(zero_copy_only=False)
-            rule("response_equals_prompt", ~is_cls & ~is_text & same & (rchars > 0), "response repeats the prompt verbatim")
+            rule(
+                "response_equals_prompt",
+                ~is_cls & ~is_text & same & (rchars > 0),
+                "response repeats the prompt verbatim",
+            )
         return batch
 
 
@@ -99,5 +117,6 @@ def _empty_detail(what: str, blank: pa.Array) -> pa.Array:
 def _measured(name: str, values: np.ndarray, op: str, bound: int) -> pa.Array:
     """Per-row detail like 'response_chars=12 < 16' (built as Arrow strings, no Python loop)."""
     v = pc.cast(pa.array(values), STR)
-    return pc.binary_join_element_wise(pa.scalar(f"{name}=", STR), v, pa.scalar(f" {op} {bound}", STR),
-                                       pa.scalar("", STR))
+    return pc.binary_join_element_wise(
+        pa.scalar(f"{name}=", STR), v, pa.scalar(f" {op} {bound}", STR), pa.scalar("", STR)
+    )

@@ -80,8 +80,15 @@ class SemDedupConfig:
     length_column: str = "response_chars"
 
     def validate(self) -> None:
-        check_fields(self, "semdedup", cluster_size=Range(2), niter=Range(1), boundary=Range(0, 2), seed=Range(0),
-                     block_rows=Range(1))
+        check_fields(
+            self,
+            "semdedup",
+            cluster_size=Range(2),
+            niter=Range(1),
+            boundary=Range(0, 2),
+            seed=Range(0),
+            block_rows=Range(1),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -126,7 +133,9 @@ def kmeans_assign(
     except ImportError:
         from sklearn.cluster import MiniBatchKMeans
 
-        km = MiniBatchKMeans(n_clusters=k, random_state=seed % 2**31, n_init=1, max_iter=niter, batch_size=4096).fit(xf)
+        km = MiniBatchKMeans(n_clusters=k, random_state=seed % 2**31, n_init=1, max_iter=niter, batch_size=4096).fit(
+            xf
+        )
         cent = km.cluster_centers_ / np.maximum(np.linalg.norm(km.cluster_centers_, axis=1, keepdims=True), 1e-12)
         s = xf @ cent.T
         top = np.argsort(-s, axis=1)[:, :2]

@@ -86,7 +86,6 @@ STR = pa.large_string()
 TOKENIZER_CACHE = "tokenizers"  # folder under the user cache dir holding tokenizer.json files built from a GGUF
 
 
-
 @dataclass
 class TokensConfig:
     enabled: bool = True  # count prompt/response tokens into int32 columns prompt_tokens, response_tokens
@@ -103,8 +102,10 @@ class TokensConfig:
         if self.cache_chunks < 0:
             raise ValueError(f"tokens.cache_chunks = {self.cache_chunks}: use 0 (off) or a positive count")
         if self.tokenizer != SMOLLM2 and not os.path.exists(self.tokenizer):
-            raise ValueError(f"--tokenizer {self.tokenizer}: no such file or folder; expected {SMOLLM2}, a "
-                             "tokenizer.json file or a local tokenizer folder")
+            raise ValueError(
+                f"--tokenizer {self.tokenizer}: no such file or folder; expected {SMOLLM2}, a "
+                "tokenizer.json file or a local tokenizer folder"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer

@@ -49,7 +49,9 @@ def _arm_metrics(
     arms = [[np.asarray(x, np.int64) for x in runs] for runs in arms]
 
     def means(idx):
-        return np.stack([np.mean([batched_metric(y, p, idx, n_classes, metric) for p in runs], axis=0) for runs in arms])
+        return np.stack(
+            [np.mean([batched_metric(y, p, idx, n_classes, metric) for p in runs], axis=0) for runs in arms]
+        )
 
     point = means(np.arange(n)[None, :])[:, 0]
     rng = np.random.default_rng(seed)

@@ -81,13 +81,23 @@ def test_global_columns_are_typed_and_work_columns_never_published():
 
 
 def test_cli_flags_come_from_the_registry():
-    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "score", "--help"], capture_output=True, text=True,
-                       cwd=ROOT, check=False)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "score", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     assert r.returncode == 0
     for o in registry.options():
         assert o.flag in r.stdout, o.flag
-    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), "score", str(ROOT), "--out", "/tmp/x", "--loss",
-                        "--no-loss"], capture_output=True, text=True, cwd=ROOT, check=False)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "score", str(ROOT), "--out", "/tmp/x", "--loss", "--no-loss"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
     assert r.returncode == 2 and "contradict" in r.stderr and "Traceback" not in r.stderr
 
 

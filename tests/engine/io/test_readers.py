@@ -58,15 +58,20 @@ def test_jsonl_block_boundaries_keep_line_numbers(tmp_path):
 
 def test_bad_lines_become_rows_with_reasons(tmp_path):
     good = json.dumps({"instruction": "a", "output": "b"})
-    raw = b"\n".join([
-        good.encode(),
-        b'{"instruction": "broken',
-        json.dumps({"instruction": "n", "output": 5}).encode(),
-        b"",
-        b"[1, 2]",
-        b'{"instruction": "bad \xff utf8", "output": "x"}',
-        good.encode(),
-    ]) + b"\n"
+    raw = (
+        b"\n".join(
+            [
+                good.encode(),
+                b'{"instruction": "broken',
+                json.dumps({"instruction": "n", "output": 5}).encode(),
+                b"",
+                b"[1, 2]",
+                b'{"instruction": "bad \xff utf8", "output": "x"}',
+                good.encode(),
+            ]
+        )
+        + b"\n"
+    )
     (tmp_path / "bad.jsonl").write_bytes(raw)
     (sh,), _ = discover([str(tmp_path / "bad.jsonl")])
     t, _ = _collect(sh)

@@ -47,14 +47,22 @@ def test_parts_and_memory_contexts_agree(tmp_path):
     tables = [_table(10, 0), _table(7, 1)]
     parts, work = _parts(tmp_path, tables)
     disk = PartsContext(Config(), parts, work)
-    mem = MemoryContext(pa.concat_tables(tables).append_column(
-        "w", pa.array(np.concatenate([np.arange(10) + 0, np.arange(7) + 1000]).astype(np.int32))))
-    for kw in ({}, {"kept_only": True}, {"where": pl.col("label").is_not_null()},
-               {"keys": pl.DataFrame({"_shard": [1, 0], "row": [4, 2]})}):
+    mem = MemoryContext(
+        pa.concat_tables(tables).append_column(
+            "w", pa.array(np.concatenate([np.arange(10) + 0, np.arange(7) + 1000]).astype(np.int32))
+        )
+    )
+    for kw in (
+        {},
+        {"kept_only": True},
+        {"where": pl.col("label").is_not_null()},
+        {"keys": pl.DataFrame({"_shard": [1, 0], "row": [4, 2]})},
+    ):
         a = disk.frame(["x", "w", "label", "missing"], **kw)
         b = mem.frame(["x", "w", "label", "missing"], **kw)
         assert a.select("_shard", "row", "verdict", "x", "w", "label").equals(
-            b.select("_shard", "row", "verdict", "x", "w", "label")), kw
+            b.select("_shard", "row", "verdict", "x", "w", "label")
+        ), kw
         assert a["missing"].is_null().all()
     assert disk.frame([], kept_only=True).height == 10 + 7 - 2
     # streamed one part at a time
@@ -92,8 +100,15 @@ def test_finalize_links_untouched_parts_and_patches_the_rest(tmp_path):
             t = pq.read_table(f)
             pq.write_table(t.append_column(pa.field("score", pa.float64()), pa.nulls(t.num_rows, pa.float64())), f)
     ctx = PartsContext(Config(), parts, work)
-    upd = pl.DataFrame({"_shard": [1, 1], "row": [0, 8], "verdict": ["near_duplicate", None],
-                        "duplicate_of": ["a", None], "score": [0.5, 2.0]})
+    upd = pl.DataFrame(
+        {
+            "_shard": [1, 1],
+            "row": [0, 8],
+            "verdict": ["near_duplicate", None],
+            "duplicate_of": ["a", None],
+            "score": [0.5, 2.0],
+        }
+    )
     updates = run_global(ctx, [_Upd(upd)], {}, {})
     out = tmp_path / "scores"
     counts = finalize(ctx, out, updates, Config())

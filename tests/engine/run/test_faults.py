@@ -26,10 +26,38 @@ ROOT = Path(__file__).resolve().parents[3]
 # The cheapest run that still has a map phase over workers and a global phase that changes verdicts (exact and
 # near duplicates): no embedder, no LM, no tokenizer.
 CHEAP = ["--embedder", "none", "--no-loss", "--no-token-count", "-q"]
-CHEAP_CONFIG = {"embed": {"embedder": "none"}, "loss": {"enabled": "off"}, "tokens": {"enabled": False},
-                "run": {"workers": 1}}
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu",
-         "xi", "omicron", "pi", "rho", "sigma", "tau", "upsilon", "phi", "chi", "psi", "omega"]
+CHEAP_CONFIG = {
+    "embed": {"embedder": "none"},
+    "loss": {"enabled": "off"},
+    "tokens": {"enabled": False},
+    "run": {"workers": 1},
+}
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "chi",
+    "psi",
+    "omega",
+]
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kill -9 / /proc tests need Linux")
 
@@ -74,15 +102,28 @@ def baseline(corpus, tmp_path_factory):
 
 
 def _cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          check=False, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "cli.py", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _start(*args, env, log: Path) -> subprocess.Popen:
     """``cli.py`` in a session of its own (its process group is what a terminal's Ctrl-C reaches)."""
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "cli.py", *map(str, args)], cwd=ROOT, stdout=f, stderr=f,
-                                env={**os.environ, **{k: str(v) for k, v in env.items()}}, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "cli.py", *map(str, args)],
+            cwd=ROOT,
+            stdout=f,
+            stderr=f,
+            env={**os.environ, **{k: str(v) for k, v in env.items()}},
+            start_new_session=True,
+        )
 
 
 def _scores(out: Path) -> pl.DataFrame:
@@ -113,7 +154,7 @@ def _proc_stat(pid: int) -> tuple[int, str, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = text[text.rindex(")") + 2:].split()
+    fields = text[text.rindex(")") + 2 :].split()
     return int(fields[1]), fields[0], int(fields[19])
 
 
@@ -181,8 +222,17 @@ def test_a_second_run_on_a_locked_folder_is_refused_in_one_line(corpus, tmp_path
 def test_kill_9_mid_map_takes_every_worker_along_and_a_rerun_matches(corpus, baseline, tmp_path):
     out, marker, log = tmp_path / "out", tmp_path / "paused", tmp_path / "log"
     pause_s = 2  # the worker on shard 3 sleeps this long with its temp files open, then would go on writing
-    p = _start("score", corpus, "--out", out, "--workers", 2, *CHEAP, log=log,
-               env={"WINNOW_PAUSE_AT": "shard:3", "WINNOW_PAUSE_FILE": marker, "WINNOW_PAUSE_S": pause_s})
+    p = _start(
+        "score",
+        corpus,
+        "--out",
+        out,
+        "--workers",
+        2,
+        *CHEAP,
+        log=log,
+        env={"WINNOW_PAUSE_AT": "shard:3", "WINNOW_PAUSE_FILE": marker, "WINNOW_PAUSE_S": pause_s},
+    )
     procs: dict[int, int] = {}
     try:
         _wait_for(marker, p, log)
@@ -211,8 +261,15 @@ def test_kill_9_mid_map_takes_every_worker_along_and_a_rerun_matches(corpus, bas
 def _kill_9_at(moment: str, corpus: Path, out: Path, tmp: Path) -> None:
     """Start a run, wait until it pauses at ``moment`` (a WINNOW_PAUSE_AT point), kill -9 it."""
     marker, log = tmp / f"paused-{moment}", tmp / f"log-{moment}"
-    p = _start("score", corpus, "--out", out, *CHEAP, log=log,
-               env={"WINNOW_PAUSE_AT": moment, "WINNOW_PAUSE_FILE": marker, "WINNOW_PAUSE_S": 60})
+    p = _start(
+        "score",
+        corpus,
+        "--out",
+        out,
+        *CHEAP,
+        log=log,
+        env={"WINNOW_PAUSE_AT": moment, "WINNOW_PAUSE_FILE": marker, "WINNOW_PAUSE_S": 60},
+    )
     try:
         _wait_for(marker, p, log)
         if moment == "finalize":
@@ -239,8 +296,17 @@ def test_kill_9_in_the_global_phase_then_in_finalize_then_a_rerun_matches(corpus
 def test_ctrl_c_mid_map_stops_within_seconds_and_a_rerun_matches(corpus, baseline, tmp_path):
     out, marker, log = tmp_path / "out", tmp_path / "paused", tmp_path / "log"
     # shard 2 takes 60 s (the pause stands for a long shard: Ctrl-C does not cut it short, see pause_point)
-    p = _start("score", corpus, "--out", out, "--workers", 2, *CHEAP, log=log,
-               env={"WINNOW_PAUSE_AT": "shard:2", "WINNOW_PAUSE_FILE": marker, "WINNOW_PAUSE_S": 60})
+    p = _start(
+        "score",
+        corpus,
+        "--out",
+        out,
+        "--workers",
+        2,
+        *CHEAP,
+        log=log,
+        env={"WINNOW_PAUSE_AT": "shard:2", "WINNOW_PAUSE_FILE": marker, "WINNOW_PAUSE_S": 60},
+    )
     procs: dict[int, int] = {}
     try:
         _wait_for(marker, p, log)
@@ -274,8 +340,9 @@ def small(tmp_path_factory):
     return _write_corpus(tmp_path_factory.mktemp("faults") / "small", shards=3, rows=40)
 
 
-@pytest.mark.parametrize("where", ["map/part-00001", "map/work-00001", "map/done-00001", "scores/part-00002",
-                                   "manifest.json"])
+@pytest.mark.parametrize(
+    "where", ["map/part-00001", "map/work-00001", "map/done-00001", "scores/part-00002", "manifest.json"]
+)
 def test_a_full_disk_is_one_user_error_naming_the_file_and_leaves_no_temp_file(small, tmp_path, monkeypatch, where):
     out = tmp_path / "out"
     monkeypatch.setenv("WINNOW_DISK_FULL_AT", where)
@@ -293,8 +360,9 @@ def test_a_full_disk_in_a_worker_is_one_line_and_exit_2(corpus, tmp_path):
     r = _cli("score", corpus, "--out", out, "--workers", 2, *CHEAP, env={"WINNOW_DISK_FULL_AT": "map/part-00002"})
     assert r.returncode == 2, r.stderr
     lines = _said(r.stderr)
-    assert len(lines) == 1 and lines[0].startswith(f"winnow: error: no space left on device writing {out}/work/map/"
-                                                   f"part-00002-0000.arrow"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        f"winnow: error: no space left on device writing {out}/work/map/part-00002-0000.arrow"
+    ), r.stderr
     assert not list(out.rglob("*.tmp"))
 
 
@@ -311,10 +379,17 @@ def test_a_real_full_tmpfs(small, tmp_path):
         pytest.skip("unprivileged user namespaces (unshare -rm) are not available here")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    script = ('mount -t tmpfs -o size=64k tmpfs "$1" || exit 99; cd "$2"; "$3" cli.py score "$4" --out "$1/out" '
-              '--embedder none --no-loss --no-token-count -q; echo "rc=$?"; find "$1" -name "*.tmp"')
-    r = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", mnt, ROOT, sys.executable, small], text=True,
-                       capture_output=True, check=False, timeout=120)
+    script = (
+        'mount -t tmpfs -o size=64k tmpfs "$1" || exit 99; cd "$2"; "$3" cli.py score "$4" --out "$1/out" '
+        '--embedder none --no-loss --no-token-count -q; echo "rc=$?"; find "$1" -name "*.tmp"'
+    )
+    r = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", script, "sh", mnt, ROOT, sys.executable, small],
+        text=True,
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
     if r.returncode == 99:
         pytest.skip(f"tmpfs cannot be mounted here: {r.stderr.strip()}")
     assert r.stdout.strip() == "rc=2", (r.stdout, r.stderr)  # exit 2 and no temp file left (find printed nothing)

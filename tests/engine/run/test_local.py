@@ -17,20 +17,26 @@ def _cfg():
 
 
 def _scores(out):
-    return pl.concat([pl.read_parquet(f) for f in sorted((out / "scores").glob("part-*.parquet"))],
-                     how="diagonal_relaxed")
+    return pl.concat(
+        [pl.read_parquet(f) for f in sorted((out / "scores").glob("part-*.parquet"))], how="diagonal_relaxed"
+    )
 
 
-GOOD = st.builds(lambda i, o: json.dumps({"instruction": f"question {i}", "input": "", "output": o}),
-                 st.integers(0, 30), st.sampled_from(["an answer", "another answer", "", "  spaced  answer "]))
-BAD = st.sampled_from([
-    '{"instruction": "broken',
-    json.dumps({"instruction": "n", "output": 7}),
-    json.dumps({"instruction": "no output"}),
-    json.dumps(["not", "an", "object"]),
-    json.dumps({"instruction": "x", "output": {"nested": True}}),
-    "",
-])
+GOOD = st.builds(
+    lambda i, o: json.dumps({"instruction": f"question {i}", "input": "", "output": o}),
+    st.integers(0, 30),
+    st.sampled_from(["an answer", "another answer", "", "  spaced  answer "]),
+)
+BAD = st.sampled_from(
+    [
+        '{"instruction": "broken',
+        json.dumps({"instruction": "n", "output": 7}),
+        json.dumps({"instruction": "no output"}),
+        json.dumps(["not", "an", "object"]),
+        json.dumps({"instruction": "x", "output": {"nested": True}}),
+        "",
+    ]
+)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -57,8 +63,11 @@ def test_every_row_is_accounted_for(tmp_path_factory, lines, block):
 
 
 def test_exact_duplicates_across_shards_keep_the_first(tmp_path):
-    a = [{"instruction": "q1", "output": "a1"}, {"instruction": "q2", "output": "a2"},
-         {"instruction": "q1", "output": "a1  "}]
+    a = [
+        {"instruction": "q1", "output": "a1"},
+        {"instruction": "q2", "output": "a2"},
+        {"instruction": "q1", "output": "a1  "},
+    ]
     b = [{"instruction": "q2", "output": "a2"}, {"instruction": "q3", "output": "a3"}]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a))
     (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in b))
@@ -103,7 +112,9 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path, monkeypatch
     resumed = _scores(tmp_path / "out").sort(["source", "row"])
     fresh = score(inputs, tmp_path / "fresh", _cfg())
     assert fresh["verdicts"] == m["verdicts"]
-    assert resumed.select("id", "verdict").equals(_scores(tmp_path / "fresh").sort(["source", "row"]).select("id", "verdict"))
+    assert resumed.select("id", "verdict").equals(
+        _scores(tmp_path / "fresh").sort(["source", "row"]).select("id", "verdict")
+    )
     again = score(inputs, tmp_path / "out", _cfg())
     assert again["timings"]["shards_done"] == 0 and again["rows_in"] == 200
 

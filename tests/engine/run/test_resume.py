@@ -11,8 +11,10 @@ from engine.run.local import score
 
 
 def _rows(tag, n):
-    return "".join(json.dumps({"instruction": f"{tag} question {i} " + "word " * (i % 7), "output": f"answer {tag} {i}"})
-                   + "\n" for i in range(n))
+    return "".join(
+        json.dumps({"instruction": f"{tag} question {i} " + "word " * (i % 7), "output": f"answer {tag} {i}"}) + "\n"
+        for i in range(n)
+    )
 
 
 def _dims(out):

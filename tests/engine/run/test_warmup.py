@@ -29,4 +29,5 @@ def test_warm_runs_map_and_global_stages(monkeypatch):
     got = warmup.warm(cfg, processes=1)
     assert {"map", "global", "total"} <= set(got)
     assert ran == [s.name for s in registry.active(cfg, registry.MAP)] + [
-        s.name for s in registry.active(cfg, registry.GLOBAL)]
+        s.name for s in registry.active(cfg, registry.GLOBAL)
+    ]

@@ -21,8 +21,9 @@ def _cfg():
 
 
 def _scores(out):
-    return pl.concat([pl.read_parquet(f) for f in sorted((out / "scores").glob("part-*.parquet"))],
-                     how="diagonal_relaxed")
+    return pl.concat(
+        [pl.read_parquet(f) for f in sorted((out / "scores").glob("part-*.parquet"))], how="diagonal_relaxed"
+    )
 
 
 def _all(budget="1.0"):
@@ -32,7 +33,9 @@ def _all(budget="1.0"):
 def test_ids_are_unique_across_shards_that_share_source_ids_and_names(tmp_path):
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
-        rows = [{"id": i, "instruction": f"question number {i} about {sub}", "output": f"answer {i}"} for i in range(30)]
+        rows = [
+            {"id": i, "instruction": f"question number {i} about {sub}", "output": f"answer {i}"} for i in range(30)
+        ]
         (tmp_path / sub / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # a byte-identical copy under another name: its rows are exact duplicates of a's, never the same ids
     (tmp_path / "c").mkdir()
@@ -51,17 +54,52 @@ def test_ids_are_unique_across_shards_that_share_source_ids_and_names(tmp_path):
 
 
 def test_user_columns_named_like_score_columns_keep_their_values(tmp_path):
-    user = {"n_words": -7, "embedding": "my own", "content_hash": "h", "prompt_chars": "pc", "response_chars": 0.5,
-            "minhash_cluster": "m", "frac_dup_line": [1, 2], "label_quality": "lq", "label_issue": "li",
-            "verdict": "mine", "source": "web", "orig_source": "older"}
-    topics = ["volcanoes", "jazz history", "tax law", "bread baking", "chess openings", "coral reefs", "rail travel",
-              "bee keeping", "glass blowing", "tide pools", "kite design", "moon phases"]
-    answers = ["Lava rises when pressure builds.", "It began in New Orleans clubs.", "Deductions lower taxable income.",
-               "Yeast needs warmth and time.", "Control the centre early.", "Warm seas bleach them.",
-               "Night trains save hotel costs.", "Hives need dry shelter.", "The furnace runs very hot.",
-               "Crabs hide under rocks.", "Longer tails add stability.", "A cycle lasts about 29 days."]
-    lines = [json.dumps({"instruction": f"Tell me something about {t}", "output": a, **user})
-             for t, a in zip(topics, answers)]
+    user = {
+        "n_words": -7,
+        "embedding": "my own",
+        "content_hash": "h",
+        "prompt_chars": "pc",
+        "response_chars": 0.5,
+        "minhash_cluster": "m",
+        "frac_dup_line": [1, 2],
+        "label_quality": "lq",
+        "label_issue": "li",
+        "verdict": "mine",
+        "source": "web",
+        "orig_source": "older",
+    }
+    topics = [
+        "volcanoes",
+        "jazz history",
+        "tax law",
+        "bread baking",
+        "chess openings",
+        "coral reefs",
+        "rail travel",
+        "bee keeping",
+        "glass blowing",
+        "tide pools",
+        "kite design",
+        "moon phases",
+    ]
+    answers = [
+        "Lava rises when pressure builds.",
+        "It began in New Orleans clubs.",
+        "Deductions lower taxable income.",
+        "Yeast needs warmth and time.",
+        "Control the centre early.",
+        "Warm seas bleach them.",
+        "Night trains save hotel costs.",
+        "Hives need dry shelter.",
+        "The furnace runs very hot.",
+        "Crabs hide under rocks.",
+        "Longer tails add stability.",
+        "A cycle lasts about 29 days.",
+    ]
+    lines = [
+        json.dumps({"instruction": f"Tell me something about {t}", "output": a, **user})
+        for t, a in zip(topics, answers)
+    ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     score([str(tmp_path / "in.jsonl")], out, _cfg())
@@ -77,9 +115,18 @@ def test_user_columns_named_like_score_columns_keep_their_values(tmp_path):
 
 def test_selected_parquet_has_every_shards_columns_and_jsonl_is_exact(tmp_path):
     alpaca = [json.dumps({"instruction": f"alpaca task {i} in words", "output": f"done {i} well"}) for i in range(10)]
-    chat = [json.dumps({"messages": [{"role": "user", "content": f"chat question {i} here"},
-                                     {"role": "assistant", "content": f"chat answer {i} there"}], "tag": i})
-            for i in range(40)]
+    chat = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"chat question {i} here"},
+                    {"role": "assistant", "content": f"chat answer {i} there"},
+                ],
+                "tag": i,
+            }
+        )
+        for i in range(40)
+    ]
     (tmp_path / "a_alpaca.jsonl").write_text("\n".join(alpaca) + "\n")
     # CRLF line ends and a BOM-free chat shard: lines are copied byte for byte, line ends normalised to \n
     (tmp_path / "b_chat.jsonl").write_text("\n".join(chat) + "\n")
@@ -102,10 +149,31 @@ def test_selected_parquet_has_every_shards_columns_and_jsonl_is_exact(tmp_path):
 
 
 def test_parquet_rows_come_back_under_their_own_names(tmp_path):
-    words = ["apple", "river", "stone", "cloud", "music", "garden", "window", "letter", "orange", "silver", "market", "forest", "candle", "pocket"]
+    words = [
+        "apple",
+        "river",
+        "stone",
+        "cloud",
+        "music",
+        "garden",
+        "window",
+        "letter",
+        "orange",
+        "silver",
+        "market",
+        "forest",
+        "candle",
+        "pocket",
+    ]
     texts = [" ".join(words[(i * k) % len(words)] for k in (1, 3, 5, 7, 11)) + f" {i}" for i in range(20)]
-    t = pa.table({"text": texts, "label": [i % 3 for i in range(20)],
-                  "id": [f"u{i}" for i in range(20)], "n_words": list(range(20))})
+    t = pa.table(
+        {
+            "text": texts,
+            "label": [i % 3 for i in range(20)],
+            "id": [f"u{i}" for i in range(20)],
+            "n_words": list(range(20)),
+        }
+    )
     pq.write_table(t, tmp_path / "cls.parquet")
     out = tmp_path / "run"
     score([str(tmp_path / "cls.parquet")], out, _cfg())
@@ -119,7 +187,9 @@ def test_map_id_uses_the_users_ids_and_a_repeat_names_both_rows(tmp_path):
 
     from engine.errors import UserError
 
-    rows = [{"uid": f"k{i}", "instruction": f"distinct question {i} " + "x" * i, "output": f"reply {i}"} for i in range(8)]
+    rows = [
+        {"uid": f"k{i}", "instruction": f"distinct question {i} " + "x" * i, "output": f"reply {i}"} for i in range(8)
+    ]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = _cfg()
     cfg.read.map = {"prompt": "instruction", "response": "output", "id": "uid"}

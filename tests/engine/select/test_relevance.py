@@ -280,7 +280,9 @@ def test_a_bad_target_file_is_one_line_naming_it(tmp_path):
     with pytest.raises(UserError, match="first: junk.jsonl line 1: malformed JSON"):
         R.read_texts([bad["every row malformed"]])
     # columns no format names: --map makes them readable, as for `score`
-    assert R.read_texts([str(tmp_path / "cols.jsonl")], mapping={"prompt": "question", "response": "answer"}) == ["q\na"]
+    assert R.read_texts([str(tmp_path / "cols.jsonl")], mapping={"prompt": "question", "response": "answer"}) == [
+        "q\na"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------

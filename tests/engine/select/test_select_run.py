@@ -13,10 +13,18 @@ from engine.run.local import score
 from engine.select.selection import select
 
 TOPICS = {
-    "cooking": ["Simmer the onions slowly in butter until golden", "Knead the dough and let it rise overnight",
-                "Roast the peppers then peel off the skin", "Whisk eggs with sugar for a light sponge cake"],
-    "code": ["Write a Python function that reverses a linked list", "Explain recursion with a factorial example",
-             "Use a hash map to count word frequencies", "Sort the array in place with quicksort"],
+    "cooking": [
+        "Simmer the onions slowly in butter until golden",
+        "Knead the dough and let it rise overnight",
+        "Roast the peppers then peel off the skin",
+        "Whisk eggs with sugar for a light sponge cake",
+    ],
+    "code": [
+        "Write a Python function that reverses a linked list",
+        "Explain recursion with a factorial example",
+        "Use a hash map to count word frequencies",
+        "Sort the array in place with quicksort",
+    ],
 }
 
 
@@ -27,20 +35,50 @@ def run(tmp_path_factory):
     for topic, stems in TOPICS.items():
         for i in range(40):
             stem = stems[i % len(stems)]
-            rows.append({"instruction": f"{stem} (variant {i}, {topic})",
-                         "output": f"Answer {i} for {topic}: " + " ".join(f"step{j}{i}" for j in range(5 + i % 7))})
+            rows.append(
+                {
+                    "instruction": f"{stem} (variant {i}, {topic})",
+                    "output": f"Answer {i} for {topic}: " + " ".join(f"step{j}{i}" for j in range(5 + i % 7)),
+                }
+            )
     rows.append({"instruction": "", "output": ""})  # junk: rejected, never selected
     rows.append(dict(rows[0]))  # an exact copy: rejected, never selected
     (tmp / "alpaca.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     rng = np.random.default_rng(0)
-    words = ["plot", "actor", "scene", "music", "ending", "camera", "script", "cast", "humour", "pace", "story",
-             "dialogue", "costume", "sound", "light", "editing", "villain", "hero", "twist", "score"]
-    lab = [{"text": f"the {' '.join(rng.choice(words, 6, replace=False))} was "
-                    f"{'great' if i % 9 else 'awful'} {' '.join(rng.choice(words, 4, replace=False))}",
-            "label": "pos" if i % 9 else "neg"} for i in range(90)]
+    words = [
+        "plot",
+        "actor",
+        "scene",
+        "music",
+        "ending",
+        "camera",
+        "script",
+        "cast",
+        "humour",
+        "pace",
+        "story",
+        "dialogue",
+        "costume",
+        "sound",
+        "light",
+        "editing",
+        "villain",
+        "hero",
+        "twist",
+        "score",
+    ]
+    lab = [
+        {
+            "text": f"the {' '.join(rng.choice(words, 6, replace=False))} was "
+            f"{'great' if i % 9 else 'awful'} {' '.join(rng.choice(words, 4, replace=False))}",
+            "label": "pos" if i % 9 else "neg",
+        }
+        for i in range(90)
+    ]
     (tmp / "reviews.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lab))
-    (tmp / "target.jsonl").write_text("".join(json.dumps({"instruction": s, "output": "ok"}) + "\n"
-                                              for s in TOPICS["cooking"]))
+    (tmp / "target.jsonl").write_text(
+        "".join(json.dumps({"instruction": s, "output": "ok"}) + "\n" for s in TOPICS["cooking"])
+    )
     cfg = Config()
     cfg.run.workers = 1
     cfg.embed.embedder = "static"
@@ -68,7 +106,7 @@ def test_only_kept_rows_with_selection_columns(run, method):
     assert m["quality"] and "labels_before" in m and "sources_after" in m
     lines = (tmp / f"s_{method}" / "selected.jsonl").read_text().splitlines()
     assert len(lines) == n  # the input's own rows, once each
-    again, df2 = _sel(out, tmp, f"s2_{method}", method=method, budget="50")
+    _again, df2 = _sel(out, tmp, f"s2_{method}", method=method, budget="50")
     assert df2.sort("selection_rank")["id"].to_list() == df.sort("selection_rank")["id"].to_list()
 
 
@@ -107,9 +145,9 @@ def test_balance_equal_oversamples_the_small_label(run):
 
 def test_source_cap_and_tokens(run):
     tmp, out = run
-    m, df = _sel(out, tmp, "cap", method="facility", budget="60", source_cap="20")
+    m, _df = _sel(out, tmp, "cap", method="facility", budget="60", source_cap="20")
     assert max(m["cap_values_after"].values()) <= 20 and m["selected"] == 40  # two inputs, 20 each
-    m, df = _sel(out, tmp, "tok", method="facility", budget="tokens:300")
+    m, _df = _sel(out, tmp, "tok", method="facility", budget="tokens:300")
     assert m["tokens_selected"] <= 300 and m["budget_kind"] == "tokens"
 
 
@@ -117,8 +155,16 @@ def test_target_relevance_prefers_the_target_topic(run):
     tmp, out = run
     # 40 cooking rows of 160 candidates: keeping the most relevant 25% must keep exactly them, so every row that topk
     # then picks by quality is a cooking row. (With 30%, 8 other rows join them and may outrank them on quality.)
-    m, df = _sel(out, tmp, "tgt", method="topk", budget="20", target=[str(tmp / "target.jsonl")],
-                 target_mode="restrict", target_keep=0.25)
+    m, df = _sel(
+        out,
+        tmp,
+        "tgt",
+        method="topk",
+        budget="20",
+        target=[str(tmp / "target.jsonl")],
+        target_mode="restrict",
+        target_keep=0.25,
+    )
     assert m["relevance"]["target_rows"] == 4 and df["relevance"].is_not_nan().all()
     assert m["relevance"]["restricted_to"] == 40
     cooking = df["prompt"].str.contains("cooking").sum()

@@ -19,14 +19,27 @@ from engine.select.facility import FacilityLocation
 from engine.select.greedi import greedi
 from engine.select.kcenter import KCenter
 from engine.select.knn import knn_graph
-from kernels.facility_greedy import (facility_greedy_reference, facility_lazy, facility_stochastic, reverse_csr,
-                                     stochastic_sample_size)
+from kernels.facility_greedy import (
+    facility_greedy_reference,
+    facility_lazy,
+    facility_stochastic,
+    reverse_csr,
+    stochastic_sample_size,
+)
 from kernels.farthest_point import farthest_point_reference
 
 
 def _cfg(**kw):
-    d = dict(quality_weight=0.0, neighbours=8, epsilon=0.0, tau=0.9, kcenter="auto", score="", ascending=False,
-             strata_rows=10)
+    d = {
+        "quality_weight": 0.0,
+        "neighbours": 8,
+        "epsilon": 0.0,
+        "tau": 0.9,
+        "kcenter": "auto",
+        "score": "",
+        "ascending": False,
+        "strata_rows": 10,
+    }
     d.update(kw)
     return SimpleNamespace(**d)
 
@@ -46,10 +59,14 @@ def _clusters(n_clusters, per, d=32, spread=0.05, seed=0):
 
 def _cands(x, quality=None, labels=None, sources=None, tokens=None):
     n = len(x)
-    return Candidates(np.array([f"r{i}" for i in range(n)], dtype=object),
-                      np.full(n, 0.5, np.float32) if quality is None else np.asarray(quality, np.float32),
-                      np.ones(n) if tokens is None else np.asarray(tokens, np.float64),
-                      emb=np.asarray(x, np.float16), labels=labels, sources=sources)
+    return Candidates(
+        np.array([f"r{i}" for i in range(n)], dtype=object),
+        np.full(n, 0.5, np.float32) if quality is None else np.asarray(quality, np.float32),
+        np.ones(n) if tokens is None else np.asarray(tokens, np.float64),
+        emb=np.asarray(x, np.float16),
+        labels=labels,
+        sources=sources,
+    )
 
 
 def _graph(x, k):
@@ -69,7 +86,9 @@ def test_lazy_greedy_equals_plain_greedy(seed, lam):
     indptr, point, value = _graph(x, 7)
     q = rng.random(60)
     w = np.ones(60)
-    order, gains, _cur, _who, evals = facility_lazy(indptr, point, value, w, q, lam, 15, np.zeros(0, np.int64), *_none(60))
+    order, gains, _cur, _who, _evals = facility_lazy(
+        indptr, point, value, w, q, lam, 15, np.zeros(0, np.int64), *_none(60)
+    )
     ref_order, ref_gains = facility_greedy_reference(indptr, point, value, w, q, lam, 15)
     assert order.tolist() == ref_order.tolist()
     np.testing.assert_allclose(gains, ref_gains, rtol=1e-12)
@@ -90,8 +109,9 @@ def test_greedy_reaches_1_minus_1_over_e_of_the_exhaustive_optimum(seed):
     n, k = 11, 3
     x = _unit(rng.normal(size=(n, 4)))
     indptr, point, value = _graph(x, 4)
-    order, _g, cur, _w, _e = facility_lazy(indptr, point, value, np.ones(n), np.zeros(n), 0.0, k,
-                                       np.zeros(0, np.int64), *_none(n))
+    _order, _g, cur, _w, _e = facility_lazy(
+        indptr, point, value, np.ones(n), np.zeros(n), 0.0, k, np.zeros(0, np.int64), *_none(n)
+    )
     best = max(_objective(indptr, point, value, n, S) for S in itertools.combinations(range(n), k))
     got = cur.sum()
     assert got >= (1 - 1 / math.e) * best - 1e-9
@@ -105,7 +125,7 @@ def test_stochastic_greedy_is_close_to_lazy_and_deterministic():
     args = (indptr, point, value, np.ones(n), np.zeros(n), 0.0, 40, np.zeros(0, np.int64))
     _o, _g, lazy_cur, _w, _ = facility_lazy(*args, *_none(n))
     s = stochastic_sample_size(n, 40, 0.05)
-    o1, _g1, cur1, _w1, ev1 = facility_stochastic(*args, *_none(n), s, 7)
+    o1, _g1, cur1, _w1, _ev1 = facility_stochastic(*args, *_none(n), s, 7)
     o2, _g2, _c2, _w2, _ = facility_stochastic(*args, *_none(n), s, 7)
     assert o1.tolist() == o2.tolist() and len(set(o1.tolist())) == 40
     assert cur1.sum() >= 0.9 * lazy_cur.sum()
@@ -151,6 +171,7 @@ def test_greedi_is_within_5_percent_of_the_centralised_greedy():
     sel = FacilityLocation(_cfg(neighbours=12))
     full = sel.select(c, 80, Limits.none(len(x)))
     part = greedi(sel, c, 80, Limits.none(len(x)), parts=4)
+
     def dense(order):  # the true facility objective: sum_j max_{i in S} max(0, cos(i, j))
         return np.maximum(x @ x[order].T, 0).max(axis=1).sum()
 
@@ -190,9 +211,14 @@ X_PROP, LAB_PROP = _clusters(8, 25, spread=0.2, seed=9)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(method=st.sampled_from(METHODS), k=st.integers(1, 120), label_cap=st.integers(1, 30),
-       source_cap=st.integers(0, 40), token_budget=st.one_of(st.none(), st.floats(1, 3000)),
-       seed=st.integers(0, 3))
+@given(
+    method=st.sampled_from(METHODS),
+    k=st.integers(1, 120),
+    label_cap=st.integers(1, 30),
+    source_cap=st.integers(0, 40),
+    token_budget=st.one_of(st.none(), st.floats(1, 3000)),
+    seed=st.integers(0, 3),
+)
 def test_budget_quotas_and_caps_always_hold(method, k, label_cap, source_cap, token_budget, seed):
     n = len(X_PROP)
     rng = np.random.default_rng(seed)

@@ -355,20 +355,29 @@ def texts_of(texts, mask):
 def test_distinct_short_texts_sharing_words_not_merged(tmp_path):
     # one template, three fills that change 3+ of 12 words: 3 words differ each way, more than short_max_diff / 2
     t = "just watched the new {} at the {} with my {} and it was {}"
-    texts = [t.format("movie", "cinema", "sister", "great"),
-             t.format("episode", "house", "friends", "awful"),
-             t.format("show", "park", "dad", "fine")]
+    texts = [
+        t.format("movie", "cinema", "sister", "great"),
+        t.format("episode", "house", "friends", "awful"),
+        t.format("show", "park", "dad", "fine"),
+    ]
     # and shared stock phrases with different content
-    texts += ["happy birthday to my best friend hope you have the best day ever love you",
-              "happy birthday to the best coach in the world thank you for everything this year"]
+    texts += [
+        "happy birthday to my best friend hope you have the best day ever love you",
+        "happy birthday to the best coach in the world thank you for everything this year",
+    ]
     upd, _ = _run(tmp_path, [(texts, None)], DedupConfig(), prompt="")
     assert upd is None or upd.filter(pl.col("verdict") == "near_duplicate").height == 0
 
 
 def test_tiny_rows_allow_one_inserted_word_only(tmp_path):
-    texts = ["What is the capital of France?", "What is the capital of Spain?",  # one substitution: distinct
-             "Translate this sentence into German please", "Translate this sentence into German now please",  # +1
-             "Name a fruit.", "Name a fruit!"]  # 3 words: character shingles, equal after normalisation
+    texts = [
+        "What is the capital of France?",
+        "What is the capital of Spain?",  # one substitution: distinct
+        "Translate this sentence into German please",
+        "Translate this sentence into German now please",  # +1
+        "Name a fruit.",
+        "Name a fruit!",
+    ]  # 3 words: character shingles, equal after normalisation
     upd, _ = _run(tmp_path, [(texts, None)], DedupConfig(), prompt="")
     _sig, kind = MinHashStage(DedupConfig()).signatures(_batch(texts, prompt=""), return_kind=True)
     assert list(kind[:4]) == [KIND_TINY] * 4
@@ -430,10 +439,12 @@ def test_classification_rows_near_dedup_on_text(tmp_path):
     import engine.run.local as runner
     from engine.config import Config
 
-    texts = ["cannot believe how good the coffee is at the new place on main street this morning",
-             "cannot believe how good the coffee is at the new place on main street this evening",
-             "cannot believe how bad the traffic was on the bridge going into town after work",
-             "my cat knocked every single plant off the windowsill again while i was asleep"]
+    texts = [
+        "cannot believe how good the coffee is at the new place on main street this morning",
+        "cannot believe how good the coffee is at the new place on main street this evening",
+        "cannot believe how bad the traffic was on the bridge going into town after work",
+        "my cat knocked every single plant off the windowsill again while i was asleep",
+    ]
     pq.write_table(pa.table({"text": texts, "label": [2, 0, 1, 1]}), tmp_path / "cls.parquet")
     cfg = Config()
     cfg.run.workers = 1

@@ -44,13 +44,15 @@ def _verdicts(texts, labels=None, verdicts=None, cfg=None, shards=None):
 
 def test_planted_groups():
     texts = ["alpha"] * 3 + ["beta"] * 3 + ["gamma"] * 2 + ["delta"] * 4 + ["eps"] * 2 + ["zeta"] + ["eta"] * 3
-    labels = (["pos", "pos", "pos"]  # same label: plain exact duplicates
-              + ["neg", "pos", "neg"]  # strict majority neg (2 of 3): r3 kept, r5 duplicate, r4 conflict
-              + ["pos", "neg"]  # tie: both label_conflict, nothing kept
-              + ["a", "a", "b", "c"]  # a holds 2 of 4: not more than half, all four label_conflict
-              + [None, None]  # unlabelled copies: plain exact duplicates
-              + ["pos"]  # no copy
-              + [None, "pos", "neg"])  # labelled copies disagree 1:1 (the unlabelled row has no vote): all conflict
+    labels = (
+        ["pos", "pos", "pos"]  # same label: plain exact duplicates
+        + ["neg", "pos", "neg"]  # strict majority neg (2 of 3): r3 kept, r5 duplicate, r4 conflict
+        + ["pos", "neg"]  # tie: both label_conflict, nothing kept
+        + ["a", "a", "b", "c"]  # a holds 2 of 4: not more than half, all four label_conflict
+        + [None, None]  # unlabelled copies: plain exact duplicates
+        + ["pos"]  # no copy
+        + [None, "pos", "neg"]
+    )  # labelled copies disagree 1:1 (the unlabelled row has no vote): all conflict
     v, dup, det, stats = _verdicts(texts, labels)
     assert v[:3] == ["kept", "exact_duplicate", "exact_duplicate"] and dup[1:3] == ["r0", "r0"]
     assert v[3:6] == ["kept", "label_conflict", "exact_duplicate"] and dup[4:6] == ["r3", "r3"]
@@ -61,8 +63,12 @@ def test_planted_groups():
     assert v[12:14] == ["kept", "exact_duplicate"] and dup[13] == "r12"
     assert v[14] == "kept"
     assert v[15:18] == ["label_conflict"] * 3 and "r15=(none)" in det[16]
-    assert stats == {"exact_duplicate": 4, "label_conflict": 10, "label_conflict_groups": 4,
-                     "clusters_with_duplicates": 6}
+    assert stats == {
+        "exact_duplicate": 4,
+        "label_conflict": 10,
+        "label_conflict_groups": 4,
+        "clusters_with_duplicates": 6,
+    }
     # conservation: every row has exactly one verdict; a group keeps at most one row
     assert len(v) == len(texts)
     for t in set(texts):
@@ -135,12 +141,14 @@ def test_classification_run_flags_label_conflicts(tmp_path):
     import engine.run.local as runner
     from engine.config import Config
 
-    texts = ["the service was quick and the staff were friendly today",
-             "the service was quick and the staff were friendly today",
-             "the service was quick and the staff were friendly today",
-             "i waited an hour and nobody answered the phone at all",
-             "i waited an hour and nobody answered the phone at all",
-             "prices went up again this month and i am not happy"]
+    texts = [
+        "the service was quick and the staff were friendly today",
+        "the service was quick and the staff were friendly today",
+        "the service was quick and the staff were friendly today",
+        "i waited an hour and nobody answered the phone at all",
+        "i waited an hour and nobody answered the phone at all",
+        "prices went up again this month and i am not happy",
+    ]
     labels = [1, 1, 0, 0, 1, 0]
     pq.write_table(pa.table({"text": texts, "label": labels}), tmp_path / "cls.parquet")
     cfg = Config()
@@ -156,4 +164,3 @@ def test_classification_run_flags_label_conflicts(tmp_path):
     assert v[5] == "kept"
     assert df["duplicate_of"][2] == df["id"][0]
     assert m["verdicts"]["label_conflict"] == 3 and sum(m["verdicts"].values()) == len(texts)
-

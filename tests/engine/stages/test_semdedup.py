@@ -1,6 +1,5 @@
 """engine/stages/semdedup.py: planted near-duplicate groups are found exactly, the keeper follows the quality key."""
 
-
 import numpy as np
 import polars as pl
 import pytest
