@@ -1111,6 +1111,11 @@ def _compare(r: _Run) -> str:
             body += "<h3>Gains (paired bootstrap over test rows)</h3>" + _table(
                 ["arm", "vs", "metric", "mean gain", "95% interval", "interval excludes 0"], rows
             )
+        from engine.train.compare import val_test_disagreement
+
+        shift = val_test_disagreement(c)
+        if shift:
+            body += f"<p class='note'><b>{_e(shift)}</b></p>"
         plot = c.get("plot")
         if isinstance(plot, str) and plot:
             p = (path.parent / plot).resolve()

@@ -21,13 +21,16 @@
    cached, so arms x seeds cost seconds after the first encode) once per seed (``--seeds N``, seeds
    ``--seed`` .. ``--seed`` + N - 1: training seed, and the draw for random and oracle) and is evaluated on the same
    test rows.
-5. **Evidence**: per arm the mean and std of test macro-F1 and accuracy over seeds; per arm the gain over random with
+5. **Evidence**: per arm the mean and std of test macro-F1, accuracy and validation macro-F1 over seeds (a note when
+   winnow's gain over random has opposite signs on validation and test rows: ``val_test_disagreement``); per arm the
+   gain over random with
    a paired bootstrap 95% interval over test rows (engine/train/bootstrap.py), and with ``--full`` winnow's gain over
    all kept rows (``vs: "full"``); how many rows of each planted kind
    each run trained on. Printed as a table, written to ``OUT/compare.json`` and drawn in ``OUT/compare.png``.
 
 compare.json: ``{"command", "task", "metric": "macro_f1", "budget", "recipe", "pool", "pool_injected", "arms":
-[{"name", "method", "runs": [{"seed", "n", "macro_f1", "accuracy", "injected": {kind: k}, "labels": {label: k}}],
+[{"name", "method", "runs": [{"seed", "n", "macro_f1", "accuracy", "val_macro_f1", "injected": {kind: k},
+"labels": {label: k}}],
 "mean": {...}, "std": {...}}], "gains": [{"arm", "vs": "random"|"full", "metric", "mean", "ci95": [lo, hi]}], "plot"}``.
 """
 
@@ -283,15 +286,21 @@ def compare(
                 )
             f1 = np.array([r["macro_f1"] for r in runs])
             acc = np.array([r["accuracy"] for r in runs])
+            vf1 = np.array([r["val_macro_f1"] for r in runs])
             results.append(
                 {
                     "name": name,
                     "method": method,
                     "runs": runs,
-                    "mean": {"macro_f1": float(f1.mean()), "accuracy": float(acc.mean())},
+                    "mean": {
+                        "macro_f1": float(f1.mean()),
+                        "accuracy": float(acc.mean()),
+                        "val_macro_f1": float(vf1.mean()),
+                    },
                     "std": {
                         "macro_f1": float(f1.std(ddof=1)) if len(f1) > 1 else 0.0,
                         "accuracy": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                        "val_macro_f1": float(vf1.std(ddof=1)) if len(vf1) > 1 else 0.0,
                     },
                 }
             )
@@ -382,15 +391,36 @@ def compare(
     return report
 
 
+def val_test_disagreement(report: dict, arm: str = "winnow", vs: str = "random", points: float = 1.0) -> str | None:
+    """A warning when winnow's mean gain over random on the validation rows and on the test rows point opposite
+    ways, each by more than ``points`` macro-F1 points: the test rows may not come from the distribution the pool
+    (and the validation rows, split from it or given) comes from. Seen on TweetEval hate, whose test set is known to
+    differ from its train and validation sets: +1.4 on validation, -1.6 on test (bench/RESULTS.md)."""
+    means = {a["name"]: a["mean"] for a in report.get("arms", [])}
+    if arm not in means or vs not in means or "val_macro_f1" not in means[arm] or "val_macro_f1" not in means[vs]:
+        return None
+    dv = 100 * (means[arm]["val_macro_f1"] - means[vs]["val_macro_f1"])
+    dt = 100 * (means[arm]["macro_f1"] - means[vs]["macro_f1"])
+    if dv * dt >= 0 or min(abs(dv), abs(dt)) <= points:
+        return None
+    return (
+        f"note: {arm} vs {vs} is {dv:+.1f} macro-F1 points on the validation rows but {dt:+.1f} on the test rows: the "
+        "test rows may come from another distribution than the pool; judge the selection on rows like those the "
+        "model will serve"
+    )
+
+
 def table(report: dict) -> str:
     """The comparison as text: one line per arm, then the gains."""
-    lines = [f"{'arm':<8} {'rows':>7} {'macro-F1':>17} {'accuracy':>17}  injected (flip/dup/junk)  method"]
+    lines = [
+        f"{'arm':<8} {'rows':>7} {'macro-F1':>17} {'accuracy':>17} {'val F1':>7}  injected (flip/dup/junk)  method"
+    ]
     for a in report["arms"]:
         n = a["runs"][0]["n"] if a["runs"] else 0
         inj = np.mean([[r["injected"][k] for k in INJECTED] for r in a["runs"]], axis=0)
         lines.append(
             f"{a['name']:<8} {n:>7,} {a['mean']['macro_f1']:>8.4f} +- {a['std']['macro_f1']:.4f} "
-            f"{a['mean']['accuracy']:>8.4f} +- {a['std']['accuracy']:.4f}  "
+            f"{a['mean']['accuracy']:>8.4f} +- {a['std']['accuracy']:.4f} {a['mean'].get('val_macro_f1', np.nan):>7.4f}  "
             f"{'/'.join(f'{x:.0f}' for x in inj):<24}  {a['method']}"
         )
     for g in report["gains"]:
@@ -406,6 +436,9 @@ def table(report: dict) -> str:
         if g["vs"] == "full" and hi < 0:
             line += ": at this budget, training on every kept row is better than the selection"
         lines.append(line)
+    shift = val_test_disagreement(report)
+    if shift:
+        lines.append(shift)
     if report.get("oracle_gap_recovered") is not None:
         ci = report.get("oracle_gap_recovered_ci95")
         span = f", 95% interval [{100 * ci[0]:.0f}%, {100 * ci[1]:.0f}%] over test rows" if ci else ""

@@ -177,10 +177,14 @@ def test_finetune_and_compare_render_when_present(run, tmp_path):
                         {
                             "name": "winnow",
                             "runs": [{"seed": 0, "n": 30, "macro_f1": 0.71, "injected": {"junk": 2}}],
-                            "mean": {"macro_f1": 0.7123, "accuracy": 0.75},
+                            "mean": {"macro_f1": 0.7123, "accuracy": 0.75, "val_macro_f1": 0.60},
                             "std": {"macro_f1": 0.0123},
                         },
-                        {"name": "random", "runs": [{"seed": 0, "n": 30}], "mean": {"macro_f1": 0.6543}},
+                        {
+                            "name": "random",
+                            "runs": [{"seed": 0, "n": 30}],
+                            "mean": {"macro_f1": 0.6543, "val_macro_f1": 0.65},
+                        },
                     ],
                     "gains": [
                         {"arm": "winnow", "vs": "random", "metric": "macro_f1", "mean": 0.058, "ci95": [0.012, 0.101]}
@@ -198,6 +202,8 @@ def test_finetune_and_compare_render_when_present(run, tmp_path):
         assert "junk 2.0" in s["compare"]
         assert "0.7847" in s["compare"] and "[0.504, 1.119]" in s["compare"]  # the share and its interval
         assert "src='data:image/png;base64," in s["compare"]
+        # better on test, worse on validation: the page says the two sets may differ
+        assert "-5.0 macro-F1 points on the validation rows but +5.8 on the test rows" in s["compare"]
         # an unexpected shape shows what is there, never an error
         (run / "model" / "metrics.json").write_text(
             json.dumps(

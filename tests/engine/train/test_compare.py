@@ -15,6 +15,7 @@ from engine.errors import UserError
 from engine.train.bootstrap import batched_metric, paired_bootstrap, share_bootstrap
 from engine.train.classify import metrics_of
 from engine.train.compare import table as compare_table
+from engine.train.compare import val_test_disagreement
 from engine.train.corrupt import corrupt, parse_spec
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -158,7 +159,9 @@ def test_compare_json_has_every_arm(report):
     pool_rows = r["pool"]["rows"]
     assert r["budget"]["rows"] == round(0.3 * pool_rows)
     for a in r["arms"]:
-        assert len(a["runs"]) == 2 and {"macro_f1", "accuracy"} <= set(a["mean"]) and "macro_f1" in a["std"]
+        assert len(a["runs"]) == 2 and {"macro_f1", "accuracy", "val_macro_f1"} <= set(a["mean"])
+        assert "macro_f1" in a["std"] and "val_macro_f1" in a["std"]
+        assert a["mean"]["val_macro_f1"] == pytest.approx(np.mean([x["val_macro_f1"] for x in a["runs"]]))
         for run in a["runs"]:
             assert set(run["injected"]) == {"label_flip", "near_dup", "junk"}
             if a["name"] in ("winnow", "random", "oracle"):
@@ -181,11 +184,26 @@ def test_compare_json_has_every_arm(report):
     by = {(g["arm"], g["vs"], g["metric"]): g["mean"] for g in r["gains"]}
     mean_f1 = {a["name"]: a["mean"]["macro_f1"] for a in r["arms"]}
     assert by[("winnow", "full", "macro_f1")] == pytest.approx(mean_f1["winnow"] - mean_f1["full"], abs=1e-9)
-    assert "over all kept rows (full)" in compare_table(r)
+    assert "over all kept rows (full)" in compare_table(r) and "val F1" in compare_table(r)
     ci = r["oracle_gap_recovered_ci95"]  # None only when the tiny oracle's gain is not clearly above zero
     assert ci is None or ci[0] <= r["oracle_gap_recovered"] <= ci[1]
     assert (out / "compare.png").stat().st_size > 1000
     assert sum(v["rows"] for v in r["pool_injected"].values()) == sum(r["pool"]["planted"].values())
+
+
+def _means(wv, wt, rv, rt):
+    return {"arms": [{"name": "winnow", "mean": {"val_macro_f1": wv, "macro_f1": wt}},
+                     {"name": "random", "mean": {"val_macro_f1": rv, "macro_f1": rt}}]}  # fmt: skip
+
+
+def test_a_selection_that_wins_on_validation_and_loses_on_test_is_called_out():
+    # TweetEval hate's shape: +1.4 points on the validation rows, -1.6 on the (shifted) test rows.
+    note = val_test_disagreement(_means(0.690, 0.454, 0.676, 0.470))
+    assert note and "+1.4" in note and "-1.6" in note and "another distribution" in note
+    assert val_test_disagreement(_means(0.60, 0.50, 0.70, 0.45)) is not None  # and the other way round
+    assert val_test_disagreement(_means(0.690, 0.480, 0.676, 0.470)) is None  # same sign: nothing to say
+    assert val_test_disagreement(_means(0.680, 0.465, 0.676, 0.470)) is None  # within a point: noise
+    assert val_test_disagreement({"arms": [{"name": "winnow", "mean": {"macro_f1": 0.5}}]}) is None
 
 
 def test_winnow_selects_once_per_seed_with_that_seed(report):
