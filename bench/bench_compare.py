@@ -12,7 +12,8 @@ leak-free stratified 70/15/15) and tweeteval_emotion (its own train / val / test
 - ``curve``: budgets 10/20/30/50% with damage, class-weighted: winnow's default, random and the oracle, one plot
   (``--budgets``; 30% is read from the corrupt part's compare.json).
 Options: ``--strategy last-k`` (OUT gets ``-last-k``), ``--embedder static`` (selection on the static tier; the head
-still trains on MiniLM's [CLS]; OUT gets ``-static``), ``--no-variants`` / ``--no-full`` (fewer arms on a busy CPU).
+still trains on MiniLM's [CLS]; OUT gets ``-static``), ``--no-variants`` / ``--no-full`` (fewer arms on a busy CPU),
+``--variants keep+stratified+prop,...`` (other variant arms: ``MORE_VARIANTS``).
 Each comparison writes its compare.json under ``--out``; this script prints one JSON summary per comparison, a final
 JSON object, and appends the gains to bench/results.csv. The scoring embeddings are cached per set
 (``--out/<set>/embed_cache``) and the head's features under the user cache dir, so a rerun trains only.
@@ -39,6 +40,10 @@ from engine.train.finetune import FinetuneConfig
 VARIANTS = {
     "drop+facility+prop": {"method": "facility", "label_issues": "drop", "balance": "proportional"},  # the previous
     "drop+random+prop": {"method": "random", "label_issues": "drop", "balance": "proportional"},
+}
+# More arms for --variants: the default without its drop of label issues (is the drop what helps, or hurts?).
+MORE_VARIANTS = {
+    "keep+stratified+prop": {"method": "stratified", "label_issues": "keep", "balance": "proportional"},
 }
 SETS = {
     "financial_phrasebank": {"inputs": ["train.parquet"]},
@@ -239,11 +244,23 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.1,0.2,0.5", help="curve part: budgets besides the corrupt part's 0.3")
     ap.add_argument("--embedder", default="", help="static: score and select on the static tier (default MiniLM)")
     ap.add_argument("--no-variants", dest="variants", action="store_false", help="corrupt/clean: winnow arm only")
+    ap.add_argument(
+        "--variants",
+        dest="variant_names",
+        default="",
+        help=f"corrupt/clean: these variant arms instead of the default two (of {', '.join({**VARIANTS, **MORE_VARIANTS})})",
+    )
     ap.add_argument("--epochs", type=int, default=3, help="encoder strategies: passes (the head runs >= 100)")
     ap.add_argument("--split-from", default="", help="a compare OUT whose base/splits give pool, val and test")
     ap.add_argument("--no-full", dest="full", action="store_false", help="corrupt/clean: without the all-kept arm")
     ap.add_argument("--out", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "winnow_bench_compare"))
     args = ap.parse_args()
+    every = {**VARIANTS, **MORE_VARIANTS}
+    unknown = [v for v in args.variant_names.split(",") if v and v not in every]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(every)})")
+    names = [v for v in args.variant_names.split(",") if v]
+    variants = {v: every[v] for v in names} if names else (VARIANTS if args.variants else {})
     rows = []
     for name in args.sets.split(","):
         if not (SHARED_DATA / name).exists():
@@ -276,7 +293,7 @@ def main() -> None:
                 "0.3",
                 CORRUPT if part == "corrupt" else "",
                 args,
-                VARIANTS if args.variants else {},
+                variants,
                 full=args.full,
             )
     curve = [r for r in rows if r["part"] == "curve" or (r["part"] == "corrupt" and r["imbalance"] == "weight")]
