@@ -406,7 +406,8 @@ def val_test_disagreement(report: dict, arm: str = "winnow", vs: str = "random",
     return (
         f"note: {arm} vs {vs} is {dv:+.1f} macro-F1 points on the validation rows but {dt:+.1f} on the test rows: the "
         "test rows may come from another distribution than the pool; judge the selection on rows like those the "
-        "model will serve"
+        "model will serve (on labelled data, --label-issues keep selects without dropping the rows the label-noise "
+        "proxy flags: on TweetEval hate that drop was what lost on the test rows)"
     )
 
 

@@ -199,7 +199,9 @@ def _means(wv, wt, rv, rt):
 def test_a_selection_that_wins_on_validation_and_loses_on_test_is_called_out():
     # TweetEval hate's shape: +1.4 points on the validation rows, -1.6 on the (shifted) test rows.
     note = val_test_disagreement(_means(0.690, 0.454, 0.676, 0.470))
-    assert note and "+1.4" in note and "-1.6" in note and "another distribution" in note
+    assert (
+        note and "+1.4" in note and "-1.6" in note and "another distribution" in note and "--label-issues keep" in note
+    )
     assert val_test_disagreement(_means(0.60, 0.50, 0.70, 0.45)) is not None  # and the other way round
     assert val_test_disagreement(_means(0.690, 0.480, 0.676, 0.470)) is None  # same sign: nothing to say
     assert val_test_disagreement(_means(0.680, 0.465, 0.676, 0.470)) is None  # within a point: noise
