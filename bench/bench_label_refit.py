@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._common import SHARED_DATA, append_result, print_json
 from bench.bench_labels import flip_labels, load_labelled, measure
 from bench.calibrate_semdedup import embed_set
-from engine.stages.labels import _char_ngrams, find_label_issues
+from engine.stages.labels import _char_ngrams, _fit_embedding_fold, _fit_text_fold, find_label_issues
 
 
 def fold_ids(y: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -57,18 +57,13 @@ class Views:
             self.whole = _char_ngrams(texts, n_features, np.log((1 + len(y)) / (1 + df)) + 1)
 
     def __call__(self, train: np.ndarray, test: np.ndarray) -> np.ndarray:
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.preprocessing import StandardScaler
-
-        sc = StandardScaler().fit(self.x[train])
-        clf = LogisticRegression(C=self.C, max_iter=300).fit(sc.transform(self.x[train]), self.y[train])
+        """The stage's own fold fits (engine.stages.labels), on ``train``, scoring ``test``."""
+        classes, pe = _fit_embedding_fold(self.x, self.y, train, test, self.C, 300)
         p = np.zeros((len(test), self.k))
-        p[:, clf.classes_] = clf.predict_proba(sc.transform(self.x[test]))
+        p[:, classes] = pe
         if self.whole is None:
             return p
-        xt = self.whole[train]
-        cols = np.unique(xt.indices)
-        clf = LogisticRegression(C=self.text_C, max_iter=1000).fit(xt[:, cols], self.y[train])
+        clf, cols = _fit_text_fold(self.whole, None, None, self.y, train, self.text_C, 1000, None)
         pt = np.zeros((len(test), self.k))
         pt[:, clf.classes_] = clf.predict_proba(self.whole[test][:, cols])
         return (p + pt) / 2
